@@ -1,0 +1,95 @@
+// accelcore::Engine: the public entry point. Add requests, run steps, read outputs.
+//
+// Thread safety: all methods may be called from any thread; calls are serialised internally, so a
+// server may add and abort requests from one thread while another drives step().
+#pragma once
+
+#include <accelcore/config.h>
+#include <accelcore/errors.h>
+#include <accelcore/sampling.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace accelcore {
+
+using RequestId = uint64_t;
+
+// Log-probabilities at one position: the top-k tokens and the token actually taken.
+using TokenLogprobs = std::map<int32_t, float>;
+
+enum class FinishReason { kNone, kStop, kLength, kAbort };
+const char* finish_reason_name(FinishReason r);  // "stop" | "length" | "abort" | "" for kNone
+
+// What one step produced for one request: only the new tokens since the previous output.
+struct RequestOutput {
+  RequestId request_id = 0;
+  std::vector<int32_t> new_token_ids;
+  std::vector<TokenLogprobs> new_logprobs;  // one per new token when SamplingParams::logprobs >= 0
+  // Set once, on the step that finished the prompt: one entry per prompt token (the first is empty).
+  std::optional<std::vector<TokenLogprobs>> prompt_logprobs;
+  bool finished = false;
+  FinishReason finish_reason = FinishReason::kNone;
+};
+
+struct ModelInfo {
+  std::string architecture;
+  int vocab_size = 0;
+  int hidden_size = 0;
+  int num_layers = 0;
+  int max_model_len = 0;
+  std::vector<int32_t> eos_token_ids;
+  std::optional<int32_t> bos_token_id;
+};
+
+struct EngineStats {
+  int num_running = 0;
+  int num_waiting = 0;
+  int num_free_blocks = 0;
+  int num_total_blocks = 0;
+  int block_size = 0;
+  uint64_t num_steps = 0;
+  uint64_t num_generated_tokens = 0;
+  uint64_t num_prompt_tokens = 0;
+};
+
+class Engine {
+ public:
+  // Loads the model. Throws NotFound, FormatError, Unsupported or InvalidArgument.
+  explicit Engine(const EngineConfig& config);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Queues a request; validates it first (throws InvalidArgument), so a bad request never
+  // reaches a step.
+  RequestId add_request(std::vector<int32_t> prompt_token_ids, const SamplingParams& params);
+
+  // Runs one forward pass over the scheduled batch; returns an output for every request that
+  // produced tokens or finished in this step.
+  std::vector<RequestOutput> step();
+
+  // Ends a request wherever it is; its next output (from step()) says "abort". Unknown ids are ignored.
+  void abort(RequestId id);
+
+  bool has_unfinished_requests() const;
+  EngineStats stats() const;
+  const ModelInfo& model_info() const;
+  const EngineConfig& config() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Backends compiled into this build and usable on this machine.
+bool cuda_available();         // compiled with CUDA and a device is present
+bool cuda_compiled();          // compiled with CUDA
+std::string cpu_isa();         // the SIMD level the CPU kernels use: "avx512", "avx2" or "scalar"
+const char* version();
+
+}  // namespace accelcore

@@ -1,0 +1,64 @@
+#include <cmath>
+#include <cstring>
+
+#include "backend/cpu/ops.h"
+#include "util/check.h"
+
+namespace accelcore::cpu {
+
+void rms_norm(const RmsNormParams& p) {
+  ACCEL_DCHECK(p.x && p.weight && p.out && p.d > 0);
+  for (int64_t m = 0; m < p.m; ++m) {
+    const float* x = p.x + m * p.d;
+    float* o = p.out + m * p.d;
+    double ss = 0.0;
+    for (int64_t i = 0; i < p.d; ++i) ss += static_cast<double>(x[i]) * x[i];
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(p.d) + p.eps));
+    for (int64_t i = 0; i < p.d; ++i) o[i] = p.weight[i] * (x[i] * inv);
+  }
+}
+
+void apply_rope(const RopeParams& p) {
+  const int64_t half = p.head_dim / 2;
+  for (int64_t m = 0; m < p.m; ++m) {
+    const float* c = p.cos + m * half;
+    const float* s = p.sin + m * half;
+    for (int64_t h = 0; h < p.num_heads; ++h) {
+      float* x = p.x + m * p.ld + h * p.head_dim;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * c[i] - b * s[i];
+        x[i + half] = b * c[i] + a * s[i];
+      }
+    }
+  }
+}
+
+void silu_mul(const float* gate_up, float* out, int64_t m, int64_t d) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* g = gate_up + r * 2 * d;
+    const float* u = g + d;
+    float* o = out + r * d;
+    for (int64_t i = 0; i < d; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+}
+
+void add_inplace(float* x, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+void write_kv(const KvWriteParams& p) {
+  const int64_t hd = p.head_dim;
+  for (int64_t t = 0; t < p.num_tokens; ++t) {
+    const int64_t slot = p.slots[t];
+    ACCEL_DCHECK(slot >= 0);
+    const int64_t block = slot / p.block_size, off = slot % p.block_size;
+    for (int h = 0; h < p.num_kv_heads; ++h) {
+      const int64_t dst = ((block * p.num_kv_heads + h) * p.block_size + off) * hd;
+      std::memcpy(p.k_cache + dst, p.k + t * p.ld + h * hd, hd * sizeof(float));
+      std::memcpy(p.v_cache + dst, p.v + t * p.ld + h * hd, hd * sizeof(float));
+    }
+  }
+}
+
+}  // namespace accelcore::cpu

@@ -1,0 +1,87 @@
+// CPU kernels. Each takes plain pointers and a Params struct; shapes were validated by the caller
+// (the model), so kernels only DCHECK. Every kernel computes each output element with an
+// instruction sequence that does not depend on the batch size or the thread split, which is what
+// makes batching bit-exact.
+#pragma once
+
+#include <cstdint>
+
+#include "util/thread_pool.h"
+
+namespace accelcore::cpu {
+
+// y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); x row stride ldx, y row stride ldy.
+struct LinearParams {
+  const float* x = nullptr;
+  const float* w = nullptr;     // [n, k] row-major (the Hugging Face layout)
+  const float* bias = nullptr;  // [n] or null
+  float* y = nullptr;
+  int64_t m = 0, n = 0, k = 0;
+  int64_t ldx = 0, ldy = 0;
+};
+void linear(const LinearParams& p, ThreadPool& pool);
+// The single-ISA kernels behind linear(), over output columns [n0, n1); exposed for tests.
+void linear_scalar(const LinearParams& p, int64_t n0, int64_t n1);
+void linear_avx2(const LinearParams& p, int64_t n0, int64_t n1);
+void linear_avx512(const LinearParams& p, int64_t n0, int64_t n1);
+
+// out[m, :] = x[m, :] / rms(x[m, :]) * weight; x and out may alias.
+struct RmsNormParams {
+  const float* x = nullptr;
+  const float* weight = nullptr;
+  float* out = nullptr;
+  int64_t m = 0, d = 0;
+  float eps = 1e-6f;
+};
+void rms_norm(const RmsNormParams& p);
+
+// Rotary embedding in the rotate_half convention, in place on [m, num_heads, head_dim] rows.
+// cos/sin: [m, head_dim / 2] for each row's position.
+struct RopeParams {
+  float* x = nullptr;
+  int64_t m = 0, num_heads = 0, head_dim = 0, ld = 0;  // ld: row stride of x
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+};
+void apply_rope(const RopeParams& p);
+
+// gate_up: [m, 2 * d] (gate then up); out[m, d] = silu(gate) * up.
+void silu_mul(const float* gate_up, float* out, int64_t m, int64_t d);
+
+// Paged attention over a ragged batch. The KV pool of one layer is
+// [num_blocks][num_kv_heads][block_size][head_dim] for K and V. Token t belongs to sequence
+// seq_of_token[t], sits at position positions[t], and attends to cache positions
+// [max(0, pos - window + 1), pos] (window 0: all), read through that sequence's block table.
+struct AttentionParams {
+  const float* q = nullptr;  // [num_tokens, num_heads * head_dim], row stride ldq
+  float* out = nullptr;      // [num_tokens, num_heads * head_dim]
+  const float* k_cache = nullptr;
+  const float* v_cache = nullptr;
+  const int32_t* positions = nullptr;
+  const int32_t* seq_of_token = nullptr;
+  const int32_t* block_tables = nullptr;      // flattened
+  const int32_t* block_table_offset = nullptr;  // per sequence, into block_tables
+  int64_t num_tokens = 0, ldq = 0;
+  int num_heads = 0, num_kv_heads = 0, head_dim = 0, block_size = 0;
+  int window = 0;
+  float scale = 1.0f;
+};
+void paged_attention(const AttentionParams& p, ThreadPool& pool);
+
+// Writes K and V rows of this step into the pool at the given slots (slot = block * bs + offset).
+struct KvWriteParams {
+  const float* k = nullptr;  // [num_tokens, num_kv_heads * head_dim], row stride ld
+  const float* v = nullptr;
+  int64_t ld = 0;
+  float* k_cache = nullptr;
+  float* v_cache = nullptr;
+  const int64_t* slots = nullptr;
+  int64_t num_tokens = 0;
+  int num_kv_heads = 0, head_dim = 0, block_size = 0;
+};
+void write_kv(const KvWriteParams& p);
+
+// out[i, :] = x[i, :] + y[i, :]
+void add_inplace(float* x, const float* y, int64_t n);
+
+}  // namespace accelcore::cpu

@@ -1,0 +1,211 @@
+#include "model/llama.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "backend/cpu/ops.h"
+#include "model/safetensors.h"
+#include "util/check.h"
+
+namespace accelcore {
+
+std::vector<float> rope_inv_freq(const RopeConfig& rope, int head_dim) {
+  const int half = head_dim / 2;
+  std::vector<float> inv(half);
+  for (int i = 0; i < half; ++i) {
+    // transformers: 1 / base ** (arange(0, dim, 2).float() / dim), all in float32.
+    float exponent = static_cast<float>(2 * i) / static_cast<float>(head_dim);
+    inv[i] = 1.0f / std::pow(static_cast<float>(rope.theta), exponent);
+  }
+  if (rope.type == RopeConfig::Type::kLinear) {
+    for (float& f : inv) f = static_cast<float>(f / rope.factor);
+  } else if (rope.type == RopeConfig::Type::kLlama3) {
+    const double old_len = rope.original_max_position_embeddings;
+    const double low_wavelen = old_len / rope.low_freq_factor;
+    const double high_wavelen = old_len / rope.high_freq_factor;
+    for (float& f : inv) {
+      const double wavelen = 2.0 * M_PI / f;
+      if (wavelen > low_wavelen) {
+        f = static_cast<float>(f / rope.factor);
+      } else if (wavelen >= high_wavelen) {
+        const double smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor);
+        f = static_cast<float>((1.0 - smooth) * f / rope.factor + smooth * f);
+      }
+    }
+  }
+  return inv;
+}
+
+namespace {
+
+class WeightLoader {
+ public:
+  WeightLoader(const CheckpointReader& ckpt) : ckpt_(ckpt) {}
+
+  // Copies the named tensor (any float dtype) into dst at row offset, checking its shape.
+  void load(const std::string& name, std::vector<int64_t> shape, float* dst) {
+    const TensorView& t = ckpt_.get(name);
+    ACCEL_CHECK(t.shape == shape, FormatError)
+        << "tensor '" << name << "' has shape " << fmt(t.shape) << ", the config implies " << fmt(shape);
+    convert_to_f32(t, dst);
+  }
+
+  FloatBuffer load(const std::string& name, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    FloatBuffer b(n);
+    load(name, std::move(shape), b.data());
+    return b;
+  }
+
+  // Stacks several [rows_i, cols] matrices (or vectors) into one buffer.
+  FloatBuffer stack(const std::vector<std::string>& names, const std::vector<int64_t>& rows, int64_t cols) {
+    int64_t total = 0;
+    for (int64_t r : rows) total += r;
+    FloatBuffer b(total * std::max<int64_t>(cols, 1));
+    int64_t off = 0;
+    for (size_t i = 0; i < names.size(); ++i) {
+      std::vector<int64_t> shape = cols > 0 ? std::vector<int64_t>{rows[i], cols} : std::vector<int64_t>{rows[i]};
+      load(names[i], shape, b.data() + off * std::max<int64_t>(cols, 1));
+      off += rows[i];
+    }
+    return b;
+  }
+
+  bool contains(const std::string& name) const { return ckpt_.contains(name); }
+
+ private:
+  static std::string fmt(const std::vector<int64_t>& s) {
+    std::string out = "[";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + "]";
+  }
+  const CheckpointReader& ckpt_;
+};
+
+}  // namespace
+
+ModelWeights load_weights(const ModelConfig& c, const std::string& model_dir) {
+  CheckpointReader ckpt(model_dir);
+  WeightLoader ld(ckpt);
+  ModelWeights w;
+  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
+  const int64_t Q = c.q_size(), KV = c.kv_size();
+  w.embed = ld.load("model.embed_tokens.weight", {V, H});
+  if (!c.tie_word_embeddings) {
+    ACCEL_CHECK(ld.contains("lm_head.weight"), FormatError)
+        << "checkpoint has no lm_head.weight and the config does not tie word embeddings";
+    w.lm_head = ld.load("lm_head.weight", {V, H});
+  }
+  w.final_norm = ld.load("model.norm.weight", {H});
+  w.layers.resize(c.num_layers);
+  for (int l = 0; l < c.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    LayerWeights& L = w.layers[l];
+    L.input_norm = ld.load(p + "input_layernorm.weight", {H});
+    L.post_norm = ld.load(p + "post_attention_layernorm.weight", {H});
+    const std::string a = p + "self_attn.", m = p + "mlp.";
+    L.qkv_w = ld.stack({a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"}, {Q, KV, KV}, H);
+    if (c.qkv_bias) L.qkv_b = ld.stack({a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"}, {Q, KV, KV}, 0);
+    L.o_w = ld.load(a + "o_proj.weight", {H, Q});
+    if (c.o_bias) L.o_b = ld.load(a + "o_proj.bias", {H});
+    L.gate_up_w = ld.stack({m + "gate_proj.weight", m + "up_proj.weight"}, {I, I}, H);
+    L.down_w = ld.load(m + "down_proj.weight", {H, I});
+    if (c.mlp_bias) {
+      L.gate_up_b = ld.stack({m + "gate_proj.bias", m + "up_proj.bias"}, {I, I}, 0);
+      L.down_b = ld.load(m + "down_proj.bias", {H});
+    }
+  }
+  return w;
+}
+
+LlamaModel::LlamaModel(ModelConfig config, ModelWeights weights)
+    : config_(std::move(config)), w_(std::move(weights)) {
+  inv_freq_ = rope_inv_freq(config_.rope, config_.head_dim);
+}
+
+void LlamaModel::compute_rope(const BatchPlan& plan) {
+  const int T = plan.num_tokens(), half = config_.head_dim / 2;
+  cos_.resize(static_cast<size_t>(T) * half);
+  sin_.resize(static_cast<size_t>(T) * half);
+  for (int t = 0; t < T; ++t) {
+    const float pos = static_cast<float>(plan.positions[t]);
+    for (int i = 0; i < half; ++i) {
+      const float angle = pos * inv_freq_[i];  // float32 product, as transformers computes it
+      cos_[t * half + i] = std::cos(angle);
+      sin_[t * half + i] = std::sin(angle);
+    }
+  }
+}
+
+static const float* opt(const FloatBuffer& b) { return b.empty() ? nullptr : b.data(); }
+
+void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool, FloatBuffer* logits) {
+  const ModelConfig& c = config_;
+  const int64_t T = plan.num_tokens();
+  const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_size(), KV = c.kv_size();
+  const int64_t QKV = Q + 2 * KV;
+  ACCEL_DCHECK(static_cast<int64_t>(plan.positions.size()) == T && static_cast<int64_t>(plan.slots.size()) == T);
+  if (T == 0) {
+    logits->resize(0);
+    return;
+  }
+  x_.resize(T * H);
+  h_.resize(T * H);
+  qkv_.resize(T * QKV);
+  attn_.resize(T * Q);
+  mlp_.resize(T * 2 * I);
+  act_.resize(T * I);
+  for (int64_t t = 0; t < T; ++t) {
+    std::memcpy(x_.data() + t * H, w_.embed.data() + static_cast<int64_t>(plan.token_ids[t]) * H, H * sizeof(float));
+  }
+  compute_rope(plan);
+  const KvCacheShape& ks = cache.shape();
+
+  for (int l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& L = w_.layers[l];
+    cpu::rms_norm({x_.data(), L.input_norm.data(), h_.data(), T, H, c.rms_norm_eps});
+    cpu::linear({h_.data(), L.qkv_w.data(), opt(L.qkv_b), qkv_.data(), T, QKV, H, H, QKV}, pool);
+    cpu::apply_rope({qkv_.data(), T, c.num_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
+    cpu::apply_rope({qkv_.data() + Q, T, c.num_kv_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
+    cpu::write_kv({qkv_.data() + Q, qkv_.data() + Q + KV, QKV, cache.k(l), cache.v(l), plan.slots.data(), T,
+                   c.num_kv_heads, c.head_dim, ks.block_size});
+    cpu::AttentionParams ap;
+    ap.q = qkv_.data();
+    ap.ldq = QKV;
+    ap.out = attn_.data();
+    ap.k_cache = cache.k(l);
+    ap.v_cache = cache.v(l);
+    ap.positions = plan.positions.data();
+    ap.seq_of_token = plan.seq_of_token.data();
+    ap.block_tables = plan.block_tables.data();
+    ap.block_table_offset = plan.block_table_offset.data();
+    ap.num_tokens = T;
+    ap.num_heads = c.num_heads;
+    ap.num_kv_heads = c.num_kv_heads;
+    ap.head_dim = c.head_dim;
+    ap.block_size = ks.block_size;
+    ap.window = c.sliding_window[l];
+    ap.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    cpu::paged_attention(ap, pool);
+    cpu::linear({attn_.data(), L.o_w.data(), opt(L.o_b), h_.data(), T, H, Q, Q, H}, pool);
+    cpu::add_inplace(x_.data(), h_.data(), T * H);
+    cpu::rms_norm({x_.data(), L.post_norm.data(), h_.data(), T, H, c.rms_norm_eps});
+    cpu::linear({h_.data(), L.gate_up_w.data(), opt(L.gate_up_b), mlp_.data(), T, 2 * I, H, H, 2 * I}, pool);
+    cpu::silu_mul(mlp_.data(), act_.data(), T, I);
+    cpu::linear({act_.data(), L.down_w.data(), opt(L.down_b), h_.data(), T, H, I, I, H}, pool);
+    cpu::add_inplace(x_.data(), h_.data(), T * H);
+  }
+
+  // Final norm and head only for the rows that need logits.
+  const int64_t R = static_cast<int64_t>(plan.logit_rows.size());
+  rows_.resize(std::max<int64_t>(R, 1) * H);
+  for (int64_t r = 0; r < R; ++r) {
+    std::memcpy(rows_.data() + r * H, x_.data() + static_cast<int64_t>(plan.logit_rows[r]) * H, H * sizeof(float));
+  }
+  cpu::rms_norm({rows_.data(), w_.final_norm.data(), rows_.data(), R, H, c.rms_norm_eps});
+  logits->resize(std::max<int64_t>(R, 1) * c.vocab_size);
+  cpu::linear({rows_.data(), w_.head(), nullptr, logits->data(), R, c.vocab_size, H, H, c.vocab_size}, pool);
+}
+
+}  // namespace accelcore

@@ -1,0 +1,59 @@
+// The Llama-family decoder (Llama 2/3, Mistral, Qwen2) in float32 on the CPU, run over a
+// BatchPlan against a paged KV cache.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kv/kv_cache.h"
+#include "model/model_config.h"
+#include "sched/batch_plan.h"
+#include "util/buffer.h"
+#include "util/thread_pool.h"
+
+namespace accelcore {
+
+struct LayerWeights {
+  FloatBuffer input_norm, post_norm;
+  FloatBuffer qkv_w, qkv_b;      // [q + 2 kv, hidden]: q, k, v projections stacked
+  FloatBuffer o_w, o_b;          // [hidden, q]
+  FloatBuffer gate_up_w, gate_up_b;  // [2 * intermediate, hidden]: gate then up
+  FloatBuffer down_w, down_b;    // [hidden, intermediate]
+};
+
+struct ModelWeights {
+  FloatBuffer embed;      // [vocab, hidden]
+  FloatBuffer lm_head;    // [vocab, hidden]; empty when tied to embed
+  FloatBuffer final_norm;
+  std::vector<LayerWeights> layers;
+  const float* head() const { return lm_head.empty() ? embed.data() : lm_head.data(); }
+};
+
+// Loads and checks every tensor's shape against the config. Throws FormatError naming the tensor.
+ModelWeights load_weights(const ModelConfig& config, const std::string& model_dir);
+
+class LlamaModel {
+ public:
+  LlamaModel(ModelConfig config, ModelWeights weights);
+
+  const ModelConfig& config() const { return config_; }
+
+  // Runs the plan: writes each token's K/V to its slot, and the logits of plan.logit_rows
+  // (in that order) to `logits` ([logit_rows.size(), vocab]).
+  void forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool, FloatBuffer* logits);
+
+ private:
+  void compute_rope(const BatchPlan& plan);
+
+  ModelConfig config_;
+  ModelWeights w_;
+  std::vector<float> inv_freq_;
+  // Scratch, grown to the largest step seen.
+  FloatBuffer x_, h_, qkv_, attn_, mlp_, act_, cos_, sin_, rows_;
+};
+
+// RoPE inverse frequencies as transformers computes them (float32), for each rope type.
+std::vector<float> rope_inv_freq(const RopeConfig& rope, int head_dim);
+
+}  // namespace accelcore

@@ -1,0 +1,5 @@
+import sys
+
+from accelcore.cli import main
+
+sys.exit(main())

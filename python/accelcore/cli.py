@@ -1,0 +1,59 @@
+"""Command line: `accelcore generate --model DIR "prompt" ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from accelcore import Engine, SamplingParams
+
+    engine = Engine(args.model, dtype=args.dtype, num_threads=args.num_threads)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
+    t0 = time.perf_counter()
+    outs = engine.generate(args.prompts, params)
+    dt = time.perf_counter() - t0
+    ntok = 0
+    for out in outs:
+        ntok += len(out.token_ids)
+        print(f"{out.prompt}{out.text}")
+        print()
+    print(f"[{len(outs)} prompt(s), {ntok} tokens in {dt:.3f} s, {ntok / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="accelcore", description="accelcore LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text from one or more prompts")
+    g.add_argument("prompts", nargs="+", help="prompt text(s)")
+    g.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default)")
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--dtype", default="float32")
+    g.add_argument("--num-threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"accelcore: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The Python face of the C++ engine: model resolution, tokenization and result objects.
+
+All scheduling, memory and compute live in C++ (accelcore._core); this module only turns text
+into token ids and C++ outputs into vLLM-style result objects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+from accelcore import _core
+from accelcore._core import SamplingParams
+
+Prompt = Union[str, Sequence[int]]
+Logprobs = Dict[int, float]
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence."""
+
+    index: int
+    text: str
+    token_ids: List[int]
+    finish_reason: Optional[str]
+    logprobs: Optional[List[Logprobs]] = None
+
+
+@dataclass
+class RequestOutput:
+    """The result of one prompt, shaped like vLLM's RequestOutput (plus shortcuts to outputs[0])."""
+
+    request_id: int
+    prompt: Optional[str]
+    prompt_token_ids: List[int]
+    prompt_logprobs: Optional[List[Optional[Logprobs]]]
+    outputs: List[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> List[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self) -> Optional[List[Logprobs]]:
+        return self.outputs[0].logprobs
+
+
+def resolve_model_path(model: str) -> str:
+    """A local directory as is; otherwise a Hugging Face hub id through huggingface_hub's cache."""
+    model = os.fspath(model)
+    if os.path.isdir(model):
+        return model
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if looks_like_hub_id:
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise FileNotFoundError(
+                f"model directory not found: {model!r} (to use a hub id, install huggingface_hub)"
+            ) from None
+        try:
+            return snapshot_download(
+                model, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]
+            )
+        except Exception as e:  # network errors, unknown repo, gated repo
+            raise FileNotFoundError(f"model {model!r} is neither a directory nor a reachable hub repo: {e}") from e
+    raise FileNotFoundError(f"model directory not found: {model!r}")
+
+
+class Engine:
+    """An inference engine over one model.
+
+    Keyword options map to the C++ EngineConfig: num_threads, block_size, num_kv_blocks,
+    kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, max_model_len, seed.
+    """
+
+    def __init__(self, model: str, dtype: str = "float32", device: str = "cpu", **options):
+        self.model_path = resolve_model_path(model)
+        config = _core.EngineConfig()
+        config.model_path = self.model_path
+        config.dtype = dtype
+        config.device = device
+        for key, value in options.items():
+            if key == "model_path" or not hasattr(config, key):
+                raise ValueError(f"unknown Engine option {key!r}")
+            if value is not None:
+                setattr(config, key, value)
+        self._engine = _core.Engine(config)
+        self.tokenizer = self._load_tokenizer(self.model_path)
+
+    @staticmethod
+    def _load_tokenizer(path: str):
+        tok_file = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tok_file):
+            return None
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(tok_file)
+
+    # ---- model facts ----
+    @property
+    def model_info(self):
+        return self._engine.model_info
+
+    # ---- tokenization ----
+    def encode(self, text: str) -> List[int]:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_path} has no tokenizer.json: pass prompts as token id lists")
+        if not isinstance(text, str):
+            raise ValueError(f"expected a string prompt, got {type(text).__name__}")
+        if text == "":
+            raise ValueError("prompt is empty: give at least one character or token")
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def _continuation_text(self, prompt_ids: Sequence[int], out_ids: Sequence[int]) -> str:
+        # Decoding the whole sequence keeps the spacing the prompt implies (Llama's decoder strips
+        # a leading space from text decoded on its own).
+        if self.tokenizer is None:
+            return ""
+        prefix = self.decode(prompt_ids)
+        full = self.decode(list(prompt_ids) + list(out_ids))
+        return full[len(prefix):] if full.startswith(prefix) else self.decode(out_ids)
+
+    def _prompt_ids(self, prompt: Prompt) -> List[int]:
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        try:
+            ids = [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise ValueError(f"a prompt must be a string or a list of token ids, got {prompt!r:.80}") from None
+        if any(isinstance(t, bool) for t in prompt):
+            raise ValueError("token ids must be integers, not booleans")
+        return ids
+
+    # ---- low level: the step loop ----
+    def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None) -> int:
+        """Queues one request; returns its id. Raises ValueError on bad input."""
+        return self._engine.add_request(self._prompt_ids(prompt), params or SamplingParams())
+
+    def step(self):
+        """Runs one engine step; returns the C++ outputs (new tokens per request)."""
+        return self._engine.step()
+
+    def abort(self, request_id: int) -> None:
+        self._engine.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self._engine.has_unfinished_requests()
+
+    def stats(self) -> Dict[str, int]:
+        s = self._engine.stats()
+        return {
+            name: getattr(s, name)
+            for name in (
+                "num_running",
+                "num_waiting",
+                "num_free_blocks",
+                "num_total_blocks",
+                "block_size",
+                "num_steps",
+                "num_generated_tokens",
+                "num_prompt_tokens",
+            )
+        }
+
+    # ---- high level ----
+    def generate(
+        self,
+        prompts: Union[Prompt, Iterable[Prompt]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+    ) -> List[RequestOutput]:
+        """Generates for every prompt (batched in one engine) and returns results in prompt order."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            params = [SamplingParams()] * len(prompts)
+        elif isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        # Tokenize everything first so a bad prompt leaves nothing queued.
+        ids = [self._prompt_ids(p) for p in prompts]
+        results: Dict[int, RequestOutput] = {}
+        order: List[int] = []
+        try:
+            for prompt, prompt_ids, sp in zip(prompts, ids, params):
+                rid = self._engine.add_request(prompt_ids, sp)
+                order.append(rid)
+                results[rid] = RequestOutput(
+                    request_id=rid,
+                    prompt=prompt if isinstance(prompt, str) else None,
+                    prompt_token_ids=prompt_ids,
+                    prompt_logprobs=None,
+                    outputs=[CompletionOutput(0, "", [], None, [] if sp.logprobs is not None else None)],
+                )
+        except BaseException:
+            for rid in order:
+                self._engine.abort(rid)
+            self._drain(set(order))
+            raise
+        pending = set(order)
+        try:
+            while pending:
+                for out in self._engine.step():
+                    res = results.get(out.request_id)
+                    if res is None:
+                        continue
+                    self._apply(res, out)
+                    if out.finished:
+                        pending.discard(out.request_id)
+        except BaseException:
+            for rid in pending:
+                self._engine.abort(rid)
+            self._drain(pending)
+            raise
+        for res in results.values():
+            comp = res.outputs[0]
+            comp.text = self._continuation_text(res.prompt_token_ids, comp.token_ids)
+        return [results[rid] for rid in order]
+
+    @staticmethod
+    def _apply(res: RequestOutput, out) -> None:
+        comp = res.outputs[0]
+        comp.token_ids.extend(out.new_token_ids)
+        if comp.logprobs is not None:
+            comp.logprobs.extend(dict(lp) for lp in out.new_logprobs)
+        if out.prompt_logprobs is not None:
+            res.prompt_logprobs = [dict(lp) if i > 0 else None for i, lp in enumerate(out.prompt_logprobs)]
+        if out.finished:
+            comp.finish_reason = out.finish_reason
+            res.finished = True
+
+    def _drain(self, ids) -> None:
+        """Consumes the abort outputs of `ids` so they do not leak into a later call."""
+        ids = set(ids)
+        while ids and self._engine.has_unfinished_requests():
+            outs = self._engine.step()
+            for out in outs:
+                if out.finished:
+                    ids.discard(out.request_id)
+            if not outs:
+                break

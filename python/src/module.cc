@@ -1,0 +1,133 @@
+// accelcore._core: binds the C++ API and nothing else. Errors map to Python exceptions:
+// NotFound -> FileNotFoundError, InvalidArgument/FormatError/Unsupported -> ValueError.
+#include <accelcore/accelcore.h>
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/map.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using namespace accelcore;
+
+NB_MODULE(_core, m) {
+  m.doc() = "accelcore C++ core";
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const NotFound& e) {
+      PyErr_SetString(PyExc_FileNotFoundError, e.what());
+    } catch (const InvalidArgument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const FormatError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const Unsupported& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+  static nb::exception<Error> accel_error(m, "AccelcoreError", PyExc_RuntimeError);
+
+  nb::class_<SamplingParams>(m, "SamplingParams")
+      .def(
+          "__init__",
+          [](SamplingParams* self, int max_tokens, float temperature, int top_k, float top_p,
+             std::optional<uint64_t> seed, std::vector<int32_t> stop_token_ids, bool ignore_eos,
+             std::optional<int> logprobs, std::optional<int> prompt_logprobs) {
+            new (self) SamplingParams();
+            self->max_tokens = max_tokens;
+            self->temperature = temperature;
+            self->top_k = top_k;
+            self->top_p = top_p;
+            self->seed = seed;
+            self->stop_token_ids = std::move(stop_token_ids);
+            self->ignore_eos = ignore_eos;
+            self->logprobs = logprobs.value_or(-1);
+            self->prompt_logprobs = prompt_logprobs.value_or(-1);
+            self->validate();
+          },
+          "max_tokens"_a = 16, "temperature"_a = 1.0f, "top_k"_a = -1, "top_p"_a = 1.0f, "seed"_a = nb::none(),
+          "stop_token_ids"_a = std::vector<int32_t>{}, "ignore_eos"_a = false, "logprobs"_a = nb::none(),
+          "prompt_logprobs"_a = nb::none())
+      .def_rw("max_tokens", &SamplingParams::max_tokens)
+      .def_rw("temperature", &SamplingParams::temperature)
+      .def_rw("top_k", &SamplingParams::top_k)
+      .def_rw("top_p", &SamplingParams::top_p)
+      .def_rw("seed", &SamplingParams::seed)
+      .def_rw("stop_token_ids", &SamplingParams::stop_token_ids)
+      .def_rw("ignore_eos", &SamplingParams::ignore_eos)
+      .def_prop_rw(
+          "logprobs", [](const SamplingParams& s) { return s.logprobs < 0 ? std::nullopt : std::optional<int>(s.logprobs); },
+          [](SamplingParams& s, std::optional<int> v) { s.logprobs = v.value_or(-1); })
+      .def_prop_rw(
+          "prompt_logprobs",
+          [](const SamplingParams& s) { return s.prompt_logprobs < 0 ? std::nullopt : std::optional<int>(s.prompt_logprobs); },
+          [](SamplingParams& s, std::optional<int> v) { s.prompt_logprobs = v.value_or(-1); })
+      .def("validate", &SamplingParams::validate)
+      .def("__repr__", [](const SamplingParams& s) {
+        return "SamplingParams(max_tokens=" + std::to_string(s.max_tokens) + ", temperature=" +
+               std::to_string(s.temperature) + ", top_k=" + std::to_string(s.top_k) + ", top_p=" +
+               std::to_string(s.top_p) + ", seed=" + (s.seed ? std::to_string(*s.seed) : "None") + ")";
+      });
+
+  nb::class_<EngineConfig>(m, "EngineConfig")
+      .def(nb::init<>())
+      .def_rw("model_path", &EngineConfig::model_path)
+      .def_rw("dtype", &EngineConfig::dtype)
+      .def_rw("device", &EngineConfig::device)
+      .def_rw("num_threads", &EngineConfig::num_threads)
+      .def_rw("block_size", &EngineConfig::block_size)
+      .def_rw("num_kv_blocks", &EngineConfig::num_kv_blocks)
+      .def_rw("kv_cache_memory_bytes", &EngineConfig::kv_cache_memory_bytes)
+      .def_rw("max_num_seqs", &EngineConfig::max_num_seqs)
+      .def_rw("max_num_batched_tokens", &EngineConfig::max_num_batched_tokens)
+      .def_rw("max_model_len", &EngineConfig::max_model_len)
+      .def_rw("seed", &EngineConfig::seed);
+
+  nb::class_<RequestOutput>(m, "RequestOutput")
+      .def_ro("request_id", &RequestOutput::request_id)
+      .def_ro("new_token_ids", &RequestOutput::new_token_ids)
+      .def_ro("new_logprobs", &RequestOutput::new_logprobs)
+      .def_ro("prompt_logprobs", &RequestOutput::prompt_logprobs)
+      .def_ro("finished", &RequestOutput::finished)
+      .def_prop_ro("finish_reason", [](const RequestOutput& o) -> std::optional<std::string> {
+        if (o.finish_reason == FinishReason::kNone) return std::nullopt;
+        return std::string(finish_reason_name(o.finish_reason));
+      });
+
+  nb::class_<ModelInfo>(m, "ModelInfo")
+      .def_ro("architecture", &ModelInfo::architecture)
+      .def_ro("vocab_size", &ModelInfo::vocab_size)
+      .def_ro("hidden_size", &ModelInfo::hidden_size)
+      .def_ro("num_layers", &ModelInfo::num_layers)
+      .def_ro("max_model_len", &ModelInfo::max_model_len)
+      .def_ro("eos_token_ids", &ModelInfo::eos_token_ids)
+      .def_ro("bos_token_id", &ModelInfo::bos_token_id);
+
+  nb::class_<EngineStats>(m, "EngineStats")
+      .def_ro("num_running", &EngineStats::num_running)
+      .def_ro("num_waiting", &EngineStats::num_waiting)
+      .def_ro("num_free_blocks", &EngineStats::num_free_blocks)
+      .def_ro("num_total_blocks", &EngineStats::num_total_blocks)
+      .def_ro("block_size", &EngineStats::block_size)
+      .def_ro("num_steps", &EngineStats::num_steps)
+      .def_ro("num_generated_tokens", &EngineStats::num_generated_tokens)
+      .def_ro("num_prompt_tokens", &EngineStats::num_prompt_tokens);
+
+  nb::class_<Engine>(m, "Engine")
+      .def(nb::init<const EngineConfig&>(), "config"_a, nb::call_guard<nb::gil_scoped_release>())
+      .def("add_request", &Engine::add_request, "prompt_token_ids"_a, "params"_a,
+           nb::call_guard<nb::gil_scoped_release>())
+      .def("step", &Engine::step, nb::call_guard<nb::gil_scoped_release>())
+      .def("abort", &Engine::abort, "request_id"_a, nb::call_guard<nb::gil_scoped_release>())
+      .def("has_unfinished_requests", &Engine::has_unfinished_requests)
+      .def("stats", &Engine::stats)
+      .def_prop_ro("model_info", &Engine::model_info, nb::rv_policy::reference_internal)
+      .def_prop_ro("config", &Engine::config, nb::rv_policy::reference_internal);
+
+  m.def("cuda_available", &cuda_available);
+  m.def("cuda_compiled", &cuda_compiled);
+  m.def("cpu_isa", &cpu_isa);
+  m.def("version", &version);
+}
