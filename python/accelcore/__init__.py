@@ -5,12 +5,13 @@
     outs = engine.generate(["Once upon a time"], SamplingParams(max_tokens=64, temperature=0.0))
 """
 
-from accelcore._core import SamplingParams, cpu_isa, cuda_available, cuda_compiled, version
+from accelcore._core import AccelcoreError, SamplingParams, cpu_isa, cuda_available, cuda_compiled, version
 from accelcore.engine import CompletionOutput, Engine, RequestOutput
 
 __version__ = version()
 
 __all__ = [
+    "AccelcoreError",
     "CompletionOutput",
     "Engine",
     "RequestOutput",

@@ -146,6 +146,11 @@ class Engine:
             raise ValueError(f"a prompt must be a string or a list of token ids, got {prompt!r:.80}") from None
         if any(isinstance(t, bool) for t in prompt):
             raise ValueError("token ids must be integers, not booleans")
+        for i, t in enumerate(ids):
+            if not -(2**31) <= t < 2**31:  # would not even reach the C++ range check (int32)
+                raise ValueError(
+                    f"prompt token id {t} at index {i} is out of range [0, {self.model_info.vocab_size})"
+                )
         return ids
 
     # ---- low level: the step loop ----

@@ -14,6 +14,10 @@ using namespace accelcore;
 NB_MODULE(_core, m) {
   m.doc() = "accelcore C++ core";
 
+  // One translator for all accelcore errors (a second one registered later would be tried first
+  // and swallow the subclasses). InternalError and other Errors surface as AccelcoreError.
+  static PyObject* accel_error = PyErr_NewException("accelcore.AccelcoreError", PyExc_RuntimeError, nullptr);
+  m.attr("AccelcoreError") = nb::handle(accel_error);
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
       std::rethrow_exception(p);
@@ -25,9 +29,10 @@ NB_MODULE(_core, m) {
       PyErr_SetString(PyExc_ValueError, e.what());
     } catch (const Unsupported& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const Error& e) {
+      PyErr_SetString(accel_error, e.what());
     }
   });
-  static nb::exception<Error> accel_error(m, "AccelcoreError", PyExc_RuntimeError);
 
   nb::class_<SamplingParams>(m, "SamplingParams")
       .def(

@@ -1,6 +1,7 @@
 #include <accelcore/engine.h>
 
 #include <algorithm>
+#include <limits>
 #include <mutex>
 
 #include "backend/cpu/cpu_features.h"
@@ -106,10 +107,15 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   if (config.num_kv_blocks > 0) {
     shape.num_blocks = config.num_kv_blocks;
   } else if (config.kv_cache_memory_bytes > 0) {
-    shape.num_blocks = static_cast<int>(config.kv_cache_memory_bytes / shape.bytes_per_block());
-    ACCEL_CHECK(shape.num_blocks > 0, InvalidArgument)
+    // In 64 bits: a large byte budget must not wrap around when narrowed to the block count.
+    const int64_t blocks = config.kv_cache_memory_bytes / static_cast<int64_t>(shape.bytes_per_block());
+    ACCEL_CHECK(blocks > 0, InvalidArgument)
         << "kv_cache_memory_bytes " << config.kv_cache_memory_bytes << " is less than one KV block ("
         << shape.bytes_per_block() << " bytes)";
+    ACCEL_CHECK(blocks <= std::numeric_limits<int32_t>::max(), InvalidArgument)
+        << "kv_cache_memory_bytes " << config.kv_cache_memory_bytes << " asks for " << blocks
+        << " KV blocks, more than the " << std::numeric_limits<int32_t>::max() << " supported";
+    shape.num_blocks = static_cast<int>(blocks);
   } else {
     // Room for max_num_seqs full-length requests, capped in memory but never below one of them.
     const int64_t want = blocks_per_seq * config.max_num_seqs;

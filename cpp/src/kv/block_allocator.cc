@@ -4,7 +4,7 @@
 
 namespace accelcore {
 
-BlockAllocator::BlockAllocator(int num_blocks) : ref_(num_blocks, 0) {
+BlockAllocator::BlockAllocator(int num_blocks) : ref_(num_blocks > 0 ? num_blocks : 0, 0) {
   ACCEL_CHECK(num_blocks > 0, InvalidArgument) << "the KV pool needs at least one block, got " << num_blocks;
   free_.reserve(num_blocks);
   for (int i = num_blocks - 1; i >= 0; --i) free_.push_back(i);

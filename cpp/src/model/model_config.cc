@@ -182,7 +182,8 @@ ModelConfig parse_model_config(const std::string& config_text, const std::string
   // Sliding windows: layer_types (transformers 5) wins; otherwise Mistral applies its window to
   // every layer and Qwen2 to layers >= max_window_layers when use_sliding_window is set.
   c.sliding_window.assign(c.num_layers, 0);
-  int window = r.has("sliding_window") ? r.get_int("sliding_window") : 0;
+  // Absent keys take transformers' defaults (Qwen2: window 4096 from layer 28 on).
+  int window = r.has("sliding_window") ? r.get_int("sliding_window") : (qwen2 ? 4096 : 0);
   if (qwen2 && !r.get_bool("use_sliding_window", false)) window = 0;
   if (window > 0) {
     if (j.contains("layer_types") && j["layer_types"].is_array()) {
@@ -197,7 +198,7 @@ ModelConfig parse_model_config(const std::string& config_text, const std::string
         if (t == "sliding_attention") c.sliding_window[i] = window;
       }
     } else {
-      int first = qwen2 ? r.get_int("max_window_layers", 0) : 0;
+      int first = qwen2 ? r.get_int("max_window_layers", 28) : 0;
       for (int i = first; i < c.num_layers; ++i) c.sliding_window[i] = window;
     }
   }

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Decode throughput: accelcore against transformers on the same model, in the same run.
+
+Default: a random model of TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads,
+intermediate 5632, vocab 32000), float32, built once with transformers and cached on disk.
+Reports decode tokens/s (prefill excluded) at batch 1 and 16, and the ratios.
+
+    python benchmarks/decode.py --threads 2
+    python benchmarks/decode.py --model ../shared/models/stories260K --batch-sizes 1 --new-tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+TINYLLAMA_SHAPE = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
+
+
+def build_random_model(path: str, seed: int = 0) -> str:
+    """Writes a random Llama of TinyLlama's shape to `path` (once)."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    print(f"building random TinyLlama-shaped model in {path} ...", file=sys.stderr)
+    torch.manual_seed(seed)
+    config = LlamaConfig(**TINYLLAMA_SHAPE, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config).float().eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def prompts_for(batch: int, prompt_len: int, vocab: int, seed: int = 1):
+    import random
+
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, vocab) for _ in range(prompt_len - 1)] for _ in range(batch)]
+
+
+def time_accelcore(engine, prompts, new_tokens: int) -> float:
+    """Decode tokens/s: time from the step that produced every request's first token to the end."""
+    from accelcore import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    got = {i: 0 for i in ids}
+    t_first = None
+    done = 0
+    while done < len(ids):
+        for out in engine.step():
+            got[out.request_id] += len(out.new_token_ids)
+            done += out.finished
+        if t_first is None and all(v >= 1 for v in got.values()):
+            t_first = time.perf_counter()
+    t_end = time.perf_counter()
+    return len(prompts) * (new_tokens - 1) / (t_end - t_first)
+
+
+def time_transformers(model, prompts, new_tokens: int) -> float:
+    """Decode tokens/s of a manual greedy loop with the KV cache (prefill excluded)."""
+    import torch
+
+    input_ids = torch.tensor(prompts)
+    with torch.inference_mode():
+        out = model(input_ids=input_ids, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        t1 = time.perf_counter()
+    return len(prompts) * (new_tokens - 1) / (t1 - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model dir (default: random TinyLlama-shaped model)")
+    ap.add_argument("--cache-dir", default=os.path.join(os.path.dirname(__file__), "results", "tinyllama-random"))
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2, help="best of N runs per configuration")
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--json", default=None, help="write results here")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model_dir = args.model or build_random_model(args.cache_dir)
+
+    from accelcore import Engine, cpu_isa
+
+    engine = Engine(model_dir, num_threads=args.threads, max_num_seqs=max(args.batch_sizes))
+    vocab = engine.model_info.vocab_size
+    hf = None
+    if not args.skip_transformers:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+    rows = []
+    for bs in args.batch_sizes:
+        prompts = prompts_for(bs, args.prompt_len, vocab)
+        ours = max(time_accelcore(engine, prompts, args.new_tokens) for _ in range(args.repeats))
+        theirs = max(time_transformers(hf, prompts, args.new_tokens) for _ in range(args.repeats)) if hf else None
+        rows.append({"batch": bs, "accelcore_tok_s": ours, "transformers_tok_s": theirs})
+        print(f"batch {bs:3d}: accelcore {ours:9.2f} tok/s" + (f"   transformers {theirs:9.2f} tok/s   ratio {ours / theirs:5.2f}x" if theirs else ""), flush=True)
+
+    base = next((r for r in rows if r["batch"] == 1), None)
+    print()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, threads={args.threads}, accelcore ISA={cpu_isa()}")
+    print(f"model: {model_dir}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.repeats}")
+    print("| batch | accelcore tok/s | transformers tok/s | vs transformers | vs accelcore batch 1 |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        t = r["transformers_tok_s"]
+        print(
+            f"| {r['batch']} | {r['accelcore_tok_s']:.2f} | {t:.2f} | {r['accelcore_tok_s'] / t:.2f}x |" if t else f"| {r['batch']} | {r['accelcore_tok_s']:.2f} | - | - |",
+            end="",
+        )
+        print(f" {r['accelcore_tok_s'] / base['accelcore_tok_s']:.2f}x |" if base else " - |")
+    if base and base["transformers_tok_s"]:
+        for r in rows:
+            r["vs_transformers_batch1"] = r["accelcore_tok_s"] / base["transformers_tok_s"]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": model_dir, "threads": args.threads, "isa": cpu_isa(), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

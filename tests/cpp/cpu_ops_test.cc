@@ -1,0 +1,544 @@
+// CPU kernels against naive double-precision references: linear on every ISA path the machine has
+// (direct kernels, column splits, and linear() through 1- and 2-thread pools) with batch
+// invariance; rms_norm, apply_rope, silu_mul; write_kv + paged_attention against dense causal
+// attention (non-contiguous block tables, GQA/MQA, sliding windows, ragged blocks).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <iostream>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/cpu/cpu_features.h"
+#include "backend/cpu/ops.h"
+#include "test_util.h"
+#include "util/thread_pool.h"
+
+namespace accelcore::cpu {
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr float kSentinel = 12345.0f;
+
+using Kernel = void (*)(const LinearParams&, int64_t, int64_t);
+
+struct IsaPath {
+  Isa isa;
+  Kernel kernel;
+};
+
+// Every path this CPU can run; scalar always.
+std::vector<IsaPath> supported_paths() {
+  std::vector<IsaPath> out = {{Isa::kScalar, linear_scalar}};
+  const Isa best = detected_isa();
+  if (static_cast<int>(best) >= static_cast<int>(Isa::kAvx2)) out.push_back({Isa::kAvx2, linear_avx2});
+  if (static_cast<int>(best) >= static_cast<int>(Isa::kAvx512)) out.push_back({Isa::kAvx512, linear_avx512});
+  return out;
+}
+
+// Restores the active ISA when a test that switches it ends.
+class IsaGuard {
+ public:
+  IsaGuard() : saved_(active_isa()) {}
+  ~IsaGuard() { set_active_isa(saved_); }
+
+ private:
+  Isa saved_;
+};
+
+TEST(CpuFeatures, ReportsPathsUnderTest) {
+  std::string names;
+  for (const IsaPath& p : supported_paths()) names += std::string(isa_name(p.isa)) + " ";
+  std::cout << "[ INFO     ] detected ISA " << isa_name(detected_isa()) << "; linear paths tested: " << names << "\n";
+  IsaGuard guard;
+  set_active_isa(Isa::kScalar);
+  EXPECT_EQ(active_isa(), Isa::kScalar);
+  set_active_isa(Isa::kAvx512);  // clamped to what the hardware has
+  EXPECT_EQ(active_isa(), detected_isa());
+}
+
+// A linear problem with padded strides: x rows carry NaN padding (a kernel must never read past k)
+// and y rows carry sentinel padding (a kernel must never write past n).
+struct LinearProblem {
+  int64_t m, n, k, ldx, ldy;
+  std::vector<float> x, w, bias, y;
+  LinearProblem(std::mt19937& rng, int64_t m_, int64_t n_, int64_t k_)
+      : m(m_), n(n_), k(k_), ldx(k_ + 3), ldy(n_ + 2) {
+    x.assign(m * ldx, kNaN);
+    for (int64_t r = 0; r < m; ++r) {
+      auto row = testing::random_floats(rng, k);
+      std::copy(row.begin(), row.end(), x.begin() + r * ldx);
+    }
+    w = testing::random_floats(rng, n * k);
+    bias = testing::random_floats(rng, n, -2.0f, 2.0f);
+    reset_y();
+  }
+  void reset_y() { y.assign(m * ldy, kSentinel); }
+  LinearParams params(bool with_bias) {
+    LinearParams p;
+    p.x = x.data();
+    p.w = w.data();
+    p.bias = with_bias ? bias.data() : nullptr;
+    p.y = y.data();
+    p.m = m;
+    p.n = n;
+    p.k = k;
+    p.ldx = ldx;
+    p.ldy = ldy;
+    return p;
+  }
+  // Checks y against a double-precision reference with a k-scaled tolerance, and the padding.
+  void check(bool with_bias, const std::string& what) const {
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t c = 0; c < n; ++c) {
+        double acc = 0.0, mag = 0.0;
+        for (int64_t i = 0; i < k; ++i) {
+          acc += static_cast<double>(x[r * ldx + i]) * w[c * k + i];
+          mag += std::abs(static_cast<double>(x[r * ldx + i]) * w[c * k + i]);
+        }
+        if (with_bias) {
+          acc += bias[c];
+          mag += std::abs(bias[c]);
+        }
+        const double tol = 2.0 * (k + 1) * FLT_EPSILON * mag + 1e-7;
+        ASSERT_NEAR(y[r * ldy + c], acc, tol) << what << " at (" << r << ", " << c << ")";
+      }
+      for (int64_t c = n; c < ldy; ++c) ASSERT_EQ(y[r * ldy + c], kSentinel) << what << ": wrote into row padding";
+    }
+  }
+};
+
+std::string describe(const IsaPath& path, int64_t m, int64_t n, int64_t k, bool bias) {
+  return std::string(isa_name(path.isa)) + " m=" + std::to_string(m) + " n=" + std::to_string(n) +
+         " k=" + std::to_string(k) + (bias ? " +bias" : "");
+}
+
+TEST(Linear, EveryIsaPathMatchesReferenceOnOddSizes) {
+  std::mt19937 rng(11);
+  for (const IsaPath& path : supported_paths()) {
+    for (int64_t m : {1, 3, 5, 17}) {
+      for (int64_t n : {1, 7, 33}) {
+        for (int64_t k : {1, 15, 16, 17, 100}) {
+          LinearProblem prob(rng, m, n, k);
+          for (bool bias : {false, true}) {
+            const std::string what = describe(path, m, n, k, bias);
+            prob.reset_y();
+            path.kernel(prob.params(bias), 0, n);
+            ASSERT_NO_FATAL_FAILURE(prob.check(bias, what));
+            const std::vector<float> full = prob.y;
+
+            // Column ranges computed separately (as threads do) give the same bits.
+            prob.reset_y();
+            for (int64_t s = 0; s < n; s += 3) path.kernel(prob.params(bias), s, std::min(n, s + 3));
+            ASSERT_EQ(0, std::memcmp(full.data(), prob.y.data(), full.size() * sizeof(float))) << what << " split by 3";
+            prob.reset_y();
+            const int64_t half = n / 2;
+            path.kernel(prob.params(bias), half, n);
+            for (int64_t r = 0; r < m; ++r)
+              for (int64_t c = 0; c < half; ++c) ASSERT_EQ(prob.y[r * prob.ldy + c], kSentinel) << what << ": wrote outside [n0, n1)";
+            path.kernel(prob.params(bias), 0, half);
+            ASSERT_EQ(0, std::memcmp(full.data(), prob.y.data(), full.size() * sizeof(float))) << what << " split in half";
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Linear, ThroughThreadPoolOneAndTwoThreads) {
+  IsaGuard guard;
+  std::mt19937 rng(12);
+  ThreadPool pool1(1), pool2(2);
+  // Small shapes run inline; the last two exceed the threading threshold (m*n*k >= 2^17).
+  const int64_t shapes[][3] = {{1, 7, 15}, {3, 33, 17}, {5, 33, 100}, {17, 7, 16}, {17, 97, 100}, {8, 300, 64}};
+  for (const IsaPath& path : supported_paths()) {
+    set_active_isa(path.isa);
+    ASSERT_EQ(active_isa(), path.isa);
+    for (const auto& s : shapes) {
+      LinearProblem prob(rng, s[0], s[1], s[2]);
+      for (bool bias : {false, true}) {
+        const std::string what = describe(path, s[0], s[1], s[2], bias);
+        prob.reset_y();
+        path.kernel(prob.params(bias), 0, prob.n);
+        const std::vector<float> direct = prob.y;
+        for (ThreadPool* pool : {&pool1, &pool2}) {
+          prob.reset_y();
+          linear(prob.params(bias), *pool);
+          ASSERT_NO_FATAL_FAILURE(prob.check(bias, what));
+          EXPECT_EQ(0, std::memcmp(direct.data(), prob.y.data(), direct.size() * sizeof(float)))
+              << what << " with " << pool->num_threads() << " threads differs from the direct kernel";
+        }
+      }
+    }
+  }
+}
+
+TEST(Linear, RowOfABatchIsBitIdenticalToThatRowAlone) {
+  IsaGuard guard;
+  std::mt19937 rng(13);
+  ThreadPool pool2(2);
+  for (const IsaPath& path : supported_paths()) {
+    set_active_isa(path.isa);
+    for (int64_t n : {7, 33, 97}) {
+      for (int64_t k : {15, 16, 17, 100}) {
+        const int64_t m = 17;  // 4 full row blocks plus a remainder of 1
+        LinearProblem batch(rng, m, n, k);
+        for (bool bias : {false, true}) {
+          const std::string what = describe(path, m, n, k, bias);
+          batch.reset_y();
+          path.kernel(batch.params(bias), 0, n);
+          const std::vector<float> direct = batch.y;
+          batch.reset_y();
+          linear(batch.params(bias), pool2);  // threaded when large enough
+          const std::vector<float> pooled = batch.y;
+          for (int64_t r = 0; r < m; ++r) {
+            std::vector<float> y1(n, kSentinel);
+            LinearParams p = batch.params(bias);
+            p.x = batch.x.data() + r * batch.ldx;
+            p.y = y1.data();
+            p.m = 1;
+            p.ldy = n;
+            path.kernel(p, 0, n);
+            EXPECT_EQ(0, std::memcmp(y1.data(), direct.data() + r * batch.ldy, n * sizeof(float)))
+                << what << ": row " << r << " alone differs from the same row in the batch";
+            std::fill(y1.begin(), y1.end(), kSentinel);
+            linear(p, pool2);
+            EXPECT_EQ(0, std::memcmp(y1.data(), pooled.data() + r * batch.ldy, n * sizeof(float)))
+                << what << ": linear() row " << r << " alone differs from the batched call";
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(RmsNorm, MatchesReference) {
+  std::mt19937 rng(14);
+  for (int64_t d : {1, 8, 37, 64}) {
+    const int64_t m = 4;
+    std::vector<float> x = testing::random_floats(rng, m * d, -3.0f, 3.0f);
+    std::fill(x.begin() + 2 * d, x.begin() + 3 * d, 0.0f);  // an all-zero row: eps keeps it finite
+    const std::vector<float> w = testing::random_floats(rng, d, 0.5f, 1.5f);
+    for (float eps : {1e-6f, 1e-5f}) {
+      std::vector<float> out(m * d, kNaN);
+      RmsNormParams p;
+      p.x = x.data();
+      p.weight = w.data();
+      p.out = out.data();
+      p.m = m;
+      p.d = d;
+      p.eps = eps;
+      rms_norm(p);
+      for (int64_t r = 0; r < m; ++r) {
+        double ss = 0.0;
+        for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(x[r * d + i]) * x[r * d + i];
+        const double inv = 1.0 / std::sqrt(ss / d + static_cast<double>(eps));
+        for (int64_t i = 0; i < d; ++i) {
+          const double want = w[i] * (x[r * d + i] * inv);
+          EXPECT_NEAR(out[r * d + i], want, 1e-6 + 2e-6 * std::abs(want)) << "d=" << d << " row " << r << " i=" << i;
+        }
+      }
+      // In place (x and out alias) gives the same result.
+      std::vector<float> inplace = x;
+      p.x = inplace.data();
+      p.out = inplace.data();
+      rms_norm(p);
+      EXPECT_EQ(0, std::memcmp(inplace.data(), out.data(), out.size() * sizeof(float)));
+    }
+  }
+}
+
+TEST(ApplyRope, RotateHalfConvention) {
+  std::mt19937 rng(15);
+  const int64_t m = 3, heads = 2, hd = 8, half = hd / 2, ld = heads * hd + 5;
+  std::vector<float> x(m * ld, kSentinel);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t i = 0; i < heads * hd; ++i) x[r * ld + i] = testing::random_floats(rng, 1)[0];
+  const std::vector<float> angles = testing::random_floats(rng, m * half, -3.0f, 3.0f);
+  std::vector<float> cs(m * half), sn(m * half);
+  for (size_t i = 0; i < angles.size(); ++i) {
+    cs[i] = std::cos(angles[i]);
+    sn[i] = std::sin(angles[i]);
+  }
+  std::vector<float> y = x;
+  RopeParams p;
+  p.x = y.data();
+  p.m = m;
+  p.num_heads = heads;
+  p.head_dim = hd;
+  p.ld = ld;
+  p.cos = cs.data();
+  p.sin = sn.data();
+  apply_rope(p);
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* in = x.data() + r * ld + h * hd;
+      const float* out = y.data() + r * ld + h * hd;
+      // transformers: x * cat(cos, cos) + rotate_half(x) * cat(sin, sin), rotate_half = cat(-x2, x1).
+      for (int64_t i = 0; i < hd; ++i) {
+        const double c = cs[r * half + i % half], s = sn[r * half + i % half];
+        const double rot = i < half ? -static_cast<double>(in[i + half]) : static_cast<double>(in[i - half]);
+        const double want = in[i] * c + rot * s;
+        EXPECT_NEAR(out[i], want, 1e-6) << "row " << r << " head " << h << " i " << i;
+      }
+    }
+    for (int64_t i = heads * hd; i < ld; ++i) EXPECT_EQ(y[r * ld + i], kSentinel) << "wrote into row padding";
+  }
+}
+
+TEST(ApplyRope, ScoresDependOnlyOnRelativePosition) {
+  // <rope(q, p1), rope(k, p2)> is a function of p1 - p2: the property RoPE exists for.
+  std::mt19937 rng(16);
+  const int64_t hd = 16, half = hd / 2;
+  const std::vector<float> q = testing::random_floats(rng, hd), k = testing::random_floats(rng, hd);
+  auto rotated = [&](const std::vector<float>& v, int pos) {
+    std::vector<float> out = v, cs(half), sn(half);
+    for (int64_t i = 0; i < half; ++i) {
+      const double inv = 1.0 / std::pow(10000.0, 2.0 * i / hd);
+      cs[i] = static_cast<float>(std::cos(pos * inv));
+      sn[i] = static_cast<float>(std::sin(pos * inv));
+    }
+    RopeParams p;
+    p.x = out.data();
+    p.m = 1;
+    p.num_heads = 1;
+    p.head_dim = hd;
+    p.ld = hd;
+    p.cos = cs.data();
+    p.sin = sn.data();
+    apply_rope(p);
+    return out;
+  };
+  auto dot = [](const std::vector<float>& a, const std::vector<float>& b) {
+    double s = 0.0;
+    for (size_t i = 0; i < a.size(); ++i) s += static_cast<double>(a[i]) * b[i];
+    return s;
+  };
+  const double d_3 = dot(rotated(q, 10), rotated(k, 7));
+  EXPECT_NEAR(dot(rotated(q, 25), rotated(k, 22)), d_3, 1e-4);
+  EXPECT_NEAR(dot(rotated(q, 3), rotated(k, 0)), d_3, 1e-4);
+  EXPECT_NEAR(dot(rotated(q, 0), rotated(k, 0)), dot(q, k), 1e-5);
+  // Norms are preserved (a rotation).
+  EXPECT_NEAR(dot(rotated(q, 123), rotated(q, 123)), dot(q, q), 1e-4);
+}
+
+TEST(SiluMul, MatchesReference) {
+  std::mt19937 rng(17);
+  const int64_t m = 3, d = 21;
+  std::vector<float> gu = testing::random_floats(rng, m * 2 * d, -6.0f, 6.0f);
+  gu[0] = 30.0f;
+  gu[1] = -30.0f;
+  gu[2] = -100.0f;  // exp(100) overflows float: the result must still be ~0, not NaN
+  gu[3] = 0.0f;
+  std::vector<float> out(m * d, kNaN);
+  silu_mul(gu.data(), out.data(), m, d);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t i = 0; i < d; ++i) {
+      const double g = gu[r * 2 * d + i], u = gu[r * 2 * d + d + i];
+      const double want = g / (1.0 + std::exp(-g)) * u;
+      EXPECT_NEAR(out[r * d + i], want, 1e-6 + 1e-6 * std::abs(want)) << "row " << r << " i " << i;
+    }
+}
+
+TEST(AddInplace, Adds) {
+  std::vector<float> x = {1.0f, 2.0f, -3.0f}, y = {0.5f, -2.0f, 4.0f};
+  add_inplace(x.data(), y.data(), 3);
+  EXPECT_EQ(x, (std::vector<float>{1.5f, 0.0f, 1.0f}));
+}
+
+// ---- write_kv + paged_attention ----
+
+struct AttnCase {
+  int num_heads, num_kv_heads, head_dim, block_size, window;
+};
+
+std::string describe(const AttnCase& c) {
+  return "heads=" + std::to_string(c.num_heads) + " kv_heads=" + std::to_string(c.num_kv_heads) +
+         " head_dim=" + std::to_string(c.head_dim) + " block_size=" + std::to_string(c.block_size) +
+         " window=" + std::to_string(c.window);
+}
+
+void PrintTo(const AttnCase& c, std::ostream* os) { *os << describe(c); }
+
+class PagedAttention : public ::testing::TestWithParam<AttnCase> {};
+
+TEST_P(PagedAttention, MatchesDenseCausalAttention) {
+  const AttnCase c = GetParam();
+  const std::string what = describe(c);
+  std::mt19937 rng(18 + c.num_heads * 7 + c.block_size * 13 + c.window);
+  const int kvh = c.num_kv_heads, hd = c.head_dim, bs = c.block_size, H = c.num_heads;
+  const int group = H / kvh;
+  const int kv_size = kvh * hd;
+
+  // Three sequences: one token; a chunk at the end of a longer context; a full prefill.
+  const std::vector<int> lens = {1, 23, 50};
+  struct Tok {
+    int seq, pos;
+  };
+  std::vector<Tok> toks = {{0, 0}};
+  for (int p = 19; p < 23; ++p) toks.push_back({1, p});
+  for (int p = 0; p < 50; ++p) toks.push_back({2, p});
+
+  // Random, non-contiguous block tables drawn from a shuffled pool with spare blocks.
+  int blocks_needed = 0;
+  for (int l : lens) blocks_needed += (l + bs - 1) / bs;
+  const int num_blocks = blocks_needed + 7;
+  std::vector<int32_t> perm(num_blocks);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> tables, table_offset;
+  for (int s = 0, next = 0; s < 3; ++s) {
+    table_offset.push_back(static_cast<int32_t>(tables.size()));
+    for (int b = 0; b < (lens[s] + bs - 1) / bs; ++b) tables.push_back(perm[next++]);
+  }
+
+  // Dense K/V per sequence: [len][kv_heads * head_dim], written through write_kv with a row stride.
+  std::vector<std::vector<float>> K(3), V(3);
+  const int64_t ld = kv_size + 3;
+  std::vector<float> krows, vrows;
+  std::vector<int64_t> slots;
+  for (int s = 0; s < 3; ++s) {
+    K[s] = testing::random_floats(rng, static_cast<size_t>(lens[s]) * kv_size);
+    V[s] = testing::random_floats(rng, static_cast<size_t>(lens[s]) * kv_size);
+    for (int p = 0; p < lens[s]; ++p) {
+      krows.insert(krows.end(), K[s].begin() + p * kv_size, K[s].begin() + (p + 1) * kv_size);
+      krows.insert(krows.end(), 3, kNaN);
+      vrows.insert(vrows.end(), V[s].begin() + p * kv_size, V[s].begin() + (p + 1) * kv_size);
+      vrows.insert(vrows.end(), 3, kNaN);
+      slots.push_back(static_cast<int64_t>(tables[table_offset[s] + p / bs]) * bs + p % bs);
+    }
+  }
+  // Unwritten slots hold NaN: reading one (a bad block-table lookup, or past the causal bound)
+  // poisons the output.
+  const size_t pool_floats = static_cast<size_t>(num_blocks) * kvh * bs * hd;
+  std::vector<float> k_cache(pool_floats, kNaN), v_cache(pool_floats, kNaN);
+  KvWriteParams wp;
+  wp.k = krows.data();
+  wp.v = vrows.data();
+  wp.ld = ld;
+  wp.k_cache = k_cache.data();
+  wp.v_cache = v_cache.data();
+  wp.slots = slots.data();
+  wp.num_tokens = static_cast<int64_t>(slots.size());
+  wp.num_kv_heads = kvh;
+  wp.head_dim = hd;
+  wp.block_size = bs;
+  write_kv(wp);
+
+  // write_kv: every (seq, pos, head) row sits at [block][head][offset] and nothing else was touched.
+  size_t written = 0;
+  for (int s = 0; s < 3; ++s)
+    for (int p = 0; p < lens[s]; ++p)
+      for (int h = 0; h < kvh; ++h) {
+        const size_t at = ((static_cast<size_t>(tables[table_offset[s] + p / bs]) * kvh + h) * bs + p % bs) * hd;
+        ASSERT_EQ(0, std::memcmp(&k_cache[at], &K[s][p * kv_size + h * hd], hd * sizeof(float))) << what;
+        ASSERT_EQ(0, std::memcmp(&v_cache[at], &V[s][p * kv_size + h * hd], hd * sizeof(float))) << what;
+        written += hd;
+      }
+  EXPECT_EQ(static_cast<size_t>(std::count_if(k_cache.begin(), k_cache.end(), [](float f) { return !std::isnan(f); })),
+            written);
+
+  // Queries with a padded row stride.
+  const int64_t T = static_cast<int64_t>(toks.size()), ldq = H * hd + 5;
+  std::vector<float> q(T * ldq, kNaN);
+  for (int64_t t = 0; t < T; ++t) {
+    auto row = testing::random_floats(rng, H * hd, -2.0f, 2.0f);
+    std::copy(row.begin(), row.end(), q.begin() + t * ldq);
+  }
+  std::vector<int32_t> positions, seq_of_token;
+  for (const Tok& t : toks) {
+    positions.push_back(t.pos);
+    seq_of_token.push_back(t.seq);
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  AttentionParams ap;
+  ap.q = q.data();
+  ap.k_cache = k_cache.data();
+  ap.v_cache = v_cache.data();
+  ap.positions = positions.data();
+  ap.seq_of_token = seq_of_token.data();
+  ap.block_tables = tables.data();
+  ap.block_table_offset = table_offset.data();
+  ap.num_tokens = T;
+  ap.ldq = ldq;
+  ap.num_heads = H;
+  ap.num_kv_heads = kvh;
+  ap.head_dim = hd;
+  ap.block_size = bs;
+  ap.window = c.window;
+  ap.scale = scale;
+
+  // Dense reference: softmax over the causal (and windowed) keys of the token's own sequence.
+  std::vector<double> ref(T * H * hd);
+  for (int64_t t = 0; t < T; ++t) {
+    const int s = toks[t].seq, pos = toks[t].pos;
+    const int first = c.window > 0 ? std::max(0, pos - c.window + 1) : 0;
+    for (int h = 0; h < H; ++h) {
+      const int g = h / group;  // the kv head this query head reads
+      std::vector<double> sc;
+      double mx = -INFINITY;
+      for (int j = first; j <= pos; ++j) {
+        double d = 0.0;
+        for (int i = 0; i < hd; ++i) d += static_cast<double>(q[t * ldq + h * hd + i]) * K[s][j * kv_size + g * hd + i];
+        sc.push_back(d * scale);
+        mx = std::max(mx, sc.back());
+      }
+      double sum = 0.0;
+      for (double& x : sc) sum += x = std::exp(x - mx);
+      for (int i = 0; i < hd; ++i) {
+        double o = 0.0;
+        for (int j = first; j <= pos; ++j) o += sc[j - first] / sum * V[s][j * kv_size + g * hd + i];
+        ref[(t * H + h) * hd + i] = o;
+      }
+    }
+  }
+
+  ThreadPool pool1(1), pool2(2);
+  std::vector<float> out1(T * H * hd, kNaN), out2(T * H * hd, kNaN);
+  ap.out = out1.data();
+  paged_attention(ap, pool1);
+  ap.out = out2.data();
+  paged_attention(ap, pool2);  // split across threads where the context is large enough
+  for (size_t i = 0; i < ref.size(); ++i) {
+    ASSERT_NEAR(out1[i], ref[i], 2e-5) << what << " token " << i / (H * hd) << " head " << (i / hd) % H;
+  }
+  EXPECT_EQ(0, std::memcmp(out1.data(), out2.data(), out1.size() * sizeof(float))) << what << ": threads changed bits";
+
+  // Each token computed alone gives the same bits as inside the batch.
+  for (int64_t t = 0; t < T; ++t) {
+    AttentionParams one = ap;
+    one.q = q.data() + t * ldq;
+    one.positions = positions.data() + t;
+    one.seq_of_token = seq_of_token.data() + t;
+    one.num_tokens = 1;
+    std::vector<float> o(H * hd, kNaN);
+    one.out = o.data();
+    paged_attention(one, pool2);
+    ASSERT_EQ(0, std::memcmp(o.data(), out1.data() + t * H * hd, o.size() * sizeof(float)))
+        << what << ": token " << t << " alone differs from the batch";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, PagedAttention,
+    ::testing::Values(AttnCase{6, 2, 16, 5, 0},   // GQA, block size not dividing any length
+                      AttnCase{6, 2, 16, 5, 7},   // ... with a sliding window
+                      AttnCase{4, 4, 8, 16, 0},   // MHA, one block holds a whole short sequence
+                      AttnCase{4, 1, 8, 3, 10},   // MQA with a window spanning blocks
+                      AttnCase{8, 2, 12, 7, 1},   // window 1: each token sees only itself
+                      AttnCase{2, 1, 4, 1, 0},    // block size 1
+                      AttnCase{8, 4, 8, 16, 64}), // window larger than every context: no effect
+    [](const ::testing::TestParamInfo<AttnCase>& info) {
+      const AttnCase& c = info.param;
+      return "h" + std::to_string(c.num_heads) + "_kv" + std::to_string(c.num_kv_heads) + "_d" +
+             std::to_string(c.head_dim) + "_bs" + std::to_string(c.block_size) + "_w" + std::to_string(c.window);
+    });
+
+}  // namespace
+}  // namespace accelcore::cpu
