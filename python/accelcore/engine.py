@@ -6,6 +6,7 @@ into token ids and C++ outputs into vLLM-style result objects.
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Union
@@ -141,9 +142,10 @@ class Engine:
         if isinstance(prompt, str):
             return self.encode(prompt)
         try:
-            ids = [int(t) for t in prompt]
-        except (TypeError, ValueError):
-            raise ValueError(f"a prompt must be a string or a list of token ids, got {prompt!r:.80}") from None
+            # operator.index accepts ints (and numpy integers) but not floats or strings.
+            ids = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise ValueError(f"a prompt must be a string or a list of integer token ids, got {prompt!r:.80}") from None
         if any(isinstance(t, bool) for t in prompt):
             raise ValueError("token ids must be integers, not booleans")
         for i, t in enumerate(ids):

@@ -13,7 +13,7 @@ struct EngineConfig {
   int num_threads = 0;              // 0: all cores available to the process
   int block_size = 16;              // tokens per KV block
   int num_kv_blocks = 0;            // 0: derived from kv_cache_memory_bytes
-  int64_t kv_cache_memory_bytes = 0;  // 0: enough for max_num_seqs full-length requests, capped at 4 GiB
+  int64_t kv_cache_memory_bytes = 0;  // 0: enough for max_num_seqs full-length requests, capped at 2 GiB
   int max_num_seqs = 256;           // requests in one step at most
   int max_num_batched_tokens = 2048;  // tokens in one step at most (prompt chunks + decode tokens)
   int max_model_len = 0;            // 0: the model's max_position_embeddings
