@@ -9,5 +9,11 @@ jobs=$(nproc)
 cmake -S . -B build/ctest -G Ninja -DACCELCORE_CUDA="${ACCELCORE_CUDA:-AUTO}" -DACCELCORE_BUILD_TESTS=ON
 cmake --build build/ctest -j "$jobs"
 ctest --test-dir build/ctest --output-on-failure -j "$jobs"
+# The same library and tests with CUDA off: the build a machine without nvcc gets.
+if [ "${ACCELCORE_CUDA:-AUTO}" != "OFF" ]; then
+  cmake -S . -B build/ctest-nocuda -G Ninja -DACCELCORE_CUDA=OFF -DACCELCORE_BUILD_TESTS=ON
+  cmake --build build/ctest-nocuda -j "$jobs"
+  ctest --test-dir build/ctest-nocuda --output-on-failure -j "$jobs"
+fi
 python3 -m pip install -q --no-build-isolation .
 python3 -m pytest tests/python -q "$@"
