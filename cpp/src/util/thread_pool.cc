@@ -3,6 +3,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <chrono>
 
 namespace accelcore {
 
@@ -22,11 +23,25 @@ ThreadPool::ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads))
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    stop_.store(true);
   }
   cv_.notify_all();
   for (auto& t : workers_) t.join();
 }
+
+namespace {
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// How long an idle worker spins before sleeping: longer than the gaps between the jobs of one
+// forward pass, short enough that an idle engine does not burn a core.
+constexpr auto kSpinTime = std::chrono::microseconds(200);
+
+}  // namespace
 
 void ThreadPool::run_chunk(int index) {
   // Contiguous split in units of grain: thread i gets the i-th share.
@@ -47,18 +62,22 @@ void ThreadPool::run_chunk(int index) {
 void ThreadPool::worker_loop(int index) {
   uint64_t seen = 0;
   for (;;) {
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
-      if (index >= active_) continue;
+    const auto spin_until = std::chrono::steady_clock::now() + kSpinTime;
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == seen && !stop_.load(std::memory_order_relaxed);
+         ++spins) {
+      cpu_relax();
+      if ((spins & 255) == 255 && std::chrono::steady_clock::now() > spin_until) {
+        std::unique_lock<std::mutex> lock(mu_);
+        sleeping_.fetch_add(1);
+        cv_.wait(lock, [&] { return stop_.load() || generation_.load() != seen; });
+        sleeping_.fetch_sub(1);
+        break;
+      }
     }
-    run_chunk(index);
-    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      std::lock_guard<std::mutex> lock(mu_);
-      done_cv_.notify_one();
-    }
+    if (stop_.load()) return;
+    seen = generation_.load(std::memory_order_acquire);
+    if (index < active_) run_chunk(index);
+    pending_.fetch_sub(1, std::memory_order_acq_rel);
   }
 }
 
@@ -72,32 +91,26 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain,
     fn(0, n);
     return;
   }
+  fn_ = &fn;
+  n_ = n;
+  grain_ = grain;
+  active_ = active;
+  error_ = nullptr;
+  pending_.store(num_threads_ - 1, std::memory_order_relaxed);
   {
+    // Under the lock so that a worker about to sleep either sees the new generation or is woken.
     std::lock_guard<std::mutex> lock(mu_);
-    fn_ = &fn;
-    n_ = n;
-    grain_ = grain;
-    active_ = active;
-    error_ = nullptr;
-    pending_.store(active - 1, std::memory_order_release);
-    ++generation_;
+    generation_.fetch_add(1, std::memory_order_release);
   }
-  cv_.notify_all();
+  if (sleeping_.load() > 0) cv_.notify_all();
   run_chunk(0);
-  // Spin briefly: most chunks finish within microseconds of each other.
-  for (int spin = 0; spin < 20000 && pending_.load(std::memory_order_acquire) != 0; ++spin) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
+  for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+    cpu_relax();
+    if ((spins & 1023) == 1023) std::this_thread::yield();  // a worker may have been descheduled
   }
-  std::exception_ptr err;
-  {
-    std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [&] { return pending_.load(std::memory_order_acquire) == 0; });
-    fn_ = nullptr;
-    err = error_;
-    error_ = nullptr;
-  }
+  fn_ = nullptr;
+  std::exception_ptr err = std::move(error_);
+  error_ = nullptr;
   if (err) std::rethrow_exception(err);
 }
 

@@ -33,11 +33,15 @@ class ThreadPool {
 
   int num_threads_;
   std::vector<std::thread> workers_;
+  // A job is published by bumping generation_ (release) after its fields are set. Workers spin on
+  // it for a short while before sleeping on cv_, so the many small jobs of one forward pass cost
+  // no futex round trips. Every worker acknowledges every job through pending_, so none can lag
+  // behind into the next one.
   std::mutex mu_;
   std::condition_variable cv_;
-  std::condition_variable done_cv_;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> sleeping_{0};
+  std::atomic<bool> stop_{false};
   std::atomic<int> pending_{0};
   // The current job, valid while pending_ > 0.
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
