@@ -6,7 +6,7 @@
 """
 
 from accelcore._core import AccelcoreError, SamplingParams, cpu_isa, cuda_available, cuda_compiled, version
-from accelcore.engine import CompletionOutput, Engine, RequestOutput
+from accelcore.engine import CompletionOutput, Engine, RequestOutput, StreamOutput
 
 __version__ = version()
 
@@ -16,6 +16,7 @@ __all__ = [
     "Engine",
     "RequestOutput",
     "SamplingParams",
+    "StreamOutput",
     "cpu_isa",
     "cuda_available",
     "cuda_compiled",

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import operator
 import os
+import threading
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 from accelcore import _core
 from accelcore._core import SamplingParams
@@ -27,6 +28,7 @@ class CompletionOutput:
     token_ids: List[int]
     finish_reason: Optional[str]
     logprobs: Optional[List[Logprobs]] = None
+    error: Optional[str] = None  # why, when finish_reason is "error"
 
 
 @dataclass
@@ -39,6 +41,8 @@ class RequestOutput:
     prompt_logprobs: Optional[List[Optional[Logprobs]]]
     outputs: List[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    # Set when finished: ttft_s, tpot_s, e2e_s, num_cached_tokens, num_preemptions.
+    metrics: Optional[Dict[str, float]] = None
 
     @property
     def text(self) -> str:
@@ -55,6 +59,27 @@ class RequestOutput:
     @property
     def logprobs(self) -> Optional[List[Logprobs]]:
         return self.outputs[0].logprobs
+
+
+@dataclass
+class StreamOutput:
+    """One update of a streamed request: the tokens and text new since the previous update."""
+
+    request_id: int
+    new_token_ids: List[int]
+    new_text: str
+    token_ids: List[int]
+    text: str
+    finished: bool
+    finish_reason: Optional[str]
+    metrics: Optional[Dict[str, float]] = None
+
+
+_METRIC_FIELDS = ("ttft_s", "tpot_s", "e2e_s", "num_cached_tokens", "num_preemptions")
+
+
+def _metrics(out) -> Dict[str, float]:
+    return {name: getattr(out.metrics, name) for name in _METRIC_FIELDS}
 
 
 def resolve_model_path(model: str) -> str:
@@ -83,7 +108,12 @@ class Engine:
     """An inference engine over one model.
 
     Keyword options map to the C++ EngineConfig: num_threads, block_size, num_kv_blocks,
-    kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, max_model_len, seed.
+    kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, max_model_len,
+    enable_prefix_caching, seed.
+
+    Threads: add_request, abort and stats may be called from any thread while one thread drives
+    step() (or generate/generate_stream, which drive step() themselves). Outputs that a step
+    produces for a request some other call is waiting on are kept for that call.
     """
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "cpu", **options):
@@ -99,6 +129,11 @@ class Engine:
                 setattr(config, key, value)
         self._engine = _core.Engine(config)
         self.tokenizer = self._load_tokenizer(self.model_path)
+        # Outputs a step produced for requests the stepping caller does not own, by request id.
+        self._inbox: Dict[int, list] = {}
+        self._inbox_lock = threading.Lock()
+        self._owned: set = set()  # ids generate/generate_stream wait on
+        self._discard: set = set()  # ids they gave up on: their abort outputs are dropped
 
     @staticmethod
     def _load_tokenizer(path: str):
@@ -161,8 +196,41 @@ class Engine:
         return self._engine.add_request(self._prompt_ids(prompt), params or SamplingParams())
 
     def step(self):
-        """Runs one engine step; returns the C++ outputs (new tokens per request)."""
-        return self._engine.step()
+        """Runs one engine step; returns the C++ outputs (new tokens per request) for requests
+        added with add_request (outputs of generate/generate_stream requests go to those calls)."""
+        outs = self._take_inbox(None)
+        for out in self._engine.step():
+            if out.request_id in self._owned or out.request_id in self._discard:
+                self._put_inbox(out)
+            else:
+                outs.append(out)
+        return outs
+
+    def _put_inbox(self, out) -> None:
+        with self._inbox_lock:
+            if out.request_id in self._discard:
+                if out.finished:
+                    self._discard.discard(out.request_id)
+                return
+            self._inbox.setdefault(out.request_id, []).append(out)
+
+    def _take_inbox(self, ids) -> list:
+        """Removes and returns kept outputs: for `ids`, or (None) for every request not owned."""
+        with self._inbox_lock:
+            keys = [k for k in self._inbox if (k in ids if ids is not None else k not in self._owned)]
+            return [o for k in keys for o in self._inbox.pop(k)]
+
+    def _pump(self, ids) -> list:
+        """Outputs for `ids`: kept ones, else one engine step's worth; others are kept."""
+        outs = self._take_inbox(ids)
+        if outs:
+            return outs
+        for out in self._engine.step():
+            if out.request_id in ids:
+                outs.append(out)
+            else:
+                self._put_inbox(out)
+        return outs
 
     def abort(self, request_id: int) -> None:
         self._engine.abort(request_id)
@@ -170,21 +238,11 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self._engine.has_unfinished_requests()
 
-    def stats(self) -> Dict[str, int]:
+    def stats(self) -> Dict[str, float]:
+        """Engine counters: num_running, num_waiting, num_free_blocks, num_total_blocks,
+        num_preemptions, prefix_cache_hit_tokens, step_time_s, forward_time_s, ..."""
         s = self._engine.stats()
-        return {
-            name: getattr(s, name)
-            for name in (
-                "num_running",
-                "num_waiting",
-                "num_free_blocks",
-                "num_total_blocks",
-                "block_size",
-                "num_steps",
-                "num_generated_tokens",
-                "num_prompt_tokens",
-            )
-        }
+        return {name: getattr(s, name) for name in dir(s) if not name.startswith("_")}
 
     # ---- high level ----
     def generate(
@@ -212,7 +270,7 @@ class Engine:
         order: List[int] = []
         try:
             for prompt, prompt_ids, sp in zip(prompts, ids, params):
-                rid = self._engine.add_request(prompt_ids, sp)
+                rid = self._add_owned(prompt_ids, sp)
                 order.append(rid)
                 results[rid] = RequestOutput(
                     request_id=rid,
@@ -221,30 +279,73 @@ class Engine:
                     prompt_logprobs=None,
                     outputs=[CompletionOutput(0, "", [], None, [] if sp.logprobs is not None else None)],
                 )
-        except BaseException:
-            for rid in order:
-                self._engine.abort(rid)
-            self._drain(set(order))
-            raise
-        pending = set(order)
-        try:
+            pending = set(order)
             while pending:
-                for out in self._engine.step():
-                    res = results.get(out.request_id)
-                    if res is None:
-                        continue
-                    self._apply(res, out)
+                for out in self._pump(pending):
+                    self._apply(results[out.request_id], out)
                     if out.finished:
                         pending.discard(out.request_id)
-        except BaseException:
-            for rid in pending:
-                self._engine.abort(rid)
-            self._drain(pending)
-            raise
+        finally:
+            self._release(order, [rid for rid in order if not results[rid].finished])
         for res in results.values():
             comp = res.outputs[0]
             comp.text = self._continuation_text(res.prompt_token_ids, comp.token_ids)
         return [results[rid] for rid in order]
+
+    def generate_stream(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None) -> Iterator[StreamOutput]:
+        """Generates for one prompt, yielding the new tokens (and text) of each step as they come.
+
+        Closing the generator early aborts the request."""
+        prompt_ids = self._prompt_ids(prompt)
+        rid = self._add_owned(prompt_ids, sampling_params or SamplingParams())
+        token_ids: List[int] = []
+        text = ""
+        finished = False
+        try:
+            while not finished:
+                for out in self._pump({rid}):
+                    token_ids.extend(out.new_token_ids)
+                    finished = out.finished
+                    full = self._continuation_text(prompt_ids, token_ids)
+                    # Hold back a trailing partial UTF-8 character until its next bytes arrive.
+                    if not finished and full.endswith("\ufffd"):
+                        full = full.rstrip("\ufffd")
+                    new_text = full[len(text):] if full.startswith(text) else full
+                    text = full
+                    if out.new_token_ids or finished:
+                        yield StreamOutput(
+                            request_id=rid,
+                            new_token_ids=list(out.new_token_ids),
+                            new_text=new_text,
+                            token_ids=list(token_ids),
+                            text=text,
+                            finished=finished,
+                            finish_reason=out.finish_reason,
+                            metrics=_metrics(out) if finished else None,
+                        )
+        finally:
+            self._release([rid], [] if finished else [rid])
+
+    def _add_owned(self, prompt_ids: List[int], params: SamplingParams) -> int:
+        # Owned before the engine can produce anything for it, so no output escapes to step().
+        with self._inbox_lock:
+            rid = self._engine.add_request(prompt_ids, params)
+            self._owned.add(rid)
+        return rid
+
+    def _release(self, ids, unfinished) -> None:
+        """Ends ownership of `ids`; aborts `unfinished` (after an exception or a closed stream)."""
+        with self._inbox_lock:
+            self._discard.update(unfinished)
+            for rid in ids:
+                self._owned.discard(rid)
+                self._inbox.pop(rid, None)
+        for rid in unfinished:
+            self._engine.abort(rid)
+        if unfinished:
+            # Collect the abort outputs now, so the engine reports nothing unfinished for them.
+            for out in self._engine.step():
+                self._put_inbox(out)
 
     @staticmethod
     def _apply(res: RequestOutput, out) -> None:
@@ -256,15 +357,6 @@ class Engine:
             res.prompt_logprobs = [dict(lp) if i > 0 else None for i, lp in enumerate(out.prompt_logprobs)]
         if out.finished:
             comp.finish_reason = out.finish_reason
+            comp.error = out.error or None
             res.finished = True
-
-    def _drain(self, ids) -> None:
-        """Consumes the abort outputs of `ids` so they do not leak into a later call."""
-        ids = set(ids)
-        while ids and self._engine.has_unfinished_requests():
-            outs = self._engine.step()
-            for out in outs:
-                if out.finished:
-                    ids.discard(out.request_id)
-            if not outs:
-                break
+            res.metrics = _metrics(out)

@@ -88,7 +88,15 @@ NB_MODULE(_core, m) {
       .def_rw("max_num_seqs", &EngineConfig::max_num_seqs)
       .def_rw("max_num_batched_tokens", &EngineConfig::max_num_batched_tokens)
       .def_rw("max_model_len", &EngineConfig::max_model_len)
+      .def_rw("enable_prefix_caching", &EngineConfig::enable_prefix_caching)
       .def_rw("seed", &EngineConfig::seed);
+
+  nb::class_<RequestMetrics>(m, "RequestMetrics")
+      .def_ro("ttft_s", &RequestMetrics::ttft_s)
+      .def_ro("tpot_s", &RequestMetrics::tpot_s)
+      .def_ro("e2e_s", &RequestMetrics::e2e_s)
+      .def_ro("num_cached_tokens", &RequestMetrics::num_cached_tokens)
+      .def_ro("num_preemptions", &RequestMetrics::num_preemptions);
 
   nb::class_<RequestOutput>(m, "RequestOutput")
       .def_ro("request_id", &RequestOutput::request_id)
@@ -96,6 +104,8 @@ NB_MODULE(_core, m) {
       .def_ro("new_logprobs", &RequestOutput::new_logprobs)
       .def_ro("prompt_logprobs", &RequestOutput::prompt_logprobs)
       .def_ro("finished", &RequestOutput::finished)
+      .def_ro("error", &RequestOutput::error)
+      .def_ro("metrics", &RequestOutput::metrics)
       .def_prop_ro("finish_reason", [](const RequestOutput& o) -> std::optional<std::string> {
         if (o.finish_reason == FinishReason::kNone) return std::nullopt;
         return std::string(finish_reason_name(o.finish_reason));
@@ -115,10 +125,16 @@ NB_MODULE(_core, m) {
       .def_ro("num_waiting", &EngineStats::num_waiting)
       .def_ro("num_free_blocks", &EngineStats::num_free_blocks)
       .def_ro("num_total_blocks", &EngineStats::num_total_blocks)
+      .def_ro("num_cached_blocks", &EngineStats::num_cached_blocks)
       .def_ro("block_size", &EngineStats::block_size)
       .def_ro("num_steps", &EngineStats::num_steps)
       .def_ro("num_generated_tokens", &EngineStats::num_generated_tokens)
-      .def_ro("num_prompt_tokens", &EngineStats::num_prompt_tokens);
+      .def_ro("num_prompt_tokens", &EngineStats::num_prompt_tokens)
+      .def_ro("num_preemptions", &EngineStats::num_preemptions)
+      .def_ro("prefix_cache_hit_tokens", &EngineStats::prefix_cache_hit_tokens)
+      .def_ro("prefix_cache_query_tokens", &EngineStats::prefix_cache_query_tokens)
+      .def_ro("step_time_s", &EngineStats::step_time_s)
+      .def_ro("forward_time_s", &EngineStats::forward_time_s);
 
   nb::class_<Engine>(m, "Engine")
       .def(nb::init<const EngineConfig&>(), "config"_a, nb::call_guard<nb::gil_scoped_release>())

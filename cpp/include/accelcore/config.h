@@ -17,6 +17,7 @@ struct EngineConfig {
   int max_num_seqs = 256;           // requests in one step at most
   int max_num_batched_tokens = 2048;  // tokens in one step at most (prompt chunks + decode tokens)
   int max_model_len = 0;            // 0: the model's max_position_embeddings
+  bool enable_prefix_caching = false;  // reuse the KV of full blocks shared with earlier requests
   uint64_t seed = 0;                // seeds requests that bring no seed of their own
 
   void validate() const;  // throws InvalidArgument

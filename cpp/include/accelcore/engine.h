@@ -1,7 +1,8 @@
 // accelcore::Engine: the public entry point. Add requests, run steps, read outputs.
 //
-// Thread safety: all methods may be called from any thread; calls are serialised internally, so a
-// server may add and abort requests from one thread while another drives step().
+// Thread safety: all methods may be called from any thread. add_request and abort never wait for a
+// forward pass: they queue their change, and the next step applies it (an abort while the engine
+// is idle takes effect at once). One thread at a time runs step().
 #pragma once
 
 #include <accelcore/config.h>
@@ -22,8 +23,18 @@ using RequestId = uint64_t;
 // Log-probabilities at one position: the top-k tokens and the token actually taken.
 using TokenLogprobs = std::map<int32_t, float>;
 
-enum class FinishReason { kNone, kStop, kLength, kAbort };
-const char* finish_reason_name(FinishReason r);  // "stop" | "length" | "abort" | "" for kNone
+enum class FinishReason { kNone, kStop, kLength, kAbort, kError };
+// "stop" | "length" | "abort" | "error" | "" for kNone
+const char* finish_reason_name(FinishReason r);
+
+// Timings of a finished request (seconds, steady clock).
+struct RequestMetrics {
+  double ttft_s = 0;   // arrival to first generated token
+  double tpot_s = 0;   // mean time per output token after the first (0 with fewer than 2 tokens)
+  double e2e_s = 0;    // arrival to finish
+  int num_cached_tokens = 0;  // prompt tokens served from the prefix cache
+  int num_preemptions = 0;
+};
 
 // What one step produced for one request: only the new tokens since the previous output.
 struct RequestOutput {
@@ -34,6 +45,8 @@ struct RequestOutput {
   std::optional<std::vector<TokenLogprobs>> prompt_logprobs;
   bool finished = false;
   FinishReason finish_reason = FinishReason::kNone;
+  std::string error;       // set with FinishReason::kError
+  RequestMetrics metrics;  // set when finished
 };
 
 struct ModelInfo {
@@ -49,12 +62,18 @@ struct ModelInfo {
 struct EngineStats {
   int num_running = 0;
   int num_waiting = 0;
-  int num_free_blocks = 0;
+  int num_free_blocks = 0;    // includes cached blocks no request holds (evicted on demand)
   int num_total_blocks = 0;
+  int num_cached_blocks = 0;  // blocks registered in the prefix cache
   int block_size = 0;
   uint64_t num_steps = 0;
   uint64_t num_generated_tokens = 0;
   uint64_t num_prompt_tokens = 0;
+  uint64_t num_preemptions = 0;
+  uint64_t prefix_cache_hit_tokens = 0;
+  uint64_t prefix_cache_query_tokens = 0;
+  double step_time_s = 0;     // total time inside step()
+  double forward_time_s = 0;  // of which the model's forward pass
 };
 
 class Engine {
@@ -73,7 +92,8 @@ class Engine {
   // produced tokens or finished in this step.
   std::vector<RequestOutput> step();
 
-  // Ends a request wherever it is; its next output (from step()) says "abort". Unknown ids are ignored.
+  // Ends a request wherever it is and frees all it holds (at once when no step is running, else
+  // right after that step); a later step() reports it with "abort". Unknown ids are ignored.
   void abort(RequestId id);
 
   bool has_unfinished_requests() const;

@@ -1,6 +1,8 @@
 #include <accelcore/engine.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <limits>
 #include <mutex>
 
@@ -20,6 +22,7 @@ const char* finish_reason_name(FinishReason r) {
     case FinishReason::kStop: return "stop";
     case FinishReason::kLength: return "length";
     case FinishReason::kAbort: return "abort";
+    case FinishReason::kError: return "error";
     case FinishReason::kNone: return "";
   }
   return "";
@@ -56,21 +59,36 @@ constexpr int64_t kDefaultKvBytesCap = 2ll << 30;
 struct Engine::Impl {
   EngineConfig config;
   ModelInfo info;
+  int num_total_blocks = 0;
   std::unique_ptr<LlamaModel> model;
   std::unique_ptr<KvCache> cache;
   std::unique_ptr<Scheduler> scheduler;
   std::unique_ptr<ThreadPool> pool;
-  mutable std::mutex mu;
-  RequestId next_id = 1;
+
+  // Two locks, so that add_request and abort never wait for a forward pass:
+  //  - step_mu: one step at a time; guards the scheduler, the model and the KV cache.
+  //  - intake_mu: guards what other threads hand to the stepping thread, and the stats snapshot.
+  // Order: step_mu before intake_mu.
+  std::mutex step_mu;
+  mutable std::mutex intake_mu;
+  std::vector<std::unique_ptr<Request>> new_requests;
+  std::vector<RequestId> abort_ids;
+  std::vector<RequestOutput> pending;  // outputs produced outside a step (aborts)
+  std::atomic<RequestId> next_id{1};
+  int num_active = 0;  // requests the scheduler holds (snapshot, under intake_mu)
   EngineStats counters;
-  std::vector<RequestOutput> pending;  // outputs of requests aborted between steps
-  // Per-step scratch.
+
+  // Per-step scratch (under step_mu).
   BatchPlan plan;
   std::vector<ScheduledSeq> seqs;
+  std::vector<std::unique_ptr<Request>> failed;
   FloatBuffer logits;
   std::vector<double> probs;
 
+  void apply_intake();  // needs step_mu
+  void publish();       // needs step_mu
   void process(const ScheduledSeq& s, std::vector<RequestOutput>* outs);
+  RequestOutput finished_output(std::unique_ptr<Request> r) const;
 };
 
 Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
@@ -129,7 +147,11 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   sc.max_num_batched_tokens = config.max_num_batched_tokens;
   sc.block_size = config.block_size;
   sc.num_blocks = shape.num_blocks;
+  sc.enable_prefix_caching = config.enable_prefix_caching;
+  sc.eos_token_ids = m.info.eos_token_ids;
   m.scheduler = std::make_unique<Scheduler>(sc);
+  m.num_total_blocks = shape.num_blocks;
+  m.publish();
   m.pool = std::make_unique<ThreadPool>(config.num_threads > 0 ? config.num_threads : default_num_threads());
 }
 
@@ -154,20 +176,75 @@ RequestId Engine::add_request(std::vector<int32_t> prompt, const SamplingParams&
   ACCEL_CHECK(total <= m.info.max_model_len, InvalidArgument)
       << "prompt (" << prompt.size() << " tokens) plus max_tokens (" << params.max_tokens
       << ") exceeds the maximum model length " << m.info.max_model_len;
-  std::lock_guard<std::mutex> lock(m.mu);
-  ACCEL_CHECK(m.scheduler->blocks_for(static_cast<int>(total)) <= m.scheduler->num_total_blocks(), InvalidArgument)
+  const int64_t blocks = (total + m.config.block_size - 1) / m.config.block_size;
+  ACCEL_CHECK(blocks <= m.num_total_blocks, InvalidArgument)
       << "prompt plus max_tokens (" << total << " tokens) needs more KV blocks than the whole pool holds ("
-      << m.scheduler->num_total_blocks() << " blocks of " << m.config.block_size << ")";
+      << m.num_total_blocks << " blocks of " << m.config.block_size << ")";
   auto req = std::make_unique<Request>();
-  req->id = m.next_id++;
+  req->id = m.next_id.fetch_add(1);
   req->prompt = std::move(prompt);
   req->params = params;
   req->seed = params.seed.has_value() ? *params.seed : splitmix64(m.config.seed ^ splitmix64(req->id));
   req->output.reserve(params.max_tokens);
+  req->arrival_time = Clock::now();
   const RequestId id = req->id;
+  std::lock_guard<std::mutex> lock(m.intake_mu);
   m.counters.num_prompt_tokens += req->prompt.size();
-  m.scheduler->add(std::move(req));
+  m.new_requests.push_back(std::move(req));
   return id;
+}
+
+void Engine::Impl::apply_intake() {
+  std::vector<std::unique_ptr<Request>> adds;
+  std::vector<RequestId> aborts;
+  {
+    std::lock_guard<std::mutex> lock(intake_mu);
+    adds.swap(new_requests);
+    aborts.swap(abort_ids);
+    num_active += static_cast<int>(adds.size());  // keeps has_unfinished_requests() true meanwhile
+  }
+  for (auto& r : adds) scheduler->add(std::move(r));
+  std::vector<RequestOutput> outs;
+  for (RequestId id : aborts) {
+    std::unique_ptr<Request> r = scheduler->finish(id, FinishReason::kAbort);
+    if (r) outs.push_back(finished_output(std::move(r)));
+  }
+  if (!outs.empty()) {
+    std::lock_guard<std::mutex> lock(intake_mu);
+    for (auto& o : outs) pending.push_back(std::move(o));
+  }
+}
+
+void Engine::Impl::publish() {
+  std::lock_guard<std::mutex> lock(intake_mu);
+  num_active = scheduler->num_running() + scheduler->num_waiting();
+  counters.num_running = scheduler->num_running();
+  counters.num_waiting = scheduler->num_waiting();
+  counters.num_free_blocks = scheduler->num_free_blocks();
+  counters.num_total_blocks = scheduler->num_total_blocks();
+  counters.num_cached_blocks = scheduler->num_cached_blocks();
+  counters.num_preemptions = scheduler->counters().num_preemptions;
+  counters.prefix_cache_hit_tokens = scheduler->counters().prefix_cache_hit_tokens;
+  counters.prefix_cache_query_tokens = scheduler->counters().prefix_cache_query_tokens;
+}
+
+RequestOutput Engine::Impl::finished_output(std::unique_ptr<Request> r) const {
+  RequestOutput out;
+  out.request_id = r->id;
+  out.finished = true;
+  out.finish_reason = r->finish_reason;
+  out.error = r->error;
+  const auto now = Clock::now();
+  auto secs = [](Clock::duration d) { return std::chrono::duration<double>(d).count(); };
+  RequestMetrics& mt = out.metrics;
+  mt.e2e_s = secs(now - r->arrival_time);
+  if (!r->output.empty()) {
+    mt.ttft_s = secs(r->first_token_time - r->arrival_time);
+    if (r->output.size() > 1) mt.tpot_s = secs(r->last_token_time - r->first_token_time) / (r->output.size() - 1);
+  }
+  mt.num_cached_tokens = r->num_cached_tokens;
+  mt.num_preemptions = r->num_preemptions;
+  return out;
 }
 
 void Engine::Impl::process(const ScheduledSeq& s, std::vector<RequestOutput>* outs) {
@@ -178,7 +255,7 @@ void Engine::Impl::process(const ScheduledSeq& s, std::vector<RequestOutput>* ou
   out.request_id = r->id;
   int row = s.first_logit;
   // Prompt log-probabilities: the row at position p scores prompt token p + 1.
-  if (r->params.prompt_logprobs >= 0) {
+  if (r->wants_prompt_logprobs()) {
     if (s.first_token == 0) r->prompt_logprobs.emplace_back();  // position 0 has no prediction
     for (int pos = s.first_token; pos < s.first_token + s.num_tokens && pos + 1 < np; ++pos, ++row) {
       TokenLogprobs lp;
@@ -186,10 +263,12 @@ void Engine::Impl::process(const ScheduledSeq& s, std::vector<RequestOutput>* ou
                    r->prompt[pos + 1], &lp);
       r->prompt_logprobs.push_back(std::move(lp));
     }
+    if (s.first_token + s.num_tokens >= np) {
+      out.prompt_logprobs = std::move(r->prompt_logprobs);
+      r->prompt_logprobs_done = true;
+    }
   }
-  r->num_computed += s.num_tokens;
-  const bool prompt_done_now = s.first_token < np && r->num_computed >= np;
-  if (prompt_done_now && r->params.prompt_logprobs >= 0) out.prompt_logprobs = std::move(r->prompt_logprobs);
+  scheduler->on_computed(s);
 
   FinishReason finish = FinishReason::kNone;
   if (s.samples) {
@@ -199,69 +278,82 @@ void Engine::Impl::process(const ScheduledSeq& s, std::vector<RequestOutput>* ou
       const int sample_row = s.first_logit + s.num_logits - 1;
       const float* lg = logits.data() + static_cast<int64_t>(sample_row) * vocab;
       const int32_t tok = sample_token(lg, vocab, r->params, r->seed, r->output.size(), &probs);
-      r->output.push_back(tok);
+      const auto now = Clock::now();
+      if (r->output.empty()) r->first_token_time = now;
+      r->last_token_time = now;
       out.new_token_ids.push_back(tok);
-      ++counters.num_generated_tokens;
       if (r->params.logprobs >= 0) {
         out.new_logprobs.emplace_back();
         top_logprobs(lg, vocab, r->params.logprobs, tok, &out.new_logprobs.back());
       }
-      const auto& eos = info.eos_token_ids;
-      const auto& stops = r->params.stop_token_ids;
-      if ((!r->params.ignore_eos && std::find(eos.begin(), eos.end(), tok) != eos.end()) ||
-          std::find(stops.begin(), stops.end(), tok) != stops.end()) {
-        finish = FinishReason::kStop;
-      } else if (static_cast<int>(r->output.size()) >= r->params.max_tokens) {
-        finish = FinishReason::kLength;
-      }
+      finish = scheduler->append_token(r, tok);
     }
   }
   if (finish != FinishReason::kNone) {
-    scheduler->finish(r->id, finish);  // r is gone after this
+    RequestOutput done = finished_output(scheduler->finish(r->id, finish));  // r is gone after this
     out.finished = true;
     out.finish_reason = finish;
+    out.metrics = done.metrics;
   }
   if (out.finished || !out.new_token_ids.empty() || out.prompt_logprobs.has_value()) outs->push_back(std::move(out));
 }
 
 std::vector<RequestOutput> Engine::step() {
   Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
-  std::vector<RequestOutput> outs = std::move(m.pending);
-  m.pending.clear();
-  m.scheduler->schedule(&m.plan, &m.seqs);
-  if (m.plan.num_tokens() == 0) return outs;
-  m.model->forward(m.plan, *m.cache, *m.pool, &m.logits);
-  ++m.counters.num_steps;
-  for (const ScheduledSeq& s : m.seqs) m.process(s, &outs);
+  std::lock_guard<std::mutex> step_lock(m.step_mu);
+  const auto t0 = Clock::now();
+  m.apply_intake();
+  std::vector<RequestOutput> outs;
+  m.scheduler->schedule(&m.plan, &m.seqs, &m.failed);
+  for (auto& r : m.failed) outs.push_back(m.finished_output(std::move(r)));
+  m.failed.clear();
+  double forward_s = 0;
+  if (m.plan.num_tokens() > 0) {
+    const auto f0 = Clock::now();
+    m.model->forward(m.plan, *m.cache, *m.pool, &m.logits);
+    forward_s = std::chrono::duration<double>(Clock::now() - f0).count();
+    for (const ScheduledSeq& s : m.seqs) m.process(s, &outs);
+  }
+  m.apply_intake();  // aborts that arrived during the forward pass
+  m.publish();
+  std::lock_guard<std::mutex> lock(m.intake_mu);
+  if (!m.pending.empty()) {
+    for (auto& o : m.pending) outs.push_back(std::move(o));
+    m.pending.clear();
+  }
+  if (m.plan.num_tokens() > 0) {
+    ++m.counters.num_steps;
+    m.counters.step_time_s += std::chrono::duration<double>(Clock::now() - t0).count();
+    m.counters.forward_time_s += forward_s;
+  }
+  for (const auto& o : outs) m.counters.num_generated_tokens += o.new_token_ids.size();
   return outs;
 }
 
 void Engine::abort(RequestId id) {
   Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
-  if (m.scheduler->finish(id, FinishReason::kAbort) == nullptr) return;
-  RequestOutput out;
-  out.request_id = id;
-  out.finished = true;
-  out.finish_reason = FinishReason::kAbort;
-  m.pending.push_back(std::move(out));
+  {
+    std::lock_guard<std::mutex> lock(m.intake_mu);
+    m.abort_ids.push_back(id);
+  }
+  // Idle engine: free everything now. Otherwise the running step applies it when its forward ends.
+  std::unique_lock<std::mutex> step_lock(m.step_mu, std::try_to_lock);
+  if (step_lock.owns_lock()) {
+    m.apply_intake();
+    m.publish();
+  }
 }
 
 bool Engine::has_unfinished_requests() const {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  return !impl_->scheduler->empty() || !impl_->pending.empty();
+  std::lock_guard<std::mutex> lock(impl_->intake_mu);
+  return impl_->num_active > 0 || !impl_->new_requests.empty() || !impl_->pending.empty();
 }
 
 EngineStats Engine::stats() const {
-  const Impl& m = *impl_;
-  std::lock_guard<std::mutex> lock(m.mu);
-  EngineStats s = m.counters;
-  s.num_running = m.scheduler->num_running();
-  s.num_waiting = m.scheduler->num_waiting();
-  s.num_free_blocks = m.scheduler->num_free_blocks();
-  s.num_total_blocks = m.scheduler->num_total_blocks();
-  s.block_size = m.config.block_size;
+  std::lock_guard<std::mutex> lock(impl_->intake_mu);
+  EngineStats s = impl_->counters;
+  s.num_waiting += static_cast<int>(impl_->new_requests.size());
+  s.block_size = impl_->config.block_size;
   return s;
 }
 

@@ -7,9 +7,12 @@
 
 #include <chrono>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace accelcore {
+
+using Clock = std::chrono::steady_clock;
 
 struct Request {
   enum class Status { kWaiting, kRunning, kFinished };
@@ -21,17 +24,26 @@ struct Request {
   uint64_t seed = 0;
   Status status = Status::kWaiting;
   FinishReason finish_reason = FinishReason::kNone;
+  std::string error;  // why, when finish_reason is kError
 
   int num_computed = 0;          // leading tokens whose K/V are in the cache
   std::vector<int32_t> blocks;   // block table: position p lives in blocks[p / block_size]
+  // Hashes of the leading full blocks of known tokens (prompt, then output), as far as computed.
+  std::vector<uint64_t> block_hashes;
+  int num_cached_tokens = 0;     // prompt tokens found in the prefix cache at (last) admission
+  int num_preemptions = 0;
+
   std::vector<TokenLogprobs> prompt_logprobs;  // filled while the prompt is prefilled
+  bool prompt_logprobs_done = false;           // emitted; a recompute after preemption skips them
+
+  Clock::time_point arrival_time, first_token_time, last_token_time;
 
   int num_tokens() const { return static_cast<int>(prompt.size() + output.size()); }
   int32_t token_at(int i) const {
     const int np = static_cast<int>(prompt.size());
     return i < np ? prompt[i] : output[i - np];
   }
-  bool prefilling() const { return num_computed < static_cast<int>(prompt.size()); }
+  bool wants_prompt_logprobs() const { return params.prompt_logprobs >= 0 && !prompt_logprobs_done; }
 };
 
 }  // namespace accelcore

@@ -15,6 +15,7 @@ Scheduler::Scheduler(const SchedulerConfig& config) : config_(config), allocator
 void Scheduler::add(std::unique_ptr<Request> req) {
   Request* r = req.get();
   r->status = Request::Status::kWaiting;
+  ACCEL_DCHECK(!requests_.count(r->id));
   requests_.emplace(r->id, std::move(req));
   waiting_.push_back(r);
 }
@@ -24,57 +25,157 @@ Request* Scheduler::find(RequestId id) {
   return it == requests_.end() ? nullptr : it->second.get();
 }
 
-void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs) {
+bool Scheduler::ensure_blocks(Request* r, int num_tokens) {
+  const int need = blocks_for(num_tokens) - static_cast<int>(r->blocks.size());
+  return need <= 0 || allocator_.allocate(need, &r->blocks);
+}
+
+void Scheduler::preempt(Request* r) {
+  ACCEL_DCHECK(r->status == Request::Status::kRunning);
+  allocator_.release_all(&r->blocks);
+  r->num_computed = 0;
+  r->block_hashes.clear();
+  r->status = Request::Status::kWaiting;
+  ++r->num_preemptions;
+  ++counters_.num_preemptions;
+  running_.erase(std::find(running_.begin(), running_.end(), r));
+  waiting_.push_front(r);
+}
+
+int Scheduler::match_prefix(Request* r) {
+  ACCEL_DCHECK(r->blocks.empty() && r->num_computed == 0);
+  if (!config_.enable_prefix_caching || r->params.prompt_logprobs >= 0) return 0;
+  const int bs = config_.block_size;
+  // At least the last token is computed again: its logits are needed for the next sample.
+  const int max_blocks = (r->num_tokens() - 1) / bs;
+  std::vector<int32_t> tokens(bs);
+  uint64_t parent = kRootHash;
+  for (int b = 0; b < max_blocks; ++b) {
+    for (int i = 0; i < bs; ++i) tokens[i] = r->token_at(b * bs + i);
+    const uint64_t h = hash_block(parent, tokens.data(), bs);
+    const int32_t block = allocator_.lookup(h, parent, tokens.data(), bs);
+    if (block < 0) break;
+    allocator_.add_ref(block);
+    r->blocks.push_back(block);
+    r->block_hashes.push_back(h);
+    parent = h;
+  }
+  r->num_computed = static_cast<int>(r->blocks.size()) * bs;
+  return r->num_computed;
+}
+
+void Scheduler::add_seq(Request* r, int n, BatchPlan* plan, std::vector<ScheduledSeq>* seqs) {
+  const int bs = config_.block_size;
+  ScheduledSeq s;
+  s.req = r;
+  s.first_token = r->num_computed;
+  s.num_tokens = n;
+  s.samples = r->num_computed + n == r->num_tokens();
+  const int seq_index = plan->num_seqs();
+  plan->block_table_offset.push_back(static_cast<int32_t>(plan->block_tables.size()));
+  plan->block_tables.insert(plan->block_tables.end(), r->blocks.begin(), r->blocks.end());
+  const int np = static_cast<int>(r->prompt.size());
+  const bool want_prompt_lp = r->wants_prompt_logprobs();
+  s.first_logit = static_cast<int>(plan->logit_rows.size());
+  for (int i = 0; i < n; ++i) {
+    const int pos = s.first_token + i;
+    const int row = plan->num_tokens();
+    plan->token_ids.push_back(r->token_at(pos));
+    plan->positions.push_back(pos);
+    plan->slots.push_back(static_cast<int64_t>(r->blocks[pos / bs]) * bs + pos % bs);
+    plan->seq_of_token.push_back(seq_index);
+    if ((want_prompt_lp && pos + 1 < np) || (i == n - 1 && s.samples)) plan->logit_rows.push_back(row);
+  }
+  s.num_logits = static_cast<int>(plan->logit_rows.size()) - s.first_logit;
+  seqs->push_back(s);
+}
+
+void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
+                         std::vector<std::unique_ptr<Request>>* failed) {
   plan->clear();
   seqs->clear();
   int budget = config_.max_num_batched_tokens;
 
-  auto add_seq = [&](Request* r, int n) {
-    ScheduledSeq s;
-    s.req = r;
-    s.first_token = r->num_computed;
-    s.num_tokens = n;
-    s.samples = r->num_computed + n == r->num_tokens();
-    const int seq_index = plan->num_seqs();
-    plan->block_table_offset.push_back(static_cast<int32_t>(plan->block_tables.size()));
-    plan->block_tables.insert(plan->block_tables.end(), r->blocks.begin(), r->blocks.end());
-    const int np = static_cast<int>(r->prompt.size());
-    const bool want_prompt_lp = r->params.prompt_logprobs >= 0;
-    s.first_logit = static_cast<int>(plan->logit_rows.size());
-    for (int i = 0; i < n; ++i) {
-      const int pos = s.first_token + i;
-      const int row = plan->num_tokens();
-      plan->token_ids.push_back(r->token_at(pos));
-      plan->positions.push_back(pos);
-      plan->slots.push_back(static_cast<int64_t>(r->blocks[pos / config_.block_size]) * config_.block_size +
-                            pos % config_.block_size);
-      plan->seq_of_token.push_back(seq_index);
-      const bool last = i == n - 1;
-      if ((want_prompt_lp && pos + 1 < np) || (last && s.samples)) plan->logit_rows.push_back(row);
+  // Running requests first, in admission order. One that cannot get a block preempts the most
+  // recently admitted request (possibly itself).
+  for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
+    Request* r = running_[i];
+    const int n = std::min(r->num_tokens() - r->num_computed, budget);
+    ACCEL_DCHECK(n >= 1);
+    bool self_preempted = false;
+    while (!ensure_blocks(r, r->num_computed + n)) {
+      Request* victim = running_.back();
+      preempt(victim);
+      if (victim == r) {
+        self_preempted = true;
+        break;
+      }
     }
-    s.num_logits = static_cast<int>(plan->logit_rows.size()) - s.first_logit;
-    seqs->push_back(s);
+    if (self_preempted) break;  // it was the last running request
+    add_seq(r, n, plan, seqs);
     budget -= n;
-  };
-
-  // Running requests first, in admission order: decode tokens and unfinished prompt chunks.
-  for (Request* r : running_) {
-    if (budget == 0) break;
-    const int need = r->num_tokens() - r->num_computed;
-    ACCEL_DCHECK(need >= 1);
-    add_seq(r, std::min(need, budget));
   }
-  // Then admit waiting requests, first come first served, while blocks and budget allow.
+
+  // Then admit waiting requests, first come first served, while seats, budget and blocks allow.
   while (!waiting_.empty() && budget > 0 && static_cast<int>(running_.size()) < config_.max_num_seqs) {
     Request* r = waiting_.front();
-    const int need_blocks = blocks_for(static_cast<int>(r->prompt.size()) + r->params.max_tokens);
-    ACCEL_DCHECK(need_blocks <= allocator_.num_total());
-    if (!allocator_.allocate(need_blocks, &r->blocks)) break;
+    const int np = static_cast<int>(r->prompt.size());
+    const int hit = match_prefix(r);
+    const int n = std::min(r->num_tokens() - r->num_computed, budget);
+    if (!ensure_blocks(r, r->num_computed + n)) {
+      allocator_.release_all(&r->blocks);  // give back the prefix hits; retried next step
+      r->block_hashes.clear();
+      r->num_computed = 0;
+      if (running_.empty() && seqs->empty()) {
+        // Nothing runs and it still does not fit: it never will. Fail it rather than hang.
+        r->error = "request needs more KV blocks than the pool can ever free for it";
+        waiting_.pop_front();
+        failed->push_back(finish(r->id, FinishReason::kError));
+        continue;
+      }
+      break;
+    }
     waiting_.pop_front();
     r->status = Request::Status::kRunning;
     running_.push_back(r);
-    add_seq(r, std::min(r->num_tokens() - r->num_computed, budget));
+    if (r->num_preemptions == 0) {  // a resumed request's own blocks are not prefix hits
+      r->num_cached_tokens = std::min(hit, np);
+      counters_.prefix_cache_query_tokens += np;
+      counters_.prefix_cache_hit_tokens += r->num_cached_tokens;
+    }
+    add_seq(r, n, plan, seqs);
+    budget -= n;
   }
+}
+
+void Scheduler::on_computed(const ScheduledSeq& s) {
+  Request* r = s.req;
+  ACCEL_DCHECK(r->num_computed == s.first_token);
+  r->num_computed += s.num_tokens;
+  if (!config_.enable_prefix_caching) return;
+  // Register blocks that became full of computed tokens.
+  const int bs = config_.block_size;
+  const int full = r->num_computed / bs;
+  std::vector<int32_t> tokens(bs);
+  while (static_cast<int>(r->block_hashes.size()) < full) {
+    const int b = static_cast<int>(r->block_hashes.size());
+    for (int i = 0; i < bs; ++i) tokens[i] = r->token_at(b * bs + i);
+    const uint64_t parent = b == 0 ? kRootHash : r->block_hashes[b - 1];
+    const uint64_t h = hash_block(parent, tokens.data(), bs);
+    if (!allocator_.is_cached(r->blocks[b])) allocator_.register_block(r->blocks[b], h, parent, tokens.data(), bs);
+    r->block_hashes.push_back(h);
+  }
+}
+
+FinishReason Scheduler::append_token(Request* r, int32_t token) {
+  r->output.push_back(token);
+  const auto& eos = config_.eos_token_ids;
+  const auto& stops = r->params.stop_token_ids;
+  if ((!r->params.ignore_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) ||
+      std::find(stops.begin(), stops.end(), token) != stops.end())
+    return FinishReason::kStop;
+  if (static_cast<int>(r->output.size()) >= r->params.max_tokens) return FinishReason::kLength;
+  return FinishReason::kNone;
 }
 
 std::unique_ptr<Request> Scheduler::finish(RequestId id, FinishReason reason) {
@@ -84,7 +185,8 @@ std::unique_ptr<Request> Scheduler::finish(RequestId id, FinishReason reason) {
   requests_.erase(it);
   Request* r = req.get();
   if (r->status == Request::Status::kWaiting) {
-    waiting_.erase(std::find(waiting_.begin(), waiting_.end(), r));
+    auto w = std::find(waiting_.begin(), waiting_.end(), r);
+    if (w != waiting_.end()) waiting_.erase(w);
   } else if (r->status == Request::Status::kRunning) {
     running_.erase(std::find(running_.begin(), running_.end(), r));
   }

@@ -1,13 +1,22 @@
-// Decides which requests run in the next step and how many of their tokens, and lays that out
-// as a BatchPlan. FCFS admission within max_num_seqs and a token budget; a request's prompt may
-// be split across steps (chunked prefill) and mixes with other requests' decode tokens.
+// Decides which requests run in the next step and how many of their tokens, and lays that out as
+// a BatchPlan. No prefill/decode phases: each step serves running requests first (decode tokens,
+// unfinished prompt chunks), then admits waiting ones first come first served, within
+// max_num_seqs and the token budget max_num_batched_tokens; a prompt longer than the budget left
+// is split across steps (chunked prefill).
 //
-// Memory policy (this version): a request is admitted only when blocks for its whole prompt plus
-// max_tokens are free, and holds them until it ends, so a running request never runs out.
+// Memory: blocks are taken as tokens need them. When none is left, the most recently admitted
+// running request is preempted: its blocks are released and it goes back to the head of the
+// queue, to be recomputed from its known tokens (which gives exactly the same continuation: the
+// kernels are batch-invariant and sampling is keyed by output position). With prefix caching,
+// full blocks are registered under a hash chain of their tokens and new requests reuse them.
+//
+// The scheduler owns the request lifecycle (tokens appended, stop conditions, finish) but never
+// sees the model: a test drives it with a fake executor.
 #pragma once
 
 #include <deque>
 #include <memory>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -22,6 +31,8 @@ struct SchedulerConfig {
   int max_num_batched_tokens = 2048;
   int block_size = 16;
   int num_blocks = 0;
+  bool enable_prefix_caching = false;
+  std::vector<int32_t> eos_token_ids;
 };
 
 // One request's share of a step.
@@ -34,33 +45,55 @@ struct ScheduledSeq {
   bool samples = false;   // the step reaches the end of the known tokens: sample the next one
 };
 
+struct SchedulerCounters {
+  uint64_t num_preemptions = 0;
+  uint64_t prefix_cache_hit_tokens = 0;   // prompt tokens whose prefill was skipped
+  uint64_t prefix_cache_query_tokens = 0; // prompt tokens looked up
+};
+
 class Scheduler {
  public:
   explicit Scheduler(const SchedulerConfig& config);
 
-  // Blocks a request of this many tokens in all needs.
+  const SchedulerConfig& config() const { return config_; }
   int blocks_for(int num_tokens) const { return (num_tokens + config_.block_size - 1) / config_.block_size; }
   int num_total_blocks() const { return allocator_.num_total(); }
   int num_free_blocks() const { return allocator_.num_free(); }
+  int num_cached_blocks() const { return allocator_.num_cached(); }
   int num_running() const { return static_cast<int>(running_.size()); }
   int num_waiting() const { return static_cast<int>(waiting_.size()); }
   bool empty() const { return requests_.empty(); }
+  const SchedulerCounters& counters() const { return counters_; }
+  const std::vector<Request*>& running() const { return running_; }
+  const std::deque<Request*>& waiting() const { return waiting_; }
 
   void add(std::unique_ptr<Request> req);
   Request* find(RequestId id);
 
-  // Plans the next step. Clears and fills `plan` and `seqs`.
-  void schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs);
+  // Plans the next step. Clears and fills `plan` and `seqs`. Requests that can never be served
+  // (nothing runs and the head of the queue still cannot get memory) are finished with kError and
+  // reported in `failed`.
+  void schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs, std::vector<std::unique_ptr<Request>>* failed);
 
-  // Ends a request: frees its blocks and forgets it. Returns the request for the caller's output.
+  // After the forward pass, for each scheduled sequence: its tokens now have KV in the cache.
+  void on_computed(const ScheduledSeq& s);
+  // Appends a sampled token and returns the finish reason it causes (kNone to go on).
+  FinishReason append_token(Request* r, int32_t token);
+  // Ends a request: releases its blocks and forgets it. Returns it (null for an unknown id).
   std::unique_ptr<Request> finish(RequestId id, FinishReason reason);
 
  private:
+  bool ensure_blocks(Request* r, int num_tokens);  // blocks for positions [0, num_tokens)
+  void preempt(Request* r);
+  int match_prefix(Request* r);  // takes cached blocks for r's prefix; returns tokens matched
+  void add_seq(Request* r, int n, BatchPlan* plan, std::vector<ScheduledSeq>* seqs);
+
   SchedulerConfig config_;
   BlockAllocator allocator_;
+  SchedulerCounters counters_;
   std::unordered_map<RequestId, std::unique_ptr<Request>> requests_;
   std::deque<Request*> waiting_;
-  std::vector<Request*> running_;  // in admission order
+  std::vector<Request*> running_;  // in admission order; the tail is preempted first
 };
 
 }  // namespace accelcore
