@@ -15,9 +15,11 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS_DIR, build_random_llama  # noqa: E402
 
 TINYLLAMA_SHAPE = dict(
     hidden_size=2048,
@@ -32,18 +34,7 @@ TINYLLAMA_SHAPE = dict(
 
 def build_random_model(path: str, seed: int = 0) -> str:
     """Writes a random Llama of TinyLlama's shape to `path` (once)."""
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    print(f"building random TinyLlama-shaped model in {path} ...", file=sys.stderr)
-    torch.manual_seed(seed)
-    config = LlamaConfig(**TINYLLAMA_SHAPE, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).float().eval()
-    model.save_pretrained(path, safe_serialization=True)
-    return path
+    return build_random_llama(path, seed, **TINYLLAMA_SHAPE)
 
 
 def prompts_for(batch: int, prompt_len: int, vocab: int, seed: int = 1):
@@ -93,7 +84,7 @@ def time_transformers(model, prompts, new_tokens: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model dir (default: random TinyLlama-shaped model)")
-    ap.add_argument("--cache-dir", default=os.path.join(os.path.dirname(__file__), "results", "tinyllama-random"))
+    ap.add_argument("--cache-dir", default=os.path.join(RESULTS_DIR, "tinyllama-random"))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prompt-len", type=int, default=16)

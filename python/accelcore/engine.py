@@ -236,7 +236,12 @@ class Engine:
         self._engine.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self._engine.has_unfinished_requests()
+        """True while the engine holds requests, or step() still has outputs to hand over (kept
+        when generate/generate_stream stepped requests added with add_request)."""
+        if self._engine.has_unfinished_requests():
+            return True
+        with self._inbox_lock:
+            return any(k not in self._owned for k in self._inbox)
 
     def stats(self) -> Dict[str, float]:
         """Engine counters: num_running, num_waiting, num_free_blocks, num_total_blocks,

@@ -134,7 +134,8 @@ NB_MODULE(_core, m) {
       .def_ro("prefix_cache_hit_tokens", &EngineStats::prefix_cache_hit_tokens)
       .def_ro("prefix_cache_query_tokens", &EngineStats::prefix_cache_query_tokens)
       .def_ro("step_time_s", &EngineStats::step_time_s)
-      .def_ro("forward_time_s", &EngineStats::forward_time_s);
+      .def_ro("forward_time_s", &EngineStats::forward_time_s)
+      .def_ro("schedule_time_s", &EngineStats::schedule_time_s);
 
   nb::class_<Engine>(m, "Engine")
       .def(nb::init<const EngineConfig&>(), "config"_a, nb::call_guard<nb::gil_scoped_release>())

@@ -431,14 +431,20 @@ TEST_P(PagedAttention, MatchesDenseCausalAttention) {
   wp.block_size = bs;
   write_kv(wp);
 
-  // write_kv: every (seq, pos, head) row sits at [block][head][offset] and nothing else was touched.
+  // write_kv: V row (seq, pos, head) sits at [block][head][offset][:], K channel i at
+  // [block][head][i][offset] (transposed), and nothing else was touched.
   size_t written = 0;
   for (int s = 0; s < 3; ++s)
     for (int p = 0; p < lens[s]; ++p)
       for (int h = 0; h < kvh; ++h) {
-        const size_t at = ((static_cast<size_t>(tables[table_offset[s] + p / bs]) * kvh + h) * bs + p % bs) * hd;
-        ASSERT_EQ(0, std::memcmp(&k_cache[at], &K[s][p * kv_size + h * hd], hd * sizeof(float))) << what;
-        ASSERT_EQ(0, std::memcmp(&v_cache[at], &V[s][p * kv_size + h * hd], hd * sizeof(float))) << what;
+        const size_t head = (static_cast<size_t>(tables[table_offset[s] + p / bs]) * kvh + h) * bs * hd;
+        for (int i = 0; i < hd; ++i)
+          ASSERT_EQ(0, std::memcmp(&k_cache[head + static_cast<size_t>(i) * bs + p % bs], &K[s][p * kv_size + h * hd + i],
+                                   sizeof(float)))
+              << what;
+        ASSERT_EQ(0, std::memcmp(&v_cache[head + static_cast<size_t>(p % bs) * hd], &V[s][p * kv_size + h * hd],
+                                 hd * sizeof(float)))
+            << what;
         written += hd;
       }
   EXPECT_EQ(static_cast<size_t>(std::count_if(k_cache.begin(), k_cache.end(), [](float f) { return !std::isnan(f); })),
@@ -499,29 +505,35 @@ TEST_P(PagedAttention, MatchesDenseCausalAttention) {
     }
   }
 
-  ThreadPool pool1(1), pool2(2);
-  std::vector<float> out1(T * H * hd, kNaN), out2(T * H * hd, kNaN);
-  ap.out = out1.data();
-  paged_attention(ap, pool1);
-  ap.out = out2.data();
-  paged_attention(ap, pool2);  // split across threads where the context is large enough
-  for (size_t i = 0; i < ref.size(); ++i) {
-    ASSERT_NEAR(out1[i], ref[i], 2e-5) << what << " token " << i / (H * hd) << " head " << (i / hd) % H;
-  }
-  EXPECT_EQ(0, std::memcmp(out1.data(), out2.data(), out1.size() * sizeof(float))) << what << ": threads changed bits";
+  // Every instruction-set path (each is exercised whatever the machine's best).
+  IsaGuard guard;
+  for (const IsaPath& path : supported_paths()) {
+    set_active_isa(path.isa);
+    const std::string what_isa = what + " isa=" + isa_name(path.isa);
+    ThreadPool pool1(1), pool2(2);
+    std::vector<float> out1(T * H * hd, kNaN), out2(T * H * hd, kNaN);
+    ap.out = out1.data();
+    paged_attention(ap, pool1);
+    ap.out = out2.data();
+    paged_attention(ap, pool2);  // split across threads where the context is large enough
+    for (size_t i = 0; i < ref.size(); ++i) {
+      ASSERT_NEAR(out1[i], ref[i], 2e-5) << what_isa << " token " << i / (H * hd) << " head " << (i / hd) % H;
+    }
+    EXPECT_EQ(0, std::memcmp(out1.data(), out2.data(), out1.size() * sizeof(float))) << what_isa << ": threads changed bits";
 
-  // Each token computed alone gives the same bits as inside the batch.
-  for (int64_t t = 0; t < T; ++t) {
-    AttentionParams one = ap;
-    one.q = q.data() + t * ldq;
-    one.positions = positions.data() + t;
-    one.seq_of_token = seq_of_token.data() + t;
-    one.num_tokens = 1;
-    std::vector<float> o(H * hd, kNaN);
-    one.out = o.data();
-    paged_attention(one, pool2);
-    ASSERT_EQ(0, std::memcmp(o.data(), out1.data() + t * H * hd, o.size() * sizeof(float)))
-        << what << ": token " << t << " alone differs from the batch";
+    // Each token computed alone gives the same bits as inside the batch.
+    for (int64_t t = 0; t < T; ++t) {
+      AttentionParams one = ap;
+      one.q = q.data() + t * ldq;
+      one.positions = positions.data() + t;
+      one.seq_of_token = seq_of_token.data() + t;
+      one.num_tokens = 1;
+      std::vector<float> o(H * hd, kNaN);
+      one.out = o.data();
+      paged_attention(one, pool2);
+      ASSERT_EQ(0, std::memcmp(o.data(), out1.data() + t * H * hd, o.size() * sizeof(float)))
+          << what_isa << ": token " << t << " alone differs from the batch";
+    }
   }
 }
 

@@ -72,8 +72,9 @@ struct EngineStats {
   uint64_t num_preemptions = 0;
   uint64_t prefix_cache_hit_tokens = 0;
   uint64_t prefix_cache_query_tokens = 0;
-  double step_time_s = 0;     // total time inside step()
-  double forward_time_s = 0;  // of which the model's forward pass
+  double step_time_s = 0;      // total time inside step()
+  double forward_time_s = 0;   // of which the model's forward pass
+  double schedule_time_s = 0;  // of which planning the batch (Scheduler::schedule)
 };
 
 class Engine {

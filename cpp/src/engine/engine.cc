@@ -304,7 +304,9 @@ std::vector<RequestOutput> Engine::step() {
   const auto t0 = Clock::now();
   m.apply_intake();
   std::vector<RequestOutput> outs;
+  const auto s0 = Clock::now();
   m.scheduler->schedule(&m.plan, &m.seqs, &m.failed);
+  const double schedule_s = std::chrono::duration<double>(Clock::now() - s0).count();
   for (auto& r : m.failed) outs.push_back(m.finished_output(std::move(r)));
   m.failed.clear();
   double forward_s = 0;
@@ -325,6 +327,7 @@ std::vector<RequestOutput> Engine::step() {
     ++m.counters.num_steps;
     m.counters.step_time_s += std::chrono::duration<double>(Clock::now() - t0).count();
     m.counters.forward_time_s += forward_s;
+    m.counters.schedule_time_s += schedule_s;
   }
   for (const auto& o : outs) m.counters.num_generated_tokens += o.new_token_ids.size();
   return outs;

@@ -1,6 +1,7 @@
 #include "sched/scheduler.h"
 
 #include <algorithm>
+#include <string>
 
 #include "util/check.h"
 
@@ -35,6 +36,9 @@ void Scheduler::preempt(Request* r) {
   allocator_.release_all(&r->blocks);
   r->num_computed = 0;
   r->block_hashes.clear();
+  // Preempted inside its prompt: the recompute scores the prompt again from position 0, so the
+  // log-probabilities gathered so far must go (else they are emitted twice over).
+  if (!r->prompt_logprobs_done) r->prompt_logprobs.clear();
   r->status = Request::Status::kWaiting;
   ++r->num_preemptions;
   ++counters_.num_preemptions;
@@ -120,6 +124,19 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
   while (!waiting_.empty() && budget > 0 && static_cast<int>(running_.size()) < config_.max_num_seqs) {
     Request* r = waiting_.front();
     const int np = static_cast<int>(r->prompt.size());
+    // K/V is needed for the prompt and every generated token but the last. A request whose K/V
+    // cannot fit in the whole pool must fail now: its chunks fit one by one, so otherwise it
+    // would be admitted, preempt itself when the pool runs dry, and start over, forever (and
+    // hold up every request queued behind it).
+    const int max_kv_tokens = np + std::max(r->params.max_tokens, 1) - 1;
+    if (blocks_for(max_kv_tokens) > allocator_.num_total()) {
+      r->error = "request needs " + std::to_string(blocks_for(max_kv_tokens)) + " KV blocks (prompt " +
+                 std::to_string(np) + " tokens, max_tokens " + std::to_string(r->params.max_tokens) +
+                 ") but the pool has only " + std::to_string(allocator_.num_total());
+      waiting_.pop_front();
+      failed->push_back(finish(r->id, FinishReason::kError));
+      continue;
+    }
     const int hit = match_prefix(r);
     const int n = std::min(r->num_tokens() - r->num_computed, budget);
     if (!ensure_blocks(r, r->num_computed + n)) {

@@ -54,9 +54,11 @@ void write_kv(const KvWriteParams& p) {
     ACCEL_DCHECK(slot >= 0);
     const int64_t block = slot / p.block_size, off = slot % p.block_size;
     for (int h = 0; h < p.num_kv_heads; ++h) {
-      const int64_t dst = ((block * p.num_kv_heads + h) * p.block_size + off) * hd;
-      std::memcpy(p.k_cache + dst, p.k + t * p.ld + h * hd, hd * sizeof(float));
-      std::memcpy(p.v_cache + dst, p.v + t * p.ld + h * hd, hd * sizeof(float));
+      const int64_t head = (block * p.num_kv_heads + h) * p.block_size * hd;  // this head's slice of the block
+      const float* k = p.k + t * p.ld + h * hd;
+      float* kt = p.k_cache + head + off;  // K transposed: channel i of this token at kt[i * block_size]
+      for (int64_t i = 0; i < hd; ++i) kt[i * p.block_size] = k[i];
+      std::memcpy(p.v_cache + head + off * hd, p.v + t * p.ld + h * hd, hd * sizeof(float));
     }
   }
 }

@@ -48,8 +48,9 @@ void apply_rope(const RopeParams& p);
 // gate_up: [m, 2 * d] (gate then up); out[m, d] = silu(gate) * up.
 void silu_mul(const float* gate_up, float* out, int64_t m, int64_t d);
 
-// Paged attention over a ragged batch. The KV pool of one layer is
-// [num_blocks][num_kv_heads][block_size][head_dim] for K and V. Token t belongs to sequence
+// Paged attention over a ragged batch. The KV pool of one layer holds K as
+// [num_blocks][num_kv_heads][head_dim][block_size] (transposed within a block) and V as
+// [num_blocks][num_kv_heads][block_size][head_dim]. Token t belongs to sequence
 // seq_of_token[t], sits at position positions[t], and attends to cache positions
 // [max(0, pos - window + 1), pos] (window 0: all), read through that sequence's block table.
 struct AttentionParams {
@@ -67,8 +68,14 @@ struct AttentionParams {
   float scale = 1.0f;
 };
 void paged_attention(const AttentionParams& p, ThreadPool& pool);
+// The single-ISA kernels behind paged_attention(), over (token, kv head) items [begin, end) with
+// item = token * num_kv_heads + kv_head; exposed for tests.
+void attention_scalar(const AttentionParams& p, int64_t item_begin, int64_t item_end);
+void attention_avx2(const AttentionParams& p, int64_t item_begin, int64_t item_end);
+void attention_avx512(const AttentionParams& p, int64_t item_begin, int64_t item_end);
 
-// Writes K and V rows of this step into the pool at the given slots (slot = block * bs + offset).
+// Writes K and V rows of this step into the pool at the given slots (slot = block * bs + offset),
+// in the layouts paged_attention reads.
 struct KvWriteParams {
   const float* k = nullptr;  // [num_tokens, num_kv_heads * head_dim], row stride ld
   const float* v = nullptr;

@@ -1,0 +1,17 @@
+// Paged attention for the avx512 path (see attention_impl.h; compiler flags set per file in CMake).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "backend/cpu/ops.h"
+
+namespace accelcore::cpu {
+namespace avx512_impl {
+#include "backend/cpu/attention_impl.h"
+}  // namespace avx512_impl
+
+void attention_avx512(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
+  avx512_impl::attend_items(p, item_begin, item_end);
+}
+
+}  // namespace accelcore::cpu
