@@ -134,6 +134,9 @@ class Engine:
         self._inbox_lock = threading.Lock()
         self._owned: set = set()  # ids generate/generate_stream wait on
         self._discard: set = set()  # ids they gave up on: their abort outputs are dropped
+        # Stepping and routing a step's outputs happen as one, so outputs never reorder between
+        # threads that step (a server loop beside a generate call).
+        self._step_lock = threading.Lock()
 
     @staticmethod
     def _load_tokenizer(path: str):
@@ -198,12 +201,13 @@ class Engine:
     def step(self):
         """Runs one engine step; returns the C++ outputs (new tokens per request) for requests
         added with add_request (outputs of generate/generate_stream requests go to those calls)."""
-        outs = self._take_inbox(None)
-        for out in self._engine.step():
-            if out.request_id in self._owned or out.request_id in self._discard:
-                self._put_inbox(out)
-            else:
-                outs.append(out)
+        with self._step_lock:
+            outs = self._take_inbox(None)
+            for out in self._engine.step():
+                if out.request_id in self._owned or out.request_id in self._discard:
+                    self._put_inbox(out)
+                else:
+                    outs.append(out)
         return outs
 
     def _put_inbox(self, out) -> None:
@@ -222,14 +226,15 @@ class Engine:
 
     def _pump(self, ids) -> list:
         """Outputs for `ids`: kept ones, else one engine step's worth; others are kept."""
-        outs = self._take_inbox(ids)
-        if outs:
-            return outs
-        for out in self._engine.step():
-            if out.request_id in ids:
-                outs.append(out)
-            else:
-                self._put_inbox(out)
+        with self._step_lock:
+            outs = self._take_inbox(ids)
+            if outs:
+                return outs
+            for out in self._engine.step():
+                if out.request_id in ids:
+                    outs.append(out)
+                else:
+                    self._put_inbox(out)
         return outs
 
     def abort(self, request_id: int) -> None:
@@ -339,8 +344,11 @@ class Engine:
         return rid
 
     def _release(self, ids, unfinished) -> None:
-        """Ends ownership of `ids`; aborts `unfinished` (after an exception or a closed stream)."""
+        """Ends ownership of `ids`; aborts those of `unfinished` that have not finished (after an
+        exception or a closed stream)."""
         with self._inbox_lock:
+            # A finished output may already wait in the inbox, unread: then there is nothing to abort.
+            unfinished = [r for r in unfinished if not any(o.finished for o in self._inbox.get(r, ()))]
             self._discard.update(unfinished)
             for rid in ids:
                 self._owned.discard(rid)
@@ -349,8 +357,9 @@ class Engine:
             self._engine.abort(rid)
         if unfinished:
             # Collect the abort outputs now, so the engine reports nothing unfinished for them.
-            for out in self._engine.step():
-                self._put_inbox(out)
+            with self._step_lock:
+                for out in self._engine.step():
+                    self._put_inbox(out)
 
     @staticmethod
     def _apply(res: RequestOutput, out) -> None:
