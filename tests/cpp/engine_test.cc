@@ -1,16 +1,23 @@
 // The public Engine on the real stories260K checkpoint: greedy output equals the transformers
 // golden ids (one request and a batch of several), bad input is rejected without harming the
-// engine, KV blocks all come back after finishing and aborting, and load errors are typed.
+// engine, KV blocks all come back after finishing and aborting, and load errors are typed. One
+// test steps on one thread while two others add and abort requests.
 #include <accelcore/accelcore.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <mutex>
 #include <optional>
+#include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "test_util.h"
@@ -34,6 +41,7 @@ class EngineTest : public ::testing::Test {
     ASSERT_TRUE(in.good()) << "cannot read " << ref
                            << " (set ACCELCORE_TEST_MODEL to the stories260K model directory)";
     const json j = json::parse(in);
+    golden_.clear();  // set up again on every --gtest_repeat iteration
     for (const char* key : {"max_new_tokens_64", "max_new_tokens_256"}) {
       for (const json& e : j.at(key)) {
         golden_[key].push_back({e.at("prompt_ids").get<std::vector<int32_t>>(), e.at("new_ids").get<std::vector<int32_t>>()});
@@ -368,6 +376,119 @@ TEST_F(EngineTest, OneSequenceAtATime) {
   }
   for (const auto& [id, g] : ids) EXPECT_EQ(out[id].first, g->new_ids);
   expect_all_blocks_free(e);
+}
+
+TEST_F(EngineTest, ConcurrentAddAndAbortWhileStepping) {
+  // One thread steps; two others add requests and abort some of them (at once, a little later,
+  // or never; and ids that do not exist). A small pool forces preemptions and shared prompts hit
+  // the prefix cache. Every request is reported finished exactly once, nothing is reported after
+  // that, all blocks come back, and requests nobody aborted give exactly their golden tokens.
+  EngineConfig cfg = config(24);  // 24 blocks of 4: room for one full-length request and a bit
+  cfg.block_size = 4;
+  cfg.max_num_seqs = 4;
+  cfg.max_num_batched_tokens = 16;
+  cfg.enable_prefix_caching = true;
+  Engine e(cfg);
+  const std::vector<Golden>& goldens = golden_["max_new_tokens_64"];
+  ASSERT_EQ(goldens.size(), 3u);
+
+  struct Added {
+    size_t golden = 0;
+    int max_tokens = 0;
+    bool abort_requested = false;
+  };
+  struct Seen {
+    std::vector<int32_t> tokens;
+    int times_finished = 0;
+    FinishReason reason = FinishReason::kNone;
+    int outputs_after_finish = 0;
+  };
+  std::mutex mu;
+  std::map<RequestId, Added> added;  // under mu
+  std::map<RequestId, Seen> seen;    // the stepping thread's, read after join
+  std::atomic<int> adders_left{2};
+  std::atomic<bool> timed_out{false};
+
+  std::thread stepper([&] {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (adders_left.load() > 0 || e.has_unfinished_requests()) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        timed_out = true;
+        return;
+      }
+      const std::vector<RequestOutput> outs = e.step();
+      for (const RequestOutput& o : outs) {
+        Seen& s = seen[o.request_id];
+        if (s.times_finished > 0) ++s.outputs_after_finish;
+        s.tokens.insert(s.tokens.end(), o.new_token_ids.begin(), o.new_token_ids.end());
+        if (o.finished) {
+          ++s.times_finished;
+          s.reason = o.finish_reason;
+        }
+      }
+      if (outs.empty()) std::this_thread::yield();
+    }
+  });
+  auto adder = [&](uint32_t seed) {
+    std::mt19937 rng(seed);
+    for (int i = 0; i < 10; ++i) {
+      const int action = static_cast<int>(rng() % 4);  // 0: abort at once, 1: abort soon, else keep
+      Added a;
+      a.golden = rng() % goldens.size();
+      a.max_tokens = action == 0 ? 64 : std::vector<int>{64, 33, 9, 1}[rng() % 4];
+      a.abort_requested = action <= 1;
+      const RequestId id = e.add_request(goldens[a.golden].prompt, greedy(a.max_tokens));
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        added[id] = a;
+      }
+      if (action == 0) e.abort(id);
+      if (action == 1) {
+        std::this_thread::sleep_for(std::chrono::microseconds(rng() % 3000));
+        e.abort(id);
+      }
+      if (i % 4 == 0) e.abort(1000000 + seed * 100 + i);  // never added: ignored
+      std::this_thread::sleep_for(std::chrono::microseconds(rng() % 1500));
+    }
+    --adders_left;
+  };
+  std::thread a1(adder, 1u), a2(adder, 2u);
+  a1.join();
+  a2.join();
+  stepper.join();
+  ASSERT_FALSE(timed_out.load()) << "the engine did not finish within 60 s";
+
+  EXPECT_FALSE(e.has_unfinished_requests());
+  expect_all_blocks_free(e);
+  ASSERT_EQ(added.size(), 20u);
+  int aborted = 0, exact = 0;
+  for (const auto& [id, a] : added) {
+    SCOPED_TRACE("request " + std::to_string(id) + " max_tokens " + std::to_string(a.max_tokens) +
+                 (a.abort_requested ? " (abort requested)" : ""));
+    ASSERT_EQ(seen.count(id), 1u) << "never reported";
+    const Seen& s = seen.at(id);
+    EXPECT_EQ(s.times_finished, 1);
+    EXPECT_EQ(s.outputs_after_finish, 0);
+    const std::vector<int32_t>& g = goldens[a.golden].new_ids;
+    ASSERT_LE(s.tokens.size(), static_cast<size_t>(a.max_tokens));
+    // Whatever was generated, aborted or not, is the golden continuation so far.
+    EXPECT_EQ(s.tokens, std::vector<int32_t>(g.begin(), g.begin() + s.tokens.size()));
+    if (s.reason == FinishReason::kAbort) {
+      EXPECT_TRUE(a.abort_requested);
+      ++aborted;
+    } else {
+      EXPECT_EQ(s.reason, FinishReason::kLength);
+      EXPECT_EQ(s.tokens.size(), static_cast<size_t>(a.max_tokens));
+      ++exact;
+    }
+  }
+  for (const auto& [id, s] : seen) EXPECT_EQ(added.count(id), 1u) << "output for unknown request " << id;
+  EXPECT_GT(aborted, 0);
+  EXPECT_GT(exact, 0);
+  const EngineStats st = e.stats();
+  std::cout << "[ threads  ] " << added.size() << " requests, " << aborted << " aborted, " << st.num_steps
+            << " steps, " << st.num_preemptions << " preemptions, " << st.prefix_cache_hit_tokens
+            << " prefix-hit tokens\n";
 }
 
 TEST_F(EngineTest, KvCacheMemoryBytesSizesThePool) {

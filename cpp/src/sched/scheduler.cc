@@ -102,6 +102,7 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
 
   // Running requests first, in admission order. One that cannot get a block preempts the most
   // recently admitted request (possibly itself).
+  const uint64_t preemptions_before = counters_.num_preemptions;
   for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
     Request* r = running_[i];
     const int n = std::min(r->num_tokens() - r->num_computed, budget);
@@ -120,8 +121,10 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
     budget -= n;
   }
 
-  // Then admit waiting requests, first come first served, while seats, budget and blocks allow.
-  while (!waiting_.empty() && budget > 0 && static_cast<int>(running_.size()) < config_.max_num_seqs) {
+  // Then admit waiting requests, first come first served, while seats, budget and blocks allow;
+  // not in a step that had to preempt (memory is short: admitting would only thrash).
+  const bool preempted = counters_.num_preemptions != preemptions_before;
+  while (!preempted && !waiting_.empty() && budget > 0 && static_cast<int>(running_.size()) < config_.max_num_seqs) {
     Request* r = waiting_.front();
     const int np = static_cast<int>(r->prompt.size());
     // K/V is needed for the prompt and every generated token but the last. A request whose K/V

@@ -66,6 +66,7 @@ class Scheduler {
   const SchedulerCounters& counters() const { return counters_; }
   const std::vector<Request*>& running() const { return running_; }
   const std::deque<Request*>& waiting() const { return waiting_; }
+  const BlockAllocator& allocator() const { return allocator_; }
 
   void add(std::unique_ptr<Request> req);
   Request* find(RequestId id);
