@@ -545,7 +545,10 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnCase{4, 1, 8, 3, 10},   // MQA with a window spanning blocks
                       AttnCase{8, 2, 12, 7, 1},   // window 1: each token sees only itself
                       AttnCase{2, 1, 4, 1, 0},    // block size 1
-                      AttnCase{8, 4, 8, 16, 64}), // window larger than every context: no effect
+                      AttnCase{8, 4, 8, 16, 64},  // window larger than every context: no effect
+                      AttnCase{4, 2, 64, 16, 0},  // the shapes with their own instantiations:
+                      AttnCase{2, 1, 128, 16, 9}, //   head_dim 64/128 with block size 16,
+                      AttnCase{2, 2, 64, 5, 0}),  //   head_dim 64 with another block size
     [](const ::testing::TestParamInfo<AttnCase>& info) {
       const AttnCase& c = info.param;
       return "h" + std::to_string(c.num_heads) + "_kv" + std::to_string(c.num_kv_heads) + "_d" +

@@ -1,6 +1,7 @@
 // Paged attention for the avx512 path (see attention_impl.h; compiler flags set per file in CMake).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "backend/cpu/ops.h"

@@ -10,9 +10,24 @@
 //
 // Not a standalone header: the including file defines the namespace.
 
-inline void attend_items(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
+// A 16-float vector in GCC's vector extension: one zmm on the AVX-512 path, split into smaller
+// registers by the compiler on the others; the same arithmetic either way.
+typedef float V16 __attribute__((vector_size(64)));
+inline V16 load16(const float* p) {
+  V16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, V16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// HD and BS are the head dim and block size when known at compile time (the common shapes get
+// their own instantiation, with the accumulators in registers), or 0 to read them from p. The
+// summation order is fixed per instantiation, and the instantiation depends only on the model's
+// shape, so every token of a model is computed the same way.
+template <int HD, int BS>
+void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
   const int group = p.num_heads / p.num_kv_heads;
-  const int hd = p.head_dim, bs = p.block_size;
+  const int hd = HD ? HD : p.head_dim, bs = BS ? BS : p.block_size;
   const int64_t head_floats = static_cast<int64_t>(bs) * hd;  // one head's slice of a block
   std::vector<float> scores;
   for (int64_t item = item_begin; item < item_end; ++item) {
@@ -27,16 +42,26 @@ inline void attend_items(const AttentionParams& p, int64_t item_begin, int64_t i
     scores.resize(static_cast<size_t>(span) * group);
     const float* q0 = p.q + t * p.ldq + static_cast<int64_t>(kvh) * group * hd;
 
+    // Scores of every lane of every block: s[j] = sum_i q[i] * K^T[i][j].
     for (int32_t b = b0; b <= b1; ++b) {
       const float* kt = p.k_cache + (static_cast<int64_t>(table[b]) * p.num_kv_heads + kvh) * head_floats;
       for (int g = 0; g < group; ++g) {
         const float* q = q0 + static_cast<int64_t>(g) * hd;
         float* s = scores.data() + g * span + static_cast<int64_t>(b - b0) * bs;
-        for (int j = 0; j < bs; ++j) s[j] = 0.0f;
-        for (int i = 0; i < hd; ++i) {
-          const float qi = q[i];
-          const float* row = kt + static_cast<int64_t>(i) * bs;
-          for (int j = 0; j < bs; ++j) s[j] += qi * row[j];
+        if constexpr (HD > 0 && BS == 16 && HD % 4 == 0) {
+          // Four partial sums (channels i mod 4), each one 16-lane vector: independent FMA chains.
+          V16 acc[4] = {};
+#pragma GCC unroll 4
+          for (int i = 0; i < HD; i += 4)
+            for (int u = 0; u < 4; ++u) acc[u] += q[i + u] * load16(kt + static_cast<int64_t>(i + u) * 16);
+          store16(s, (acc[0] + acc[1]) + (acc[2] + acc[3]));
+        } else {
+          for (int j = 0; j < bs; ++j) s[j] = 0.0f;
+          for (int i = 0; i < hd; ++i) {
+            const float qi = q[i];
+            const float* row = kt + static_cast<int64_t>(i) * bs;
+            for (int j = 0; j < bs; ++j) s[j] += qi * row[j];
+          }
         }
       }
     }
@@ -55,13 +80,43 @@ inline void attend_items(const AttentionParams& p, int64_t item_begin, int64_t i
       }
       const float inv = 1.0f / sum;
       float* o = out0 + static_cast<int64_t>(g) * hd;
-      for (int i = 0; i < hd; ++i) o[i] = 0.0f;
-      for (int32_t j = lo; j <= hi; ++j) {
+      auto v_row = [&](int32_t j) {
         const int32_t abs_pos = b0 * bs + j;
-        const float* v = p.v_cache + ((static_cast<int64_t>(table[abs_pos / bs]) * p.num_kv_heads + kvh) * bs + abs_pos % bs) * hd;
-        const float w = s[j] * inv;
-        for (int i = 0; i < hd; ++i) o[i] += w * v[i];
+        return p.v_cache + ((static_cast<int64_t>(table[abs_pos / bs]) * p.num_kv_heads + kvh) * bs + abs_pos % bs) * hd;
+      };
+      if constexpr (HD > 0 && HD % 16 == 0) {
+        // Register accumulators, one set for even and one for odd positions: independent chains.
+        constexpr int kVecs = HD / 16;
+        V16 even[kVecs] = {}, odd[kVecs] = {};
+        for (int32_t j = lo; j <= hi; ++j) {
+          const float* v = v_row(j);
+          const float w = s[j] * inv;
+          if ((b0 * bs + j) & 1) {
+#pragma GCC unroll 8
+            for (int c = 0; c < kVecs; ++c) odd[c] += w * load16(v + 16 * c);
+          } else {
+#pragma GCC unroll 8
+            for (int c = 0; c < kVecs; ++c) even[c] += w * load16(v + 16 * c);
+          }
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c < kVecs; ++c) store16(o + 16 * c, even[c] + odd[c]);
+      } else {
+        for (int i = 0; i < hd; ++i) o[i] = 0.0f;
+        for (int32_t j = lo; j <= hi; ++j) {
+          const float* v = v_row(j);
+          const float w = s[j] * inv;
+          for (int i = 0; i < hd; ++i) o[i] += w * v[i];
+        }
       }
     }
   }
+}
+
+inline void attend_items(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
+  if (p.block_size == 16 && p.head_dim == 64) return attend_items_t<64, 16>(p, item_begin, item_end);
+  if (p.block_size == 16 && p.head_dim == 128) return attend_items_t<128, 16>(p, item_begin, item_end);
+  if (p.head_dim == 64) return attend_items_t<64, 0>(p, item_begin, item_end);
+  if (p.head_dim == 128) return attend_items_t<128, 0>(p, item_begin, item_end);
+  attend_items_t<0, 0>(p, item_begin, item_end);
 }

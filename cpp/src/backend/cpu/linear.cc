@@ -34,7 +34,7 @@ void linear(const LinearParams& p, ThreadPool& pool) {
     kernel(p, 0, p.n);
     return;
   }
-  const int64_t grain = 16;
+  const int64_t grain = 24;  // a multiple of every kernel's column block (4 and 6)
   pool.parallel_for(p.n, grain, [&](int64_t b, int64_t e) { kernel(p, b, e); });
 }
 

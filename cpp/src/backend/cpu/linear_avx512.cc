@@ -58,8 +58,9 @@ inline void rows(const LinearParams& p, int64_t n0) {
 }  // namespace
 
 void linear_avx512(const LinearParams& p, int64_t n0, int64_t n1) {
+  // 4 tokens x 6 weight rows: 24 accumulators, 10 loads per 24 FMAs (measured best on Zen 5).
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) rows<4>(p, n);
+  for (; n + 6 <= n1; n += 6) rows<6>(p, n);
   for (; n < n1; ++n) rows<1>(p, n);
 }
 
