@@ -83,11 +83,12 @@ struct Engine::Impl {
   std::vector<ScheduledSeq> seqs;
   std::vector<std::unique_ptr<Request>> failed;
   FloatBuffer logits;
-  std::vector<double> probs;
+  std::vector<int32_t> sampled;  // per scheduled sequence: the sampled token, or -1
 
   void apply_intake();  // needs step_mu
   void publish();       // needs step_mu
-  void process(const ScheduledSeq& s, std::vector<RequestOutput>* outs);
+  void sample_all();    // fills `sampled`, in parallel across sequences
+  void process(size_t i, std::vector<RequestOutput>* outs);
   RequestOutput finished_output(std::unique_ptr<Request> r) const;
 };
 
@@ -247,7 +248,24 @@ RequestOutput Engine::Impl::finished_output(std::unique_ptr<Request> r) const {
   return out;
 }
 
-void Engine::Impl::process(const ScheduledSeq& s, std::vector<RequestOutput>* outs) {
+void Engine::Impl::sample_all() {
+  sampled.assign(seqs.size(), -1);
+  const int vocab = info.vocab_size;
+  // Each draw is a pure function of (logits row, params, seed, position): any split is exact.
+  pool->parallel_for(static_cast<int64_t>(seqs.size()), 8, [&](int64_t b, int64_t e) {
+    std::vector<double> probs;
+    for (int64_t i = b; i < e; ++i) {
+      const ScheduledSeq& s = seqs[i];
+      const Request* r = s.req;
+      if (!s.samples || static_cast<int>(r->output.size()) >= r->params.max_tokens) continue;
+      const float* lg = logits.data() + static_cast<int64_t>(s.first_logit + s.num_logits - 1) * vocab;
+      sampled[i] = sample_token(lg, vocab, r->params, r->seed, r->output.size(), &probs);
+    }
+  });
+}
+
+void Engine::Impl::process(size_t i, std::vector<RequestOutput>* outs) {
+  const ScheduledSeq& s = seqs[i];
   Request* r = s.req;
   const int vocab = info.vocab_size;
   const int np = static_cast<int>(r->prompt.size());
@@ -277,7 +295,8 @@ void Engine::Impl::process(const ScheduledSeq& s, std::vector<RequestOutput>* ou
     } else {
       const int sample_row = s.first_logit + s.num_logits - 1;
       const float* lg = logits.data() + static_cast<int64_t>(sample_row) * vocab;
-      const int32_t tok = sample_token(lg, vocab, r->params, r->seed, r->output.size(), &probs);
+      const int32_t tok = sampled[i];
+      ACCEL_DCHECK(tok >= 0);
       const auto now = Clock::now();
       if (r->output.empty()) r->first_token_time = now;
       r->last_token_time = now;
@@ -314,7 +333,8 @@ std::vector<RequestOutput> Engine::step() {
     const auto f0 = Clock::now();
     m.model->forward(m.plan, *m.cache, *m.pool, &m.logits);
     forward_s = std::chrono::duration<double>(Clock::now() - f0).count();
-    for (const ScheduledSeq& s : m.seqs) m.process(s, &outs);
+    m.sample_all();
+    for (size_t i = 0; i < m.seqs.size(); ++i) m.process(i, &outs);
   }
   m.apply_intake();  // aborts that arrived during the forward pass
   m.publish();
