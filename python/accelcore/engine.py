@@ -60,6 +60,19 @@ class RequestOutput:
     def logprobs(self) -> Optional[List[Logprobs]]:
         return self.outputs[0].logprobs
 
+    @property
+    def num_steps(self) -> int:
+        """Forward passes that produced this request's tokens (the last prefill pass included)."""
+        return int(self.metrics["num_steps"]) if self.metrics else 0
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return int(self.metrics["num_draft_tokens"]) if self.metrics else 0
+
+    @property
+    def num_accepted_draft_tokens(self) -> int:
+        return int(self.metrics["num_accepted_draft_tokens"]) if self.metrics else 0
+
 
 @dataclass
 class StreamOutput:
@@ -75,7 +88,16 @@ class StreamOutput:
     metrics: Optional[Dict[str, float]] = None
 
 
-_METRIC_FIELDS = ("ttft_s", "tpot_s", "e2e_s", "num_cached_tokens", "num_preemptions")
+_METRIC_FIELDS = (
+    "ttft_s",
+    "tpot_s",
+    "e2e_s",
+    "num_cached_tokens",
+    "num_preemptions",
+    "num_steps",
+    "num_draft_tokens",
+    "num_accepted_draft_tokens",
+)
 
 
 def _metrics(out) -> Dict[str, float]:

@@ -89,6 +89,11 @@ NB_MODULE(_core, m) {
       .def_rw("max_num_batched_tokens", &EngineConfig::max_num_batched_tokens)
       .def_rw("max_model_len", &EngineConfig::max_model_len)
       .def_rw("enable_prefix_caching", &EngineConfig::enable_prefix_caching)
+      .def_rw("speculation", &EngineConfig::speculation)
+      .def_rw("spec_max_draft", &EngineConfig::spec_max_draft)
+      .def_rw("spec_max_depth", &EngineConfig::spec_max_depth)
+      .def_rw("spec_max_match", &EngineConfig::spec_max_match)
+      .def_rw("spec_memory_mb", &EngineConfig::spec_memory_mb)
       .def_rw("seed", &EngineConfig::seed);
 
   nb::class_<RequestMetrics>(m, "RequestMetrics")
@@ -96,7 +101,10 @@ NB_MODULE(_core, m) {
       .def_ro("tpot_s", &RequestMetrics::tpot_s)
       .def_ro("e2e_s", &RequestMetrics::e2e_s)
       .def_ro("num_cached_tokens", &RequestMetrics::num_cached_tokens)
-      .def_ro("num_preemptions", &RequestMetrics::num_preemptions);
+      .def_ro("num_preemptions", &RequestMetrics::num_preemptions)
+      .def_ro("num_steps", &RequestMetrics::num_steps)
+      .def_ro("num_draft_tokens", &RequestMetrics::num_draft_tokens)
+      .def_ro("num_accepted_draft_tokens", &RequestMetrics::num_accepted_draft_tokens);
 
   nb::class_<RequestOutput>(m, "RequestOutput")
       .def_ro("request_id", &RequestOutput::request_id)

@@ -388,7 +388,7 @@ class FakeExecutor {
         r->prompt_logprobs_done = true;
       }
     }
-    sched_.on_computed(s);
+    sched_.on_computed(s, s.num_tokens);
     FinishReason finish = FinishReason::kNone;
     if (s.samples) {
       if (static_cast<int>(r->output.size()) >= r->params.max_tokens) {

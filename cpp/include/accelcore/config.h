@@ -19,6 +19,13 @@ struct EngineConfig {
   int max_model_len = 0;            // 0: the model's max_position_embeddings
   bool enable_prefix_caching = false;  // reuse the KV of full blocks shared with earlier requests
   uint64_t seed = 0;                // seeds requests that bring no seed of their own
+  // Speculation: "off", or "lookahead" (model-free multi-branch drafts from a token trie of the
+  // request's own tokens and of earlier outputs, verified losslessly in the same forward pass).
+  std::string speculation = "off";
+  int spec_max_draft = 8;    // draft tree nodes per request and step
+  int spec_max_depth = 8;    // deepest draft path
+  int spec_max_match = 32;   // longest context suffix matched in the trie
+  int spec_memory_mb = 64;   // bound on the global draft store
 
   void validate() const;  // throws InvalidArgument
 };

@@ -34,6 +34,9 @@ struct RequestMetrics {
   double e2e_s = 0;    // arrival to finish
   int num_cached_tokens = 0;  // prompt tokens served from the prefix cache
   int num_preemptions = 0;
+  int num_steps = 0;          // forward passes that produced its tokens (the last prefill pass included)
+  int num_draft_tokens = 0;   // draft nodes verified for it
+  int num_accepted_draft_tokens = 0;
 };
 
 // What one step produced for one request: only the new tokens since the previous output.

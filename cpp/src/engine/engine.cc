@@ -41,6 +41,15 @@ void EngineConfig::validate() const {
   ACCEL_CHECK(max_num_batched_tokens > 0, InvalidArgument)
       << "max_num_batched_tokens must be positive, got " << max_num_batched_tokens;
   ACCEL_CHECK(max_model_len >= 0, InvalidArgument) << "max_model_len must be >= 0, got " << max_model_len;
+  ACCEL_CHECK(speculation == "off" || speculation == "lookahead", InvalidArgument)
+      << "speculation must be 'off' or 'lookahead', got '" << speculation << "'";
+  ACCEL_CHECK(spec_max_draft >= 0 && spec_max_draft <= 256, InvalidArgument)
+      << "spec_max_draft must be in [0, 256], got " << spec_max_draft;
+  ACCEL_CHECK(spec_max_depth >= 1 && spec_max_depth <= 64, InvalidArgument)
+      << "spec_max_depth must be in [1, 64], got " << spec_max_depth;
+  ACCEL_CHECK(spec_max_match >= 1 && spec_max_match <= 128, InvalidArgument)
+      << "spec_max_match must be in [1, 128], got " << spec_max_match;
+  ACCEL_CHECK(spec_memory_mb >= 1, InvalidArgument) << "spec_memory_mb must be >= 1, got " << spec_memory_mb;
 }
 
 namespace {
@@ -83,11 +92,16 @@ struct Engine::Impl {
   std::vector<ScheduledSeq> seqs;
   std::vector<std::unique_ptr<Request>> failed;
   FloatBuffer logits;
-  std::vector<int32_t> sampled;  // per scheduled sequence: the sampled token, or -1
+  // Per scheduled sequence: the tokens drawn this step (one, or more through an accepted draft
+  // path), the logit row each came from and the draft node of that row (-1: the root).
+  struct Samples {
+    std::vector<int32_t> tokens, rows, nodes;
+  };
+  std::vector<Samples> samples;
 
   void apply_intake();  // needs step_mu
   void publish();       // needs step_mu
-  void sample_all();    // fills `sampled`, in parallel across sequences
+  void sample_all();    // fills `samples` (sampling and draft verification), in parallel
   void process(size_t i, std::vector<RequestOutput>* outs);
   RequestOutput finished_output(std::unique_ptr<Request> r) const;
 };
@@ -149,6 +163,13 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   sc.block_size = config.block_size;
   sc.num_blocks = shape.num_blocks;
   sc.enable_prefix_caching = config.enable_prefix_caching;
+  if (config.speculation == "lookahead") {
+    sc.spec_max_draft = config.spec_max_draft;
+    sc.spec_max_depth = config.spec_max_depth;
+    sc.spec_max_match = config.spec_max_match;
+    sc.spec_memory_bytes = static_cast<size_t>(config.spec_memory_mb) << 20;
+    sc.vocab_size = m.info.vocab_size;
+  }
   sc.eos_token_ids = m.info.eos_token_ids;
   m.scheduler = std::make_unique<Scheduler>(sc);
   m.num_total_blocks = shape.num_blocks;
@@ -245,21 +266,49 @@ RequestOutput Engine::Impl::finished_output(std::unique_ptr<Request> r) const {
   }
   mt.num_cached_tokens = r->num_cached_tokens;
   mt.num_preemptions = r->num_preemptions;
+  mt.num_steps = r->num_steps;
+  mt.num_draft_tokens = r->num_draft_tokens;
+  mt.num_accepted_draft_tokens = r->num_accepted_draft_tokens;
   return out;
 }
 
 void Engine::Impl::sample_all() {
-  sampled.assign(seqs.size(), -1);
+  samples.resize(seqs.size());
   const int vocab = info.vocab_size;
-  // Each draw is a pure function of (logits row, params, seed, position): any split is exact.
+  // Each draw is a pure function of (logits row, params, seed, output position): any split across
+  // threads gives the same tokens.
   pool->parallel_for(static_cast<int64_t>(seqs.size()), 8, [&](int64_t b, int64_t e) {
     std::vector<double> probs;
     for (int64_t i = b; i < e; ++i) {
       const ScheduledSeq& s = seqs[i];
       const Request* r = s.req;
+      Samples& out = samples[i];
+      out.tokens.clear();
+      out.rows.clear();
+      out.nodes.clear();
       if (!s.samples || static_cast<int>(r->output.size()) >= r->params.max_tokens) continue;
-      const float* lg = logits.data() + static_cast<int64_t>(s.first_logit + s.num_logits - 1) * vocab;
-      sampled[i] = sample_token(lg, vocab, r->params, r->seed, r->output.size(), &probs);
+      // Verification: sample at the root, then move to the draft child holding that token (if
+      // any) and sample there, and so on. Every token is drawn exactly as plain decoding draws it
+      // at that position, so the output is the same with or without a draft.
+      const int draft_size = s.draft.size();
+      int row = s.first_logit + s.num_logits - 1 - draft_size;  // the root's logits
+      int node = -1;
+      for (;;) {
+        const float* lg = logits.data() + static_cast<int64_t>(row) * vocab;
+        const int32_t tok = sample_token(lg, vocab, r->params, r->seed, r->output.size() + out.tokens.size(), &probs);
+        out.tokens.push_back(tok);
+        out.rows.push_back(row);
+        out.nodes.push_back(node);
+        int next = -1;
+        for (int c = node + 1; c < draft_size; ++c)
+          if (s.draft.parents[c] == node && s.draft.tokens[c] == tok) {
+            next = c;
+            break;
+          }
+        if (next < 0) break;
+        node = next;
+        row = s.first_logit + s.num_logits - draft_size + node;
+      }
     }
   });
 }
@@ -286,28 +335,48 @@ void Engine::Impl::process(size_t i, std::vector<RequestOutput>* outs) {
       r->prompt_logprobs_done = true;
     }
   }
-  scheduler->on_computed(s);
 
   FinishReason finish = FinishReason::kNone;
-  if (s.samples) {
-    if (static_cast<int>(r->output.size()) >= r->params.max_tokens) {
-      finish = FinishReason::kLength;  // max_tokens == 0: the prompt was only scored
-    } else {
-      const int sample_row = s.first_logit + s.num_logits - 1;
-      const float* lg = logits.data() + static_cast<int64_t>(sample_row) * vocab;
-      const int32_t tok = sampled[i];
-      ACCEL_DCHECK(tok >= 0);
-      const auto now = Clock::now();
-      if (r->output.empty()) r->first_token_time = now;
-      r->last_token_time = now;
+  int appended = 0;
+  if (s.samples && static_cast<int>(r->output.size()) >= r->params.max_tokens) {
+    finish = FinishReason::kLength;  // max_tokens == 0: the prompt was only scored
+  } else if (s.samples) {
+    const Samples& got = samples[i];
+    const auto now = Clock::now();
+    if (r->output.empty()) r->first_token_time = now;
+    r->last_token_time = now;
+    for (size_t k = 0; k < got.tokens.size() && finish == FinishReason::kNone; ++k) {
+      const int32_t tok = got.tokens[k];
       out.new_token_ids.push_back(tok);
       if (r->params.logprobs >= 0) {
         out.new_logprobs.emplace_back();
-        top_logprobs(lg, vocab, r->params.logprobs, tok, &out.new_logprobs.back());
+        top_logprobs(logits.data() + static_cast<int64_t>(got.rows[k]) * vocab, vocab, r->params.logprobs, tok,
+                     &out.new_logprobs.back());
       }
       finish = scheduler->append_token(r, tok);
+      ++appended;
     }
+    ++r->num_steps;
   }
+  // K/V: every token of a plain step; with a draft, the root and the accepted nodes, whose K/V
+  // moves from the node's slot to its position's (increasing depth, so no source is overwritten
+  // before it is read).
+  int computed = s.num_tokens;
+  if (s.draft.size() > 0) {
+    const int accepted = std::max(0, appended - 1);
+    const int root = s.first_token + s.num_tokens - 1;
+    const int bs = config.block_size;
+    auto slot_of = [&](int index) { return static_cast<int64_t>(r->blocks[index / bs]) * bs + index % bs; };
+    for (int k = 0; k < accepted; ++k) {
+      const int node = samples[i].nodes[k + 1];
+      const int64_t src = slot_of(root + 1 + node), dst = slot_of(root + 1 + k);
+      if (src != dst) cache->copy_slot(src, dst);
+    }
+    computed += accepted;
+    r->num_draft_tokens += s.draft.size();
+    r->num_accepted_draft_tokens += accepted;
+  }
+  scheduler->on_computed(s, computed);
   if (finish != FinishReason::kNone) {
     RequestOutput done = finished_output(scheduler->finish(r->id, finish));  // r is gone after this
     out.finished = true;

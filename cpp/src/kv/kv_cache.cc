@@ -1,5 +1,7 @@
 #include "kv/kv_cache.h"
 
+#include "backend/cpu/ops.h"
+
 namespace accelcore {
 
 KvCache::KvCache(const KvCacheShape& shape) : shape_(shape) {
@@ -11,6 +13,11 @@ KvCache::KvCache(const KvCacheShape& shape) : shape_(shape) {
     k_[l].resize(shape.floats_per_layer());
     v_[l].resize(shape.floats_per_layer());
   }
+}
+
+void KvCache::copy_slot(int64_t src, int64_t dst) {
+  for (int l = 0; l < shape_.num_layers; ++l)
+    cpu::copy_kv_slot({k(l), v(l), shape_.num_kv_heads, shape_.head_dim, shape_.block_size}, src, dst);
 }
 
 }  // namespace accelcore

@@ -25,6 +25,8 @@ class KvCache {
   const KvCacheShape& shape() const { return shape_; }
   float* k(int layer) { return k_[layer].data(); }
   float* v(int layer) { return v_[layer].data(); }
+  // Moves one token's K and V, in every layer, from slot src to slot dst (verified draft nodes).
+  void copy_slot(int64_t src, int64_t dst);
 
  private:
   KvCacheShape shape_;

@@ -187,6 +187,10 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
     ap.block_size = ks.block_size;
     ap.window = c.sliding_window[l];
     ap.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    if (!plan.extra_offset.empty()) {
+      ap.extra_offset = plan.extra_offset.data();
+      ap.extra_slots = plan.extra_slots.data();
+    }
     cpu::paged_attention(ap, pool);
     cpu::linear({attn_.data(), L.o_w.data(), opt(L.o_b), h_.data(), T, H, Q, Q, H}, pool);
     cpu::add_inplace(x_.data(), h_.data(), T * H);

@@ -18,6 +18,11 @@ struct BatchPlan {
   std::vector<int32_t> block_tables;        // flattened block ids, position p lives in block p / block_size
   // Tokens whose logits are needed, in the order the logits are returned.
   std::vector<int32_t> logit_rows;
+  // Draft-tree tokens (empty when the step has none): token t's ancestors and itself, in depth
+  // order, are at extra_slots[extra_offset[t] .. extra_offset[t + 1]); a token with none reads
+  // its sequence causally.
+  std::vector<int32_t> extra_offset;
+  std::vector<int64_t> extra_slots;
 
   int num_tokens() const { return static_cast<int>(token_ids.size()); }
   int num_seqs() const { return static_cast<int>(block_table_offset.size()); }
@@ -29,6 +34,8 @@ struct BatchPlan {
     block_table_offset.clear();
     block_tables.clear();
     logit_rows.clear();
+    extra_offset.clear();
+    extra_slots.clear();
   }
 };
 

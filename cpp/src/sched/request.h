@@ -32,6 +32,9 @@ struct Request {
   std::vector<uint64_t> block_hashes;
   int num_cached_tokens = 0;     // prompt tokens found in the prefix cache at (last) admission
   int num_preemptions = 0;
+  int num_steps = 0;             // forward passes that produced tokens for it
+  int num_draft_tokens = 0;      // draft nodes verified for it
+  int num_accepted_draft_tokens = 0;
 
   std::vector<TokenLogprobs> prompt_logprobs;  // filled while the prompt is prefilled
   bool prompt_logprobs_done = false;           // emitted; a recompute after preemption skips them

@@ -9,6 +9,15 @@ namespace accelcore {
 
 Scheduler::Scheduler(const SchedulerConfig& config) : config_(config), allocator_(config.num_blocks) {
   ACCEL_CHECK(config.max_num_seqs > 0, InvalidArgument) << "max_num_seqs must be positive";
+  if (config.spec_max_draft > 0) {
+    ACCEL_CHECK(config.vocab_size > 0, InvalidArgument) << "speculation needs the vocabulary size";
+    DrafterConfig dc;
+    dc.vocab_size = config.vocab_size;
+    dc.max_match = config.spec_max_match;
+    dc.max_depth = config.spec_max_depth;
+    dc.memory_bytes = config.spec_memory_bytes;
+    drafter_ = std::make_unique<Drafter>(dc);
+  }
   ACCEL_CHECK(config.max_num_batched_tokens > 0, InvalidArgument) << "max_num_batched_tokens must be positive";
   ACCEL_CHECK(config.block_size > 0, InvalidArgument) << "block_size must be positive";
 }
@@ -19,6 +28,7 @@ void Scheduler::add(std::unique_ptr<Request> req) {
   ACCEL_DCHECK(!requests_.count(r->id));
   requests_.emplace(r->id, std::move(req));
   waiting_.push_back(r);
+  if (drafter_) drafter_->add_tokens(r->id, r->prompt.data(), static_cast<int>(r->prompt.size()));
 }
 
 Request* Scheduler::find(RequestId id) {
@@ -75,23 +85,47 @@ void Scheduler::add_seq(Request* r, int n, BatchPlan* plan, std::vector<Schedule
   s.first_token = r->num_computed;
   s.num_tokens = n;
   s.samples = r->num_computed + n == r->num_tokens();
+  if (!draft_.tokens.empty()) {
+    s.draft = std::move(draft_);
+    draft_.clear();
+  }
   const int seq_index = plan->num_seqs();
   plan->block_table_offset.push_back(static_cast<int32_t>(plan->block_tables.size()));
   plan->block_tables.insert(plan->block_tables.end(), r->blocks.begin(), r->blocks.end());
   const int np = static_cast<int>(r->prompt.size());
   const bool want_prompt_lp = r->wants_prompt_logprobs();
+  auto slot_of = [&](int index) { return static_cast<int64_t>(r->blocks[index / bs]) * bs + index % bs; };
+  const bool any_extra = !plan->extra_offset.empty() || !s.draft.tokens.empty();
+  if (any_extra && plan->extra_offset.empty()) plan->extra_offset.assign(plan->num_tokens() + 1, 0);
   s.first_logit = static_cast<int>(plan->logit_rows.size());
   for (int i = 0; i < n; ++i) {
     const int pos = s.first_token + i;
     const int row = plan->num_tokens();
     plan->token_ids.push_back(r->token_at(pos));
     plan->positions.push_back(pos);
-    plan->slots.push_back(static_cast<int64_t>(r->blocks[pos / bs]) * bs + pos % bs);
+    plan->slots.push_back(slot_of(pos));
     plan->seq_of_token.push_back(seq_index);
+    if (any_extra) plan->extra_offset.push_back(plan->extra_offset.back());
     if ((want_prompt_lp && pos + 1 < np) || (i == n - 1 && s.samples)) plan->logit_rows.push_back(row);
   }
+  // Draft nodes: position = root position + depth; slot = the node's own index after the root;
+  // extras = the slots of its ancestors and itself, in depth order.
+  const int root = s.first_token + n - 1;
+  std::vector<int64_t> chain;
+  for (int i = 0; i < s.draft.size(); ++i) {
+    const int row = plan->num_tokens();
+    plan->token_ids.push_back(s.draft.tokens[i]);
+    plan->positions.push_back(root + s.draft.depths[i]);
+    plan->slots.push_back(slot_of(root + 1 + i));
+    plan->seq_of_token.push_back(seq_index);
+    chain.clear();
+    for (int a = i; a >= 0; a = s.draft.parents[a]) chain.push_back(slot_of(root + 1 + a));
+    plan->extra_slots.insert(plan->extra_slots.end(), chain.rbegin(), chain.rend());
+    plan->extra_offset.push_back(static_cast<int32_t>(plan->extra_slots.size()));
+    plan->logit_rows.push_back(row);
+  }
   s.num_logits = static_cast<int>(plan->logit_rows.size()) - s.first_logit;
-  seqs->push_back(s);
+  seqs->push_back(std::move(s));
 }
 
 void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
@@ -107,6 +141,21 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
     Request* r = running_[i];
     const int n = std::min(r->num_tokens() - r->num_computed, budget);
     ACCEL_DCHECK(n >= 1);
+    // A decoding request may bring a draft tree, if the budget and free blocks allow it (drafts
+    // never cause a preemption).
+    draft_.clear();
+    if (drafter_ && n == 1 && budget > 1 && static_cast<int>(r->output.size()) + 1 < r->params.max_tokens) {
+      const int room = std::min({config_.spec_max_draft, budget - 1, r->params.max_tokens - static_cast<int>(r->output.size()) - 1});
+      std::vector<int32_t> ctx(r->num_tokens());
+      for (int k = 0; k < r->num_tokens(); ++k) ctx[k] = r->token_at(k);
+      drafter_->propose(r->id, ctx.data(), r->num_tokens(), room, config_.spec_max_depth, &draft_);
+      if (!draft_.tokens.empty() && !ensure_blocks(r, r->num_computed + 1 + draft_.size())) draft_.clear();
+    }
+    if (!draft_.tokens.empty()) {
+      budget -= 1 + draft_.size();
+      add_seq(r, 1, plan, seqs);
+      continue;
+    }
     bool self_preempted = false;
     while (!ensure_blocks(r, r->num_computed + n)) {
       Request* victim = running_.back();
@@ -121,6 +170,7 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
     budget -= n;
   }
 
+  draft_.clear();
   // Then admit waiting requests, first come first served, while seats, budget and blocks allow;
   // not in a step that had to preempt (memory is short: admitting would only thrash).
   const bool preempted = counters_.num_preemptions != preemptions_before;
@@ -168,10 +218,10 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
   }
 }
 
-void Scheduler::on_computed(const ScheduledSeq& s) {
+void Scheduler::on_computed(const ScheduledSeq& s, int num_computed) {
   Request* r = s.req;
   ACCEL_DCHECK(r->num_computed == s.first_token);
-  r->num_computed += s.num_tokens;
+  r->num_computed += num_computed;
   if (!config_.enable_prefix_caching) return;
   // Register blocks that became full of computed tokens.
   const int bs = config_.block_size;
@@ -189,6 +239,7 @@ void Scheduler::on_computed(const ScheduledSeq& s) {
 
 FinishReason Scheduler::append_token(Request* r, int32_t token) {
   r->output.push_back(token);
+  if (drafter_) drafter_->add_tokens(r->id, &token, 1);
   const auto& eos = config_.eos_token_ids;
   const auto& stops = r->params.stop_token_ids;
   if ((!r->params.ignore_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) ||
@@ -213,6 +264,10 @@ std::unique_ptr<Request> Scheduler::finish(RequestId id, FinishReason reason) {
   allocator_.release_all(&r->blocks);
   r->status = Request::Status::kFinished;
   r->finish_reason = reason;
+  if (drafter_) {
+    const bool keep = reason == FinishReason::kStop || reason == FinishReason::kLength;
+    drafter_->finish(r->id, r->output.data(), static_cast<int>(r->output.size()), keep);
+  }
   return req;
 }
 

@@ -23,6 +23,7 @@
 #include "kv/block_allocator.h"
 #include "sched/batch_plan.h"
 #include "sched/request.h"
+#include "spec/drafter.h"
 
 namespace accelcore {
 
@@ -33,6 +34,13 @@ struct SchedulerConfig {
   int num_blocks = 0;
   bool enable_prefix_caching = false;
   std::vector<int32_t> eos_token_ids;
+  // Speculation (Lookahead): draft at most spec_max_draft tree nodes of depth <= spec_max_depth
+  // after each decoding request's last token; 0 turns it off.
+  int spec_max_draft = 0;
+  int spec_max_depth = 8;
+  int spec_max_match = 32;
+  size_t spec_memory_bytes = 64ull << 20;
+  int vocab_size = 0;  // needed by the drafter
 };
 
 // One request's share of a step.
@@ -43,6 +51,9 @@ struct ScheduledSeq {
   int first_logit = 0;    // index into the plan's logit rows of this sequence's first row
   int num_logits = 0;     // rows for prompt log-probabilities and/or the sampling row
   bool samples = false;   // the step reaches the end of the known tokens: sample the next one
+  // Speculation: draft nodes follow the last token (rows first_token + 1 ...), one logit row each
+  // after the root's; node i's K/V sits at position index first_token + 1 + i until verified.
+  DraftTree draft;
 };
 
 struct SchedulerCounters {
@@ -76,8 +87,10 @@ class Scheduler {
   // reported in `failed`.
   void schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs, std::vector<std::unique_ptr<Request>>* failed);
 
-  // After the forward pass, for each scheduled sequence: its tokens now have KV in the cache.
-  void on_computed(const ScheduledSeq& s);
+  // After the forward pass, for each scheduled sequence: its first `num_computed` tokens of the
+  // step now have K/V in their final slots (all of them, or the root plus accepted draft nodes).
+  void on_computed(const ScheduledSeq& s, int num_computed);
+  const Drafter* drafter() const { return drafter_.get(); }
   // Appends a sampled token and returns the finish reason it causes (kNone to go on).
   FinishReason append_token(Request* r, int32_t token);
   // Ends a request: releases its blocks and forgets it. Returns it (null for an unknown id).
@@ -91,10 +104,12 @@ class Scheduler {
 
   SchedulerConfig config_;
   BlockAllocator allocator_;
+  std::unique_ptr<Drafter> drafter_;  // null without speculation
   SchedulerCounters counters_;
   std::unordered_map<RequestId, std::unique_ptr<Request>> requests_;
   std::deque<Request*> waiting_;
   std::vector<Request*> running_;  // in admission order; the tail is preempted first
+  DraftTree draft_;                // the draft add_seq attaches to the next sequence
 };
 
 }  // namespace accelcore

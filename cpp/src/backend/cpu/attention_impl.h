@@ -29,20 +29,32 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
   const int group = p.num_heads / p.num_kv_heads;
   const int hd = HD ? HD : p.head_dim, bs = BS ? BS : p.block_size;
   const int64_t head_floats = static_cast<int64_t>(bs) * hd;  // one head's slice of a block
-  std::vector<float> scores;
+  std::vector<float> scores, extra_scores;
   for (int64_t item = item_begin; item < item_end; ++item) {
     const int64_t t = item / p.num_kv_heads;
     const int kvh = static_cast<int>(item % p.num_kv_heads);
     const int32_t pos = p.positions[t];
     const int32_t* table = p.block_tables + p.block_table_offset[p.seq_of_token[t]];
     const int32_t first = p.window > 0 ? std::max<int32_t>(0, pos - p.window + 1) : 0;
-    const int32_t b0 = first / bs, b1 = pos / bs;
+    // A draft token reads the context in order up to its tree root, then its ancestors and itself
+    // from their own slots (positions last + 1 .. pos, in that order).
+    const int n_extra = p.extra_offset ? p.extra_offset[t + 1] - p.extra_offset[t] : 0;
+    const int64_t* extra_slots = n_extra ? p.extra_slots + p.extra_offset[t] : nullptr;
+    const int32_t last = pos - n_extra;
+    const bool in_order = last >= first;
+    const int32_t b0 = first / bs, b1 = in_order ? last / bs : b0 - 1;
     const int64_t span = static_cast<int64_t>(b1 - b0 + 1) * bs;  // lanes per head
-    const int32_t lo = first - b0 * bs, hi = pos - b0 * bs;         // valid lanes [lo, hi]
-    scores.resize(static_cast<size_t>(span) * group);
+    const int32_t lo = first - b0 * bs, hi = last - b0 * bs;         // valid lanes [lo, hi]
+    const int extra_first = std::max(0, first - (last + 1));         // extras before the window start
+    scores.resize(static_cast<size_t>(std::max<int64_t>(span, 0)) * group);
+    extra_scores.resize(static_cast<size_t>(n_extra) * group);
     const float* q0 = p.q + t * p.ldq + static_cast<int64_t>(kvh) * group * hd;
+    auto head_base = [&](int64_t slot, const float* cache) {
+      return cache + ((slot / bs) * p.num_kv_heads + kvh) * head_floats;
+    };
 
-    // Scores of every lane of every block: s[j] = sum_i q[i] * K^T[i][j].
+    // Scores of every lane of every block: s[j] = sum_i q[i] * K^T[i][j]. The extras repeat the
+    // very same arithmetic one lane at a time, so a draft token's scores equal the plain ones.
     for (int32_t b = b0; b <= b1; ++b) {
       const float* kt = p.k_cache + (static_cast<int64_t>(table[b]) * p.num_kv_heads + kvh) * head_floats;
       for (int g = 0; g < group; ++g) {
@@ -65,18 +77,45 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
         }
       }
     }
+    for (int e = 0; e < n_extra; ++e) {
+      const float* kt = head_base(extra_slots[e], p.k_cache) + extra_slots[e] % bs;  // channel i at kt[i * bs]
+      for (int g = 0; g < group; ++g) {
+        const float* q = q0 + static_cast<int64_t>(g) * hd;
+        float& s = extra_scores[static_cast<size_t>(g) * n_extra + e];
+        if constexpr (HD > 0 && BS == 16 && HD % 4 == 0) {
+          float acc[4] = {};
+          for (int i = 0; i < HD; i += 4)
+            for (int u = 0; u < 4; ++u) acc[u] += q[i + u] * kt[static_cast<int64_t>(i + u) * 16];
+          s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        } else {
+          s = 0.0f;
+          for (int i = 0; i < hd; ++i) s += q[i] * kt[static_cast<int64_t>(i) * bs];
+        }
+      }
+    }
+
     float* out0 = p.out + t * static_cast<int64_t>(p.num_heads) * hd + static_cast<int64_t>(kvh) * group * hd;
     for (int g = 0; g < group; ++g) {
       float* s = scores.data() + g * span;
+      float* xs = extra_scores.data() + static_cast<size_t>(g) * n_extra;
+      // Softmax over the valid lanes, then the extras: position order throughout.
       float mx = -INFINITY;
       for (int32_t j = lo; j <= hi; ++j) {
         s[j] *= p.scale;
         mx = std::max(mx, s[j]);
       }
+      for (int e = extra_first; e < n_extra; ++e) {
+        xs[e] *= p.scale;
+        mx = std::max(mx, xs[e]);
+      }
       float sum = 0.0f;
       for (int32_t j = lo; j <= hi; ++j) {
         s[j] = std::exp(s[j] - mx);
         sum += s[j];
+      }
+      for (int e = extra_first; e < n_extra; ++e) {
+        xs[e] = std::exp(xs[e] - mx);
+        sum += xs[e];
       }
       const float inv = 1.0f / sum;
       float* o = out0 + static_cast<int64_t>(g) * hd;
@@ -84,21 +123,22 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
         const int32_t abs_pos = b0 * bs + j;
         return p.v_cache + ((static_cast<int64_t>(table[abs_pos / bs]) * p.num_kv_heads + kvh) * bs + abs_pos % bs) * hd;
       };
+      auto extra_v_row = [&](int e) { return head_base(extra_slots[e], p.v_cache) + (extra_slots[e] % bs) * hd; };
       if constexpr (HD > 0 && HD % 16 == 0) {
         // Register accumulators, one set for even and one for odd positions: independent chains.
         constexpr int kVecs = HD / 16;
         V16 even[kVecs] = {}, odd[kVecs] = {};
-        for (int32_t j = lo; j <= hi; ++j) {
-          const float* v = v_row(j);
-          const float w = s[j] * inv;
-          if ((b0 * bs + j) & 1) {
+        auto accumulate = [&](int32_t position, const float* v, float w) {
+          if (position & 1) {
 #pragma GCC unroll 8
             for (int c = 0; c < kVecs; ++c) odd[c] += w * load16(v + 16 * c);
           } else {
 #pragma GCC unroll 8
             for (int c = 0; c < kVecs; ++c) even[c] += w * load16(v + 16 * c);
           }
-        }
+        };
+        for (int32_t j = lo; j <= hi; ++j) accumulate(b0 * bs + j, v_row(j), s[j] * inv);
+        for (int e = extra_first; e < n_extra; ++e) accumulate(last + 1 + e, extra_v_row(e), xs[e] * inv);
 #pragma GCC unroll 8
         for (int c = 0; c < kVecs; ++c) store16(o + 16 * c, even[c] + odd[c]);
       } else {
@@ -106,6 +146,11 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
         for (int32_t j = lo; j <= hi; ++j) {
           const float* v = v_row(j);
           const float w = s[j] * inv;
+          for (int i = 0; i < hd; ++i) o[i] += w * v[i];
+        }
+        for (int e = extra_first; e < n_extra; ++e) {
+          const float* v = extra_v_row(e);
+          const float w = xs[e] * inv;
           for (int i = 0; i < hd; ++i) o[i] += w * v[i];
         }
       }

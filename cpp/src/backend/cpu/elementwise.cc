@@ -63,4 +63,13 @@ void write_kv(const KvWriteParams& p) {
   }
 }
 
+void copy_kv_slot(const KvCopyParams& p, int64_t src, int64_t dst) {
+  const int64_t hd = p.head_dim, bs = p.block_size;
+  for (int h = 0; h < p.num_kv_heads; ++h) {
+    const int64_t sh = ((src / bs) * p.num_kv_heads + h) * bs * hd, dh = ((dst / bs) * p.num_kv_heads + h) * bs * hd;
+    for (int64_t i = 0; i < hd; ++i) p.k_cache[dh + i * bs + dst % bs] = p.k_cache[sh + i * bs + src % bs];
+    std::memcpy(p.v_cache + dh + (dst % bs) * hd, p.v_cache + sh + (src % bs) * hd, hd * sizeof(float));
+  }
+}
+
 }  // namespace accelcore::cpu

@@ -66,6 +66,11 @@ struct AttentionParams {
   int num_heads = 0, num_kv_heads = 0, head_dim = 0, block_size = 0;
   int window = 0;
   float scale = 1.0f;
+  // Draft-tree tokens (null when none): token t's tree ancestors and itself sit at
+  // extra_slots[extra_offset[t] .. extra_offset[t + 1]) in depth order, at positions
+  // pos - n_extra + 1 .. pos; such a token reads the context in order only up to pos - n_extra.
+  const int32_t* extra_offset = nullptr;  // [num_tokens + 1]
+  const int64_t* extra_slots = nullptr;
 };
 void paged_attention(const AttentionParams& p, ThreadPool& pool);
 // The single-ISA kernels behind paged_attention(), over (token, kv head) items [begin, end) with
@@ -87,6 +92,14 @@ struct KvWriteParams {
   int num_kv_heads = 0, head_dim = 0, block_size = 0;
 };
 void write_kv(const KvWriteParams& p);
+
+// Copies one token's K and V (every layer's pool) from slot src to slot dst.
+struct KvCopyParams {
+  float* k_cache = nullptr;
+  float* v_cache = nullptr;
+  int num_kv_heads = 0, head_dim = 0, block_size = 0;
+};
+void copy_kv_slot(const KvCopyParams& p, int64_t src, int64_t dst);
 
 // out[i, :] = x[i, :] + y[i, :]
 void add_inplace(float* x, const float* y, int64_t n);

@@ -1,0 +1,120 @@
+#include "spec/drafter.h"
+
+#include <algorithm>
+#include <queue>
+
+#include "util/check.h"
+
+namespace accelcore {
+
+Drafter::Drafter(const DrafterConfig& config)
+    : config_(config), window_(config.max_match + config.max_depth), global_(window_, config.vocab_size) {
+  ACCEL_CHECK(config.max_match > 0 && config.max_depth > 0, InvalidArgument)
+      << "speculation needs max_match > 0 and max_depth > 0";
+}
+
+void Drafter::add_tokens(uint64_t request, const int32_t* tokens, int n) {
+  auto it = local_.find(request);
+  if (it == local_.end()) it = local_.emplace(request, Local(window_, config_.vocab_size)).first;
+  for (int i = 0; i < n; ++i) it->second.trie.extend(&it->second.open, tokens[i]);
+}
+
+void Drafter::finish(uint64_t request, const int32_t* output, int n, bool keep_output) {
+  local_.erase(request);
+  if (!keep_output || n == 0) return;
+  const size_t before = global_.num_nodes();
+  global_.add_windows(output, n, +1);
+  stored_.emplace_back(output, output + n);
+  global_bytes_ += (global_.num_nodes() - before) * TokenTrie::kBytesPerNode + n * sizeof(int32_t);
+  evict_until_within_bound();
+}
+
+void Drafter::evict_until_within_bound() {
+  while (global_bytes_ > config_.memory_bytes && !stored_.empty()) {
+    const std::vector<int32_t>& old = stored_.front();
+    const size_t before = global_.num_nodes();
+    global_.add_windows(old.data(), static_cast<int>(old.size()), -1);
+    global_bytes_ -= (before - global_.num_nodes()) * TokenTrie::kBytesPerNode + old.size() * sizeof(int32_t);
+    stored_.pop_front();
+  }
+}
+
+int Drafter::propose(uint64_t request, const int32_t* context, int n, int max_nodes, int max_depth,
+                     DraftTree* out) const {
+  out->clear();
+  if (max_nodes <= 0 || max_depth <= 0 || n <= 0) return 0;
+  max_depth = std::min(max_depth, config_.max_depth);
+  auto it = local_.find(request);
+  const TokenTrie* local = it == local_.end() ? nullptr : &it->second.trie;
+
+  // Longest matched suffix (that has something after it) in either source.
+  int match = 0;
+  int32_t lnode = TokenTrie::kNone, gnode = TokenTrie::kNone;
+  for (int m = std::min(n, config_.max_match); m >= 1; --m) {
+    const int32_t* suffix = context + n - m;
+    // The request's own trie holds the context itself: its last occurrence of the suffix is the
+    // context's end, with nothing after it yet; count only earlier ones (the node has children).
+    int32_t l = local ? local->find(suffix, m) : TokenTrie::kNone;
+    int32_t g = global_.find(suffix, m);
+    if (l != TokenTrie::kNone && local->first_child(l) == TokenTrie::kNone) l = TokenTrie::kNone;
+    if (g != TokenTrie::kNone && global_.first_child(g) == TokenTrie::kNone) g = TokenTrie::kNone;
+    if (l != TokenTrie::kNone || g != TokenTrie::kNone) {
+      match = m;
+      lnode = l;
+      gnode = g;
+      break;
+    }
+  }
+  if (match == 0) return 0;
+  max_depth = std::min(max_depth, window_ - match);
+
+  // Best-first growth over the merged tries: a candidate is (local node, global node) for the same
+  // token path; its score is its combined count (monotone along a path, so the first max_nodes
+  // popped are the most frequent continuations).
+  struct Cand {
+    int64_t count;
+    int32_t token, parent, depth, l, g;
+  };
+  auto worse = [](const Cand& a, const Cand& b) {
+    return a.count != b.count ? a.count < b.count : a.token > b.token;
+  };
+  std::priority_queue<Cand, std::vector<Cand>, decltype(worse)> heap(worse);
+  auto push_children = [&](int32_t l, int32_t g, int32_t parent, int32_t depth) {
+    if (depth > max_depth) return;
+    // Merge the two child lists by token.
+    std::vector<std::pair<int32_t, std::pair<int32_t, int32_t>>> kids;
+    if (l != TokenTrie::kNone)
+      for (int32_t c = local->first_child(l); c != TokenTrie::kNone; c = local->next_sibling(c))
+        kids.push_back({local->token(c), {c, TokenTrie::kNone}});
+    if (g != TokenTrie::kNone)
+      for (int32_t c = global_.first_child(g); c != TokenTrie::kNone; c = global_.next_sibling(c)) {
+        auto k = std::find_if(kids.begin(), kids.end(), [&](const auto& e) { return e.first == global_.token(c); });
+        if (k != kids.end()) k->second.second = c;
+        else kids.push_back({global_.token(c), {TokenTrie::kNone, c}});
+      }
+    for (const auto& [tok, nodes] : kids) {
+      const int64_t cnt = (nodes.first != TokenTrie::kNone ? local->count(nodes.first) : 0) +
+                          (nodes.second != TokenTrie::kNone ? global_.count(nodes.second) : 0);
+      heap.push({cnt, tok, parent, depth, nodes.first, nodes.second});
+    }
+  };
+  push_children(lnode, gnode, -1, 1);
+  // Popped in score order, but the tree must list parents before children: collect, then order.
+  std::vector<Cand> picked;
+  while (!heap.empty() && static_cast<int>(picked.size()) < max_nodes) {
+    Cand c = heap.top();
+    heap.pop();
+    picked.push_back(c);
+    push_children(c.l, c.g, static_cast<int32_t>(picked.size()) - 1, c.depth + 1);
+  }
+  // Popping order already puts every parent before its children (a child enters the heap only
+  // after its parent is picked), so picked is a valid BFS-like order.
+  for (const Cand& c : picked) {
+    out->tokens.push_back(c.token);
+    out->parents.push_back(c.parent);
+    out->depths.push_back(c.depth);
+  }
+  return match;
+}
+
+}  // namespace accelcore

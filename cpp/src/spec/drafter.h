@@ -1,0 +1,74 @@
+// Model-free drafting for Lookahead-style speculation: proposes a multi-branch draft tree of
+// tokens likely to follow a request's context, from
+//  - the request's own tokens (prompt and output so far), dropped when the request ends, and
+//  - a global store of the outputs of finished requests, with counts, under a hard memory bound:
+//    when over it, the oldest stored outputs are removed whole.
+//
+// Retrieval rule: the longest suffix of the context (up to max_match tokens) that occurred before
+// in either source; below it, the draft is grown best first by path frequency (counts of the
+// request's own occurrences and the global ones added), to at most max_nodes nodes and depth
+// max_depth. Ties go to the lower token id, so drafts are deterministic.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <unordered_map>
+#include <vector>
+
+#include "spec/token_trie.h"
+
+namespace accelcore {
+
+// Nodes in BFS order (a parent before its children); parent -1 means "child of the last context
+// token".
+struct DraftTree {
+  std::vector<int32_t> tokens, parents, depths;
+  int size() const { return static_cast<int>(tokens.size()); }
+  void clear() {
+    tokens.clear();
+    parents.clear();
+    depths.clear();
+  }
+};
+
+struct DrafterConfig {
+  int vocab_size = 0;
+  int max_match = 32;       // longest context suffix matched
+  int max_depth = 8;        // deepest draft the tries can serve (window = max_match + max_depth)
+  size_t memory_bytes = 64ull << 20;  // bound on the global store (nodes and stored outputs)
+};
+
+class Drafter {
+ public:
+  explicit Drafter(const DrafterConfig& config);
+
+  // A request's tokens: its prompt when added, then each generated token.
+  void add_tokens(uint64_t request, const int32_t* tokens, int n);
+  // The request ended: its own index goes; its output joins the global store (keep_output).
+  void finish(uint64_t request, const int32_t* output, int n, bool keep_output);
+
+  // Proposes a draft after `context` (the request's known tokens). Returns the match length used
+  // (0: no draft).
+  int propose(uint64_t request, const int32_t* context, int n, int max_nodes, int max_depth, DraftTree* out) const;
+
+  size_t global_bytes() const { return global_bytes_; }
+  size_t num_global_sequences() const { return stored_.size(); }
+  size_t num_requests() const { return local_.size(); }
+
+ private:
+  struct Local {
+    TokenTrie trie;
+    std::vector<int32_t> open;
+    explicit Local(int window, int vocab) : trie(window, vocab) {}
+  };
+  void evict_until_within_bound();
+
+  DrafterConfig config_;
+  int window_;
+  TokenTrie global_;
+  std::deque<std::vector<int32_t>> stored_;  // global outputs, oldest first
+  size_t global_bytes_ = 0;
+  std::unordered_map<uint64_t, Local> local_;
+};
+
+}  // namespace accelcore
