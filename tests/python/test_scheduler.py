@@ -19,7 +19,16 @@ import pytest
 import accel_testutil as tu
 from accelcore import Engine, SamplingParams
 
-METRIC_KEYS = {"ttft_s", "tpot_s", "e2e_s", "num_cached_tokens", "num_preemptions"}
+METRIC_KEYS = {
+    "ttft_s",
+    "tpot_s",
+    "e2e_s",
+    "num_cached_tokens",
+    "num_preemptions",
+    "num_steps",
+    "num_draft_tokens",
+    "num_accepted_draft_tokens",
+}
 PREFIX_LEN = 40
 MAX_TOKENS = (24, 17, 30, 9, 1, 20, 28, 12)
 

@@ -10,7 +10,16 @@ import accel_testutil as tu
 from accelcore import Engine, SamplingParams, StreamOutput
 
 GREEDY_64 = SamplingParams(max_tokens=64, temperature=0.0)
-METRIC_KEYS = {"ttft_s", "tpot_s", "e2e_s", "num_cached_tokens", "num_preemptions"}
+METRIC_KEYS = {
+    "ttft_s",
+    "tpot_s",
+    "e2e_s",
+    "num_cached_tokens",
+    "num_preemptions",
+    "num_steps",
+    "num_draft_tokens",
+    "num_accepted_draft_tokens",
+}
 
 
 def check_stream(items, token_ids, text, finish_reason="length"):
