@@ -47,22 +47,31 @@ int Drafter::propose(uint64_t request, const int32_t* context, int n, int max_no
   auto it = local_.find(request);
   const TokenTrie* local = it == local_.end() ? nullptr : &it->second.trie;
 
-  // Longest matched suffix (that has something after it) in either source.
+  // Longest matched suffix that has something after it, in either source. Monotone in m (the
+  // occurrence of a suffix also holds every shorter suffix, followed by the same token), so a
+  // binary search over m finds it.
+  auto lookup = [&](int m, int32_t* l, int32_t* g) {
+    const int32_t* suffix = context + n - m;
+    // The request's own trie holds the context itself: its occurrence at the very end has nothing
+    // after it yet; only earlier ones (the node has children) count.
+    *l = local ? local->find(suffix, m) : TokenTrie::kNone;
+    *g = global_.find(suffix, m);
+    if (*l != TokenTrie::kNone && local->first_child(*l) == TokenTrie::kNone) *l = TokenTrie::kNone;
+    if (*g != TokenTrie::kNone && global_.first_child(*g) == TokenTrie::kNone) *g = TokenTrie::kNone;
+    return *l != TokenTrie::kNone || *g != TokenTrie::kNone;
+  };
   int match = 0;
   int32_t lnode = TokenTrie::kNone, gnode = TokenTrie::kNone;
-  for (int m = std::min(n, config_.max_match); m >= 1; --m) {
-    const int32_t* suffix = context + n - m;
-    // The request's own trie holds the context itself: its last occurrence of the suffix is the
-    // context's end, with nothing after it yet; count only earlier ones (the node has children).
-    int32_t l = local ? local->find(suffix, m) : TokenTrie::kNone;
-    int32_t g = global_.find(suffix, m);
-    if (l != TokenTrie::kNone && local->first_child(l) == TokenTrie::kNone) l = TokenTrie::kNone;
-    if (g != TokenTrie::kNone && global_.first_child(g) == TokenTrie::kNone) g = TokenTrie::kNone;
-    if (l != TokenTrie::kNone || g != TokenTrie::kNone) {
-      match = m;
+  for (int lo = 1, hi = std::min(n, config_.max_match); lo <= hi;) {
+    const int mid = (lo + hi) / 2;
+    int32_t l, g;
+    if (lookup(mid, &l, &g)) {
+      match = mid;
       lnode = l;
       gnode = g;
-      break;
+      lo = mid + 1;
+    } else {
+      hi = mid - 1;
     }
   }
   if (match == 0) return 0;
@@ -79,24 +88,44 @@ int Drafter::propose(uint64_t request, const int32_t* context, int n, int max_no
     return a.count != b.count ? a.count < b.count : a.token > b.token;
   };
   std::priority_queue<Cand, std::vector<Cand>, decltype(worse)> heap(worse);
+  // Children of a merged node, by token: (token, local child, global child, combined count). Only
+  // the most frequent `max_nodes` can ever be picked, so only those enter the heap.
+  struct Kid {
+    int32_t token, l, g;
+    int64_t count;
+  };
+  std::vector<Kid> kids;
   auto push_children = [&](int32_t l, int32_t g, int32_t parent, int32_t depth) {
     if (depth > max_depth) return;
-    // Merge the two child lists by token.
-    std::vector<std::pair<int32_t, std::pair<int32_t, int32_t>>> kids;
+    kids.clear();
     if (l != TokenTrie::kNone)
       for (int32_t c = local->first_child(l); c != TokenTrie::kNone; c = local->next_sibling(c))
-        kids.push_back({local->token(c), {c, TokenTrie::kNone}});
+        kids.push_back({local->token(c), c, TokenTrie::kNone, local->count(c)});
+    const size_t num_local = kids.size();
     if (g != TokenTrie::kNone)
-      for (int32_t c = global_.first_child(g); c != TokenTrie::kNone; c = global_.next_sibling(c)) {
-        auto k = std::find_if(kids.begin(), kids.end(), [&](const auto& e) { return e.first == global_.token(c); });
-        if (k != kids.end()) k->second.second = c;
-        else kids.push_back({global_.token(c), {TokenTrie::kNone, c}});
+      for (int32_t c = global_.first_child(g); c != TokenTrie::kNone; c = global_.next_sibling(c))
+        kids.push_back({global_.token(c), TokenTrie::kNone, c, global_.count(c)});
+    if (num_local > 0 && kids.size() > num_local) {
+      // Merge the two lists: sort by token, fold equal tokens together.
+      std::sort(kids.begin(), kids.end(), [](const Kid& a, const Kid& b) { return a.token < b.token; });
+      size_t w = 0;
+      for (size_t r = 0; r < kids.size(); ++r) {
+        if (w > 0 && kids[w - 1].token == kids[r].token) {
+          Kid& k = kids[w - 1];
+          if (kids[r].l != TokenTrie::kNone) k.l = kids[r].l;
+          if (kids[r].g != TokenTrie::kNone) k.g = kids[r].g;
+          k.count += kids[r].count;
+        } else {
+          kids[w++] = kids[r];
+        }
       }
-    for (const auto& [tok, nodes] : kids) {
-      const int64_t cnt = (nodes.first != TokenTrie::kNone ? local->count(nodes.first) : 0) +
-                          (nodes.second != TokenTrie::kNone ? global_.count(nodes.second) : 0);
-      heap.push({cnt, tok, parent, depth, nodes.first, nodes.second});
+      kids.resize(w);
     }
+    const size_t keep = std::min(kids.size(), static_cast<size_t>(max_nodes));
+    std::partial_sort(kids.begin(), kids.begin() + keep, kids.end(), [](const Kid& a, const Kid& b) {
+      return a.count != b.count ? a.count > b.count : a.token < b.token;
+    });
+    for (size_t i = 0; i < keep; ++i) heap.push({kids[i].count, kids[i].token, parent, depth, kids[i].l, kids[i].g});
   };
   push_children(lnode, gnode, -1, 1);
   // Popped in score order, but the tree must list parents before children: collect, then order.
