@@ -13,12 +13,39 @@
 // A 16-float vector in GCC's vector extension: one zmm on the AVX-512 path, split into smaller
 // registers by the compiler on the others; the same arithmetic either way.
 typedef float V16 __attribute__((vector_size(64)));
-inline V16 load16(const float* p) {
-  V16 v;
+typedef float V8 __attribute__((vector_size(32)));
+template <class V>
+inline V loadv(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline void store16(float* p, V16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline V16 load16(const float* p) { return loadv<V16>(p); }
+template <class V>
+inline void storev(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store16(float* p, V16 v) { storev(p, v); }
+
+// exp(x) for the softmax's x <= 0 (Cephes' expf: range reduction by ln 2 and a degree-5
+// polynomial, about 1 ulp). Plain arithmetic, so the compiler vectorises the loops that call it,
+// and a lane computes exactly what a lone call computes. Inputs below -87 (results under 1.7e-38,
+// nothing next to the maximum's exp(0) = 1) are clamped to keep the exponent normal.
+inline float softmax_exp(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
 
 // HD and BS are the head dim and block size when known at compile time (the common shapes get
 // their own instantiation, with the accumulators in registers), or 0 to read them from p. The
@@ -29,7 +56,7 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
   const int group = p.num_heads / p.num_kv_heads;
   const int hd = HD ? HD : p.head_dim, bs = BS ? BS : p.block_size;
   const int64_t head_floats = static_cast<int64_t>(bs) * hd;  // one head's slice of a block
-  std::vector<float> scores, extra_scores;
+  std::vector<float> scores, extra_scores, partial(4 * static_cast<size_t>(bs));
   for (int64_t item = item_begin; item < item_end; ++item) {
     const int64_t t = item / p.num_kv_heads;
     const int kvh = static_cast<int>(item % p.num_kv_heads);
@@ -67,6 +94,17 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
           for (int i = 0; i < HD; i += 4)
             for (int u = 0; u < 4; ++u) acc[u] += q[i + u] * load16(kt + static_cast<int64_t>(i + u) * 16);
           store16(s, (acc[0] + acc[1]) + (acc[2] + acc[3]));
+        } else if (hd % 4 == 0) {
+          // The same four partial sums with the block size known only at run time.
+          float* acc = partial.data();
+          std::fill(acc, acc + 4 * bs, 0.0f);
+          for (int i = 0; i < hd; i += 4)
+            for (int u = 0; u < 4; ++u) {
+              const float qi = q[i + u];
+              const float* row = kt + static_cast<int64_t>(i + u) * bs;
+              for (int j = 0; j < bs; ++j) acc[u * bs + j] += qi * row[j];
+            }
+          for (int j = 0; j < bs; ++j) s[j] = (acc[j] + acc[bs + j]) + (acc[2 * bs + j] + acc[3 * bs + j]);
         } else {
           for (int j = 0; j < bs; ++j) s[j] = 0.0f;
           for (int i = 0; i < hd; ++i) {
@@ -82,10 +120,10 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
       for (int g = 0; g < group; ++g) {
         const float* q = q0 + static_cast<int64_t>(g) * hd;
         float& s = extra_scores[static_cast<size_t>(g) * n_extra + e];
-        if constexpr (HD > 0 && BS == 16 && HD % 4 == 0) {
+        if (hd % 4 == 0) {
           float acc[4] = {};
-          for (int i = 0; i < HD; i += 4)
-            for (int u = 0; u < 4; ++u) acc[u] += q[i + u] * kt[static_cast<int64_t>(i + u) * 16];
+          for (int i = 0; i < hd; i += 4)
+            for (int u = 0; u < 4; ++u) acc[u] += q[i + u] * kt[static_cast<int64_t>(i + u) * bs];
           s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
         } else {
           s = 0.0f;
@@ -108,15 +146,11 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
         xs[e] *= p.scale;
         mx = std::max(mx, xs[e]);
       }
-      float sum = 0.0f;
-      for (int32_t j = lo; j <= hi; ++j) {
-        s[j] = std::exp(s[j] - mx);
-        sum += s[j];
-      }
-      for (int e = extra_first; e < n_extra; ++e) {
-        xs[e] = std::exp(xs[e] - mx);
-        sum += xs[e];
-      }
+      for (int32_t j = lo; j <= hi; ++j) s[j] = softmax_exp(s[j] - mx);  // vectorised
+      for (int e = extra_first; e < n_extra; ++e) xs[e] = softmax_exp(xs[e] - mx);
+      float sum = 0.0f;  // in position order
+      for (int32_t j = lo; j <= hi; ++j) sum += s[j];
+      for (int e = extra_first; e < n_extra; ++e) sum += xs[e];
       const float inv = 1.0f / sum;
       float* o = out0 + static_cast<int64_t>(g) * hd;
       auto v_row = [&](int32_t j) {
@@ -124,23 +158,24 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
         return p.v_cache + ((static_cast<int64_t>(table[abs_pos / bs]) * p.num_kv_heads + kvh) * bs + abs_pos % bs) * hd;
       };
       auto extra_v_row = [&](int e) { return head_base(extra_slots[e], p.v_cache) + (extra_slots[e] % bs) * hd; };
-      if constexpr (HD > 0 && HD % 16 == 0) {
+      if constexpr (HD > 0 && HD % 8 == 0) {
         // Register accumulators, one set for even and one for odd positions: independent chains.
-        constexpr int kVecs = HD / 16;
-        V16 even[kVecs] = {}, odd[kVecs] = {};
+        using V = std::conditional_t<HD % 16 == 0, V16, V8>;
+        constexpr int kWidth = sizeof(V) / sizeof(float), kVecs = HD / kWidth;
+        V even[kVecs] = {}, odd[kVecs] = {};
         auto accumulate = [&](int32_t position, const float* v, float w) {
           if (position & 1) {
 #pragma GCC unroll 8
-            for (int c = 0; c < kVecs; ++c) odd[c] += w * load16(v + 16 * c);
+            for (int c = 0; c < kVecs; ++c) odd[c] += w * loadv<V>(v + kWidth * c);
           } else {
 #pragma GCC unroll 8
-            for (int c = 0; c < kVecs; ++c) even[c] += w * load16(v + 16 * c);
+            for (int c = 0; c < kVecs; ++c) even[c] += w * loadv<V>(v + kWidth * c);
           }
         };
         for (int32_t j = lo; j <= hi; ++j) accumulate(b0 * bs + j, v_row(j), s[j] * inv);
         for (int e = extra_first; e < n_extra; ++e) accumulate(last + 1 + e, extra_v_row(e), xs[e] * inv);
 #pragma GCC unroll 8
-        for (int c = 0; c < kVecs; ++c) store16(o + 16 * c, even[c] + odd[c]);
+        for (int c = 0; c < kVecs; ++c) storev(o + kWidth * c, even[c] + odd[c]);
       } else {
         for (int i = 0; i < hd; ++i) o[i] = 0.0f;
         for (int32_t j = lo; j <= hi; ++j) {
@@ -158,10 +193,22 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
   }
 }
 
+// The arithmetic depends on the head dim only (block size 16 merely runs it in registers), so a
+// model computes the same bits whatever its block size.
+template <int HD>
+inline void attend_items_hd(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
+  if (p.block_size == 16) return attend_items_t<HD, 16>(p, item_begin, item_end);
+  attend_items_t<HD, 0>(p, item_begin, item_end);
+}
+
 inline void attend_items(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
-  if (p.block_size == 16 && p.head_dim == 64) return attend_items_t<64, 16>(p, item_begin, item_end);
-  if (p.block_size == 16 && p.head_dim == 128) return attend_items_t<128, 16>(p, item_begin, item_end);
-  if (p.head_dim == 64) return attend_items_t<64, 0>(p, item_begin, item_end);
-  if (p.head_dim == 128) return attend_items_t<128, 0>(p, item_begin, item_end);
-  attend_items_t<0, 0>(p, item_begin, item_end);
+  switch (p.head_dim) {
+    case 8: return attend_items_hd<8>(p, item_begin, item_end);
+    case 16: return attend_items_hd<16>(p, item_begin, item_end);
+    case 32: return attend_items_hd<32>(p, item_begin, item_end);
+    case 64: return attend_items_hd<64>(p, item_begin, item_end);
+    case 128: return attend_items_hd<128>(p, item_begin, item_end);
+    case 256: return attend_items_hd<256>(p, item_begin, item_end);
+    default: return attend_items_t<0, 0>(p, item_begin, item_end);  // head dims that are not a multiple of 8
+  }
 }
