@@ -31,7 +31,8 @@ inline void store16(float* p, V16 v) { storev(p, v); }
 // nothing next to the maximum's exp(0) = 1) are clamped to keep the exponent normal.
 inline float softmax_exp(float x) {
   x = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick: plain adds, which vectorise (std::floor may not).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -172,7 +173,24 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
             for (int c = 0; c < kVecs; ++c) even[c] += w * loadv<V>(v + kWidth * c);
           }
         };
-        for (int32_t j = lo; j <= hi; ++j) accumulate(b0 * bs + j, v_row(j), s[j] * inv);
+        // In-order lanes two at a time (one even, one odd position): no branch in the hot loop,
+        // the same additions in the same order as one position at a time.
+        int32_t j = lo;
+        if (j <= hi && ((b0 * bs + j) & 1)) {
+          accumulate(b0 * bs + j, v_row(j), s[j] * inv);
+          ++j;
+        }
+        for (; j + 1 <= hi; j += 2) {
+          const float* ve = v_row(j);
+          const float* vo = v_row(j + 1);
+          const float we = s[j] * inv, wo = s[j + 1] * inv;
+#pragma GCC unroll 8
+          for (int c = 0; c < kVecs; ++c) {
+            even[c] += we * loadv<V>(ve + kWidth * c);
+            odd[c] += wo * loadv<V>(vo + kWidth * c);
+          }
+        }
+        if (j <= hi) accumulate(b0 * bs + j, v_row(j), s[j] * inv);
         for (int e = extra_first; e < n_extra; ++e) accumulate(last + 1 + e, extra_v_row(e), xs[e] * inv);
 #pragma GCC unroll 8
         for (int c = 0; c < kVecs; ++c) storev(o + kWidth * c, even[c] + odd[c]);
