@@ -1,7 +1,8 @@
 // CPU kernels against naive double-precision references: linear on every ISA path the machine has
 // (direct kernels, column splits, and linear() through 1- and 2-thread pools) with batch
 // invariance; rms_norm, apply_rope, silu_mul; write_kv + paged_attention against dense causal
-// attention (non-contiguous block tables, GQA/MQA, sliding windows, ragged blocks).
+// attention (non-contiguous block tables, GQA/MQA, sliding windows, ragged blocks); draft-tree
+// tokens (extra slots) bit-identical to plain causal tokens; copy_kv_slot.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 
 #include "backend/cpu/cpu_features.h"
 #include "backend/cpu/ops.h"
+#include "kv/kv_cache.h"
 #include "test_util.h"
 #include "util/thread_pool.h"
 
@@ -554,6 +556,287 @@ INSTANTIATE_TEST_SUITE_P(
       return "h" + std::to_string(c.num_heads) + "_kv" + std::to_string(c.num_kv_heads) + "_d" +
              std::to_string(c.head_dim) + "_bs" + std::to_string(c.block_size) + "_w" + std::to_string(c.window);
     });
+
+// ---- draft-tree tokens: bit-identical to the plain causal computation ----
+//
+// A draft node at depth d after its tree root (the request's last known token, at position
+// root) sits at position root + d; it reads the context in order up to the root and its tree
+// ancestors and itself from wherever the step put their K/V (extra_slots, depth order). The
+// scheduler places node i at the slot of position root + 1 + i, so an ancestor's K/V is usually
+// not where its position would put it, and the slots between belong to sibling branches. The
+// output must be exactly what the same query computes as a plain token at the same position
+// over the same keys in order: verification compares the sampled tokens of the two.
+
+struct DraftAttnCase {
+  int num_heads, num_kv_heads, head_dim, block_size, window;
+};
+
+std::string describe(const DraftAttnCase& c) {
+  return describe(AttnCase{c.num_heads, c.num_kv_heads, c.head_dim, c.block_size, c.window});
+}
+void PrintTo(const DraftAttnCase& c, std::ostream* os) { *os << describe(c); }
+
+class DraftTreeAttention : public ::testing::TestWithParam<DraftAttnCase> {};
+
+TEST_P(DraftTreeAttention, DraftNodeIsBitIdenticalToThePlainToken) {
+  const DraftAttnCase c = GetParam();
+  const std::string what = describe(c);
+  const int kvh = c.num_kv_heads, hd = c.head_dim, bs = c.block_size, H = c.num_heads;
+  const int kv_size = kvh * hd;
+  constexpr int kDepth = 6;           // the chain of draft nodes checked: depths 1..6
+  constexpr int kRoom = kDepth + 7;   // node slots after the root; those off the chain are siblings
+  std::mt19937 rng(77 + c.head_dim * 5 + c.block_size * 3 + c.window);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+
+  auto write = [&](std::vector<float>* kc, std::vector<float>* vc, const std::vector<int64_t>& slots,
+                   const std::vector<float>& krows, const std::vector<float>& vrows) {
+    KvWriteParams wp;
+    wp.k = krows.data();
+    wp.v = vrows.data();
+    wp.ld = kv_size;
+    wp.k_cache = kc->data();
+    wp.v_cache = vc->data();
+    wp.slots = slots.data();
+    wp.num_tokens = static_cast<int64_t>(slots.size());
+    wp.num_kv_heads = kvh;
+    wp.head_dim = hd;
+    wp.block_size = bs;
+    write_kv(wp);
+  };
+
+  IsaGuard guard;
+  ThreadPool pool1(1), pool2(2);
+  int compared = 0;
+  for (int root : {0, 1, bs - 1, bs, 2 * bs + 3, 41}) {
+    for (bool spare : {false, true}) {  // the chain in the sequence's own later slots, or in blocks outside its table
+      const std::string what_root = what + " root=" + std::to_string(root) + (spare ? " (chain in spare blocks)" : "");
+      const int last_pos = root + kDepth;
+      const int table_blocks = (root + 1 + kRoom + bs - 1) / bs;
+      const int spare_blocks = (kDepth + bs - 1) / bs + 2;
+      const int num_blocks = table_blocks + spare_blocks + 3;
+      std::vector<int32_t> perm(num_blocks);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      const std::vector<int32_t> table(perm.begin(), perm.begin() + table_blocks);
+      const int32_t table_offset = 0;
+      auto slot_of = [&](int pos) { return static_cast<int64_t>(table[pos / bs]) * bs + pos % bs; };
+
+      // True K/V of positions 0..last_pos, and garbage for the sibling nodes.
+      const auto K = testing::random_floats(rng, static_cast<size_t>(last_pos + 1) * kv_size);
+      const auto V = testing::random_floats(rng, static_cast<size_t>(last_pos + 1) * kv_size);
+      auto rows = [&](const std::vector<float>& src, int from, int to) {  // positions [from, to)
+        return std::vector<float>(src.begin() + static_cast<int64_t>(from) * kv_size, src.begin() + static_cast<int64_t>(to) * kv_size);
+      };
+
+      // The chain's node indices: ascending (a parent precedes its children), with gaps.
+      std::vector<int> idx(kRoom);
+      std::iota(idx.begin(), idx.end(), 0);
+      std::shuffle(idx.begin(), idx.end(), rng);
+      idx.resize(kDepth);
+      std::sort(idx.begin(), idx.end());
+      std::vector<int64_t> chain(kDepth);
+      if (spare) {
+        std::vector<int64_t> free_slots;
+        for (int b = table_blocks; b < table_blocks + spare_blocks; ++b)
+          for (int o = 0; o < bs; ++o) free_slots.push_back(static_cast<int64_t>(perm[b]) * bs + o);
+        std::shuffle(free_slots.begin(), free_slots.end(), rng);
+        std::copy(free_slots.begin(), free_slots.begin() + kDepth, chain.begin());
+      } else {
+        for (int k = 0; k < kDepth; ++k) chain[k] = slot_of(root + 1 + idx[k]);
+      }
+
+      // Plain cache: every position in order. Draft cache: the context up to the root in order,
+      // sibling garbage in the node slots, the chain's K/V in its own slots. Unwritten: NaN.
+      const size_t pool_floats = static_cast<size_t>(num_blocks) * kvh * bs * hd;
+      std::vector<float> pk(pool_floats, kNaN), pv(pool_floats, kNaN), dk(pool_floats, kNaN), dv(pool_floats, kNaN);
+      std::vector<int64_t> in_order;
+      for (int pos = 0; pos <= last_pos; ++pos) in_order.push_back(slot_of(pos));
+      write(&pk, &pv, in_order, K, V);
+      in_order.resize(root + 1);
+      write(&dk, &dv, in_order, rows(K, 0, root + 1), rows(V, 0, root + 1));
+      std::vector<int64_t> siblings;
+      for (int i = 0; i < kRoom; ++i) siblings.push_back(slot_of(root + 1 + i));
+      write(&dk, &dv, siblings, testing::random_floats(rng, kRoom * kv_size, -3.0f, 3.0f),
+            testing::random_floats(rng, kRoom * kv_size, -3.0f, 3.0f));
+      write(&dk, &dv, chain, rows(K, root + 1, last_pos + 1), rows(V, root + 1, last_pos + 1));
+
+      // Tokens: the root (a plain token inside the draft step), then the chain's nodes.
+      const int T = kDepth + 1;
+      const int64_t ldq = H * hd + 3;
+      std::vector<float> q(T * ldq, kNaN);
+      for (int t = 0; t < T; ++t) {
+        auto row = testing::random_floats(rng, H * hd, -2.0f, 2.0f);
+        std::copy(row.begin(), row.end(), q.begin() + t * ldq);
+      }
+      std::vector<int32_t> positions(T), seq_of_token(T, 0), extra_offset = {0, 0};
+      std::vector<int64_t> extra_slots;
+      for (int t = 0; t < T; ++t) positions[t] = root + t;
+      for (int d = 1; d <= kDepth; ++d) {
+        extra_slots.insert(extra_slots.end(), chain.begin(), chain.begin() + d);  // ancestors, then itself
+        extra_offset.push_back(static_cast<int32_t>(extra_slots.size()));
+      }
+
+      AttentionParams plain;
+      plain.q = q.data();
+      plain.k_cache = pk.data();
+      plain.v_cache = pv.data();
+      plain.positions = positions.data();
+      plain.seq_of_token = seq_of_token.data();
+      plain.block_tables = table.data();
+      plain.block_table_offset = &table_offset;
+      plain.num_tokens = T;
+      plain.ldq = ldq;
+      plain.num_heads = H;
+      plain.num_kv_heads = kvh;
+      plain.head_dim = hd;
+      plain.block_size = bs;
+      plain.window = c.window;
+      plain.scale = scale;
+      AttentionParams draft = plain;
+      draft.k_cache = dk.data();
+      draft.v_cache = dv.data();
+      draft.extra_offset = extra_offset.data();
+      draft.extra_slots = extra_slots.data();
+
+      for (const IsaPath& path : supported_paths()) {
+        set_active_isa(path.isa);
+        const std::string what_isa = what_root + " isa=" + isa_name(path.isa);
+        std::vector<float> want(T * H * hd, kNaN), got1(T * H * hd, kNaN), got2(T * H * hd, kNaN);
+        plain.out = want.data();
+        paged_attention(plain, pool1);
+        for (float f : want) ASSERT_TRUE(std::isfinite(f)) << what_isa;
+        draft.out = got1.data();
+        paged_attention(draft, pool1);
+        draft.out = got2.data();
+        paged_attention(draft, pool2);
+        for (int t = 0; t < T; ++t) {
+          ASSERT_EQ(0, std::memcmp(got1.data() + t * H * hd, want.data() + t * H * hd, H * hd * sizeof(float)))
+              << what_isa << ": the node at depth " << t << " (position " << root + t << ") differs from the plain token";
+          ++compared;
+        }
+        ASSERT_EQ(0, std::memcmp(got1.data(), got2.data(), got1.size() * sizeof(float))) << what_isa << ": threads changed bits";
+        // Each node alone (as in a step with just that node) gives the same bits.
+        for (int t = 1; t < T; ++t) {
+          AttentionParams one = draft;
+          one.q = q.data() + t * ldq;
+          one.positions = positions.data() + t;
+          one.seq_of_token = seq_of_token.data() + t;
+          one.extra_offset = extra_offset.data() + t;
+          one.num_tokens = 1;
+          std::vector<float> o(H * hd, kNaN);
+          one.out = o.data();
+          paged_attention(one, pool2);
+          ASSERT_EQ(0, std::memcmp(o.data(), want.data() + t * H * hd, o.size() * sizeof(float)))
+              << what_isa << ": the node at depth " << t << " alone differs from the plain token";
+        }
+      }
+    }
+  }
+  EXPECT_GT(compared, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, DraftTreeAttention,
+    ::testing::Values(DraftAttnCase{4, 2, 64, 16, 0},    // the specialised instantiations (GQA) ...
+                      DraftAttnCase{4, 2, 64, 16, 20},   //   ... with a window wider than the chain
+                      DraftAttnCase{2, 1, 128, 16, 0},
+                      DraftAttnCase{2, 1, 128, 16, 3},   //   ... a window smaller than the depth
+                      DraftAttnCase{4, 1, 64, 5, 4},     // head_dim 64 with another block size
+                      DraftAttnCase{6, 2, 8, 5, 0},      // small head dims, generic block sizes
+                      DraftAttnCase{6, 2, 8, 16, 2},
+                      DraftAttnCase{6, 3, 12, 5, 0},
+                      DraftAttnCase{4, 2, 12, 5, 1},     //   window 1: a node sees only itself
+                      DraftAttnCase{4, 4, 12, 16, 9},
+                      DraftAttnCase{8, 2, 12, 16, 0}),
+    [](const ::testing::TestParamInfo<DraftAttnCase>& info) {
+      const DraftAttnCase& c = info.param;
+      return "h" + std::to_string(c.num_heads) + "_kv" + std::to_string(c.num_kv_heads) + "_d" +
+             std::to_string(c.head_dim) + "_bs" + std::to_string(c.block_size) + "_w" + std::to_string(c.window);
+    });
+
+// ---- copy_kv_slot: moves one token's K and V (verified draft nodes to their positions) ----
+
+TEST(CopyKvSlot, MovesExactlyOneTokensKAndV) {
+  std::mt19937 rng(31);
+  struct Shape {
+    int kvh, hd, bs;
+  };
+  for (const Shape sh : {Shape{3, 12, 5}, Shape{2, 64, 16}, Shape{1, 4, 1}, Shape{2, 8, 16}}) {
+    const int num_blocks = 4, num_slots = num_blocks * sh.bs;
+    const size_t n = static_cast<size_t>(num_blocks) * sh.kvh * sh.bs * sh.hd;
+    const auto K = testing::random_floats(rng, n), V = testing::random_floats(rng, n);
+    const int64_t pairs[][2] = {{0, num_slots - 1}, {num_slots - 1, 0}, {sh.bs + 1, 2}, {1, 0}, {3, 3}, {num_slots / 2, num_slots / 2 + 1}};
+    for (const auto& pr : pairs) {
+      const int64_t src = std::min<int64_t>(pr[0], num_slots - 1), dst = std::min<int64_t>(pr[1], num_slots - 1);
+      const std::string what = "kv_heads=" + std::to_string(sh.kvh) + " head_dim=" + std::to_string(sh.hd) +
+                               " block_size=" + std::to_string(sh.bs) + " " + std::to_string(src) + " -> " + std::to_string(dst);
+      std::vector<float> k = K, v = V, ek = K, ev = V;
+      for (int h = 0; h < sh.kvh; ++h) {
+        const int64_t sbase = ((src / sh.bs) * sh.kvh + h) * sh.bs * sh.hd, dbase = ((dst / sh.bs) * sh.kvh + h) * sh.bs * sh.hd;
+        for (int i = 0; i < sh.hd; ++i) {
+          ek[dbase + static_cast<int64_t>(i) * sh.bs + dst % sh.bs] = K[sbase + static_cast<int64_t>(i) * sh.bs + src % sh.bs];
+          ev[dbase + (dst % sh.bs) * sh.hd + i] = V[sbase + (src % sh.bs) * sh.hd + i];
+        }
+      }
+      copy_kv_slot({k.data(), v.data(), sh.kvh, sh.hd, sh.bs}, src, dst);
+      ASSERT_EQ(0, std::memcmp(k.data(), ek.data(), n * sizeof(float))) << what << ": K";
+      ASSERT_EQ(0, std::memcmp(v.data(), ev.data(), n * sizeof(float))) << what << ": V";
+      if (src != dst) {
+        EXPECT_NE(0, std::memcmp(k.data(), K.data(), n * sizeof(float))) << what << ": nothing moved";
+      }
+
+      // Moving a token written at src is the same as writing it at dst (and at src).
+      const auto row_k = testing::random_floats(rng, static_cast<size_t>(sh.kvh) * sh.hd);
+      const auto row_v = testing::random_floats(rng, static_cast<size_t>(sh.kvh) * sh.hd);
+      std::vector<float> ak = K, av = V, bk = K, bv = V;
+      KvWriteParams wp;
+      wp.k = row_k.data();
+      wp.v = row_v.data();
+      wp.ld = sh.kvh * sh.hd;
+      wp.num_tokens = 1;
+      wp.num_kv_heads = sh.kvh;
+      wp.head_dim = sh.hd;
+      wp.block_size = sh.bs;
+      wp.k_cache = ak.data();
+      wp.v_cache = av.data();
+      wp.slots = &src;
+      write_kv(wp);
+      copy_kv_slot({ak.data(), av.data(), sh.kvh, sh.hd, sh.bs}, src, dst);
+      wp.k_cache = bk.data();
+      wp.v_cache = bv.data();
+      write_kv(wp);
+      wp.slots = &dst;
+      write_kv(wp);
+      ASSERT_EQ(0, std::memcmp(ak.data(), bk.data(), n * sizeof(float))) << what << ": K after write + move";
+      ASSERT_EQ(0, std::memcmp(av.data(), bv.data(), n * sizeof(float))) << what << ": V after write + move";
+    }
+  }
+}
+
+TEST(CopyKvSlot, KvCacheMovesTheTokenInEveryLayer) {
+  std::mt19937 rng(32);
+  KvCacheShape shape;
+  shape.num_layers = 3;
+  shape.num_blocks = 5;
+  shape.num_kv_heads = 2;
+  shape.block_size = 4;
+  shape.head_dim = 8;
+  KvCache cache(shape);
+  const size_t n = shape.floats_per_layer();
+  std::vector<std::vector<float>> k(3), v(3);
+  for (int l = 0; l < 3; ++l) {
+    k[l] = testing::random_floats(rng, n);
+    v[l] = testing::random_floats(rng, n);
+    std::copy(k[l].begin(), k[l].end(), cache.k(l));
+    std::copy(v[l].begin(), v[l].end(), cache.v(l));
+  }
+  cache.copy_slot(17, 6);
+  for (int l = 0; l < 3; ++l) {
+    copy_kv_slot({k[l].data(), v[l].data(), shape.num_kv_heads, shape.head_dim, shape.block_size}, 17, 6);
+    EXPECT_EQ(0, std::memcmp(cache.k(l), k[l].data(), n * sizeof(float))) << "layer " << l;
+    EXPECT_EQ(0, std::memcmp(cache.v(l), v[l].data(), n * sizeof(float))) << "layer " << l;
+  }
+}
 
 }  // namespace
 }  // namespace accelcore::cpu

@@ -1,5 +1,7 @@
-// Storage of the paged KV cache: per layer, K and V pools laid out
-// [num_blocks][num_kv_heads][block_size][head_dim] (a head's tokens contiguous within a block).
+// Storage of the paged KV cache: per layer, a K pool laid out
+// [num_blocks][num_kv_heads][head_dim][block_size] (transposed within a block, so attention scores
+// a whole block with one vector operation per channel) and a V pool
+// [num_blocks][num_kv_heads][block_size][head_dim].
 #pragma once
 
 #include <vector>

@@ -7,7 +7,8 @@
 namespace accelcore {
 
 TokenTrie::TokenTrie(int window, int vocab_size) : window_(window), root_child_(vocab_size, kNone) {
-  ACCEL_CHECK(window > 0, InvalidArgument) << "trie window must be positive, got " << window;
+  ACCEL_CHECK(window > 0 && window <= kMaxWindow, InvalidArgument)
+      << "trie window must be in [1, " << kMaxWindow << "], got " << window;
   nodes_.emplace_back();  // root
 }
 
@@ -61,9 +62,9 @@ void TokenTrie::add_windows(const int32_t* tokens, int n, int delta) {
       }
     } else {
       // Walk down first, then decrement bottom-up so that emptied nodes can be freed.
-      int32_t path[256];
+      int32_t path[kMaxWindow];
       int depth = 0;
-      for (int j = 0; j < len && depth < 256; ++j) {
+      for (int j = 0; j < len; ++j) {
         node = child(node, tokens[i + j]);
         ACCEL_DCHECK(node != kNone);
         if (node == kNone) break;

@@ -16,6 +16,7 @@ class TokenTrie {
  public:
   static constexpr int32_t kNone = -1;
   static constexpr int32_t kRoot = 0;
+  static constexpr int kMaxWindow = 256;
 
   TokenTrie(int window, int vocab_size);
 
