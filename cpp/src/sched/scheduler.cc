@@ -78,17 +78,14 @@ int Scheduler::match_prefix(Request* r) {
   return r->num_computed;
 }
 
-void Scheduler::add_seq(Request* r, int n, BatchPlan* plan, std::vector<ScheduledSeq>* seqs) {
+void Scheduler::add_seq(Request* r, int n, DraftTree draft, BatchPlan* plan, std::vector<ScheduledSeq>* seqs) {
   const int bs = config_.block_size;
   ScheduledSeq s;
   s.req = r;
   s.first_token = r->num_computed;
   s.num_tokens = n;
   s.samples = r->num_computed + n == r->num_tokens();
-  if (!draft_.tokens.empty()) {
-    s.draft = std::move(draft_);
-    draft_.clear();
-  }
+  s.draft = std::move(draft);
   const int seq_index = plan->num_seqs();
   plan->block_table_offset.push_back(static_cast<int32_t>(plan->block_tables.size()));
   plan->block_tables.insert(plan->block_tables.end(), r->blocks.begin(), r->blocks.end());
@@ -143,18 +140,17 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
     ACCEL_DCHECK(n >= 1);
     // A decoding request may bring a draft tree, if the budget and free blocks allow it (drafts
     // never cause a preemption).
-    draft_.clear();
     if (drafter_ && n == 1 && budget > 1 && static_cast<int>(r->output.size()) + 1 < r->params.max_tokens) {
       const int room = std::min({config_.spec_max_draft, budget - 1, r->params.max_tokens - static_cast<int>(r->output.size()) - 1});
-      std::vector<int32_t> ctx(r->num_tokens());
-      for (int k = 0; k < r->num_tokens(); ++k) ctx[k] = r->token_at(k);
-      drafter_->propose(r->id, ctx.data(), r->num_tokens(), room, config_.spec_max_depth, &draft_);
-      if (!draft_.tokens.empty() && !ensure_blocks(r, r->num_computed + 1 + draft_.size())) draft_.clear();
-    }
-    if (!draft_.tokens.empty()) {
-      budget -= 1 + draft_.size();
-      add_seq(r, 1, plan, seqs);
-      continue;
+      DraftTree draft;
+      context_.resize(r->num_tokens());
+      for (int k = 0; k < r->num_tokens(); ++k) context_[k] = r->token_at(k);
+      drafter_->propose(r->id, context_.data(), r->num_tokens(), room, config_.spec_max_depth, &draft);
+      if (draft.size() > 0 && ensure_blocks(r, r->num_computed + 1 + draft.size())) {
+        budget -= 1 + draft.size();
+        add_seq(r, 1, std::move(draft), plan, seqs);
+        continue;
+      }
     }
     bool self_preempted = false;
     while (!ensure_blocks(r, r->num_computed + n)) {
@@ -166,11 +162,10 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
       }
     }
     if (self_preempted) break;  // it was the last running request
-    add_seq(r, n, plan, seqs);
+    add_seq(r, n, {}, plan, seqs);
     budget -= n;
   }
 
-  draft_.clear();
   // Then admit waiting requests, first come first served, while seats, budget and blocks allow;
   // not in a step that had to preempt (memory is short: admitting would only thrash).
   const bool preempted = counters_.num_preemptions != preemptions_before;
@@ -213,7 +208,7 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
       counters_.prefix_cache_query_tokens += np;
       counters_.prefix_cache_hit_tokens += r->num_cached_tokens;
     }
-    add_seq(r, n, plan, seqs);
+    add_seq(r, n, {}, plan, seqs);
     budget -= n;
   }
 }

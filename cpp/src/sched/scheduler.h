@@ -100,7 +100,7 @@ class Scheduler {
   bool ensure_blocks(Request* r, int num_tokens);  // blocks for positions [0, num_tokens)
   void preempt(Request* r);
   int match_prefix(Request* r);  // takes cached blocks for r's prefix; returns tokens matched
-  void add_seq(Request* r, int n, BatchPlan* plan, std::vector<ScheduledSeq>* seqs);
+  void add_seq(Request* r, int n, DraftTree draft, BatchPlan* plan, std::vector<ScheduledSeq>* seqs);
 
   SchedulerConfig config_;
   BlockAllocator allocator_;
@@ -109,7 +109,7 @@ class Scheduler {
   std::unordered_map<RequestId, std::unique_ptr<Request>> requests_;
   std::deque<Request*> waiting_;
   std::vector<Request*> running_;  // in admission order; the tail is preempted first
-  DraftTree draft_;                // the draft add_seq attaches to the next sequence
+  std::vector<int32_t> context_;   // scratch: a request's tokens, for the drafter
 };
 
 }  // namespace accelcore
