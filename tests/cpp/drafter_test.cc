@@ -110,7 +110,7 @@ TEST(TokenTrie, CountsAreSubstringOccurrences) {
   std::mt19937 rng(1);
   for (int window : {1, 2, 3, 5, 9}) {
     for (int vocab : {2, 3, 7, 50}) {
-      TokenTrie trie(window, vocab);
+      TokenTrie trie(window);
       PathCounts ref;
       for (int k = 0; k < 6; ++k) {
         const auto s = random_seq(rng, static_cast<int>(rng() % 30), vocab);
@@ -125,7 +125,7 @@ TEST(TokenTrie, CountsAreSubstringOccurrences) {
 }
 
 TEST(TokenTrie, HandCountedExample) {
-  TokenTrie trie(3, 10);
+  TokenTrie trie(3);
   const std::vector<int32_t> s = {1, 2, 1, 2, 1};
   trie.add_windows(s.data(), 5, +1);
   auto count = [&](Path p) {
@@ -152,13 +152,13 @@ TEST(TokenTrie, ExtendEqualsAddWindowsAtEveryLength) {
     for (int vocab : {2, 5, 40}) {
       for (int rep = 0; rep < 3; ++rep) {
         const auto s = random_seq(rng, 1 + static_cast<int>(rng() % 40), vocab);
-        TokenTrie inc(window, vocab);
+        TokenTrie inc(window);
         std::vector<int32_t> open;
         for (size_t k = 0; k < s.size(); ++k) {
           inc.extend(&open, s[k]);
           ASSERT_LT(open.size(), static_cast<size_t>(window));
           // The windows of the prefix seen so far, the open ones included.
-          TokenTrie whole(window, vocab);
+          TokenTrie whole(window);
           whole.add_windows(s.data(), static_cast<int>(k + 1), +1);
           ASSERT_EQ(trie_paths(inc), trie_paths(whole)) << "window " << window << " after " << k + 1 << " tokens";
           ASSERT_EQ(inc.num_nodes(), whole.num_nodes());
@@ -176,7 +176,7 @@ TEST(TokenTrie, ExtendOfSeveralInterleavedSequences) {
   // Two sequences growing token by token into the same trie, each with its own open windows.
   std::mt19937 rng(3);
   const int window = 4, vocab = 3;
-  TokenTrie trie(window, vocab);
+  TokenTrie trie(window);
   std::vector<int32_t> open_a, open_b, a, b;
   for (int k = 0; k < 60; ++k) {
     const int32_t t = static_cast<int32_t>(rng() % vocab);
@@ -198,7 +198,7 @@ TEST(TokenTrie, RemovalRestoresThePreviousStateAndFreesNodes) {
   std::mt19937 rng(4);
   for (int window : {1, 3, 6}) {
     for (int vocab : {2, 4, 30}) {
-      TokenTrie trie(window, vocab);
+      TokenTrie trie(window);
       std::vector<std::vector<int32_t>> seqs;
       for (int k = 0; k < 5; ++k) seqs.push_back(random_seq(rng, static_cast<int>(rng() % 25), vocab));
       std::vector<PathCounts> states = {trie_paths(trie)};
@@ -380,7 +380,6 @@ bool check_against_reference(const DraftTree& got, int got_match, const RefDraft
 
 DrafterConfig config(int vocab, int max_match, int max_depth, size_t memory = 64ull << 20) {
   DrafterConfig c;
-  c.vocab_size = vocab;
   c.max_match = max_match;
   c.max_depth = max_depth;
   c.memory_bytes = memory;

@@ -168,7 +168,6 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
     sc.spec_max_depth = config.spec_max_depth;
     sc.spec_max_match = config.spec_max_match;
     sc.spec_memory_bytes = static_cast<size_t>(config.spec_memory_mb) << 20;
-    sc.vocab_size = m.info.vocab_size;
   }
   sc.eos_token_ids = m.info.eos_token_ids;
   m.scheduler = std::make_unique<Scheduler>(sc);

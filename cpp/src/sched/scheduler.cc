@@ -10,9 +10,7 @@ namespace accelcore {
 Scheduler::Scheduler(const SchedulerConfig& config) : config_(config), allocator_(config.num_blocks) {
   ACCEL_CHECK(config.max_num_seqs > 0, InvalidArgument) << "max_num_seqs must be positive";
   if (config.spec_max_draft > 0) {
-    ACCEL_CHECK(config.vocab_size > 0, InvalidArgument) << "speculation needs the vocabulary size";
     DrafterConfig dc;
-    dc.vocab_size = config.vocab_size;
     dc.max_match = config.spec_max_match;
     dc.max_depth = config.spec_max_depth;
     dc.memory_bytes = config.spec_memory_bytes;

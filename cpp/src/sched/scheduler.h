@@ -40,7 +40,6 @@ struct SchedulerConfig {
   int spec_max_depth = 8;
   int spec_max_match = 32;
   size_t spec_memory_bytes = 64ull << 20;
-  int vocab_size = 0;  // needed by the drafter
 };
 
 // One request's share of a step.

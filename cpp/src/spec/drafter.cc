@@ -8,14 +8,14 @@
 namespace accelcore {
 
 Drafter::Drafter(const DrafterConfig& config)
-    : config_(config), window_(config.max_match + config.max_depth), global_(window_, config.vocab_size) {
+    : config_(config), window_(config.max_match + config.max_depth), global_(window_) {
   ACCEL_CHECK(config.max_match > 0 && config.max_depth > 0, InvalidArgument)
       << "speculation needs max_match > 0 and max_depth > 0";
 }
 
 void Drafter::add_tokens(uint64_t request, const int32_t* tokens, int n) {
   auto it = local_.find(request);
-  if (it == local_.end()) it = local_.emplace(request, Local(window_, config_.vocab_size)).first;
+  if (it == local_.end()) it = local_.emplace(request, Local(window_)).first;
   for (int i = 0; i < n; ++i) it->second.trie.extend(&it->second.open, tokens[i]);
 }
 

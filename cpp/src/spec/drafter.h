@@ -32,7 +32,6 @@ struct DraftTree {
 };
 
 struct DrafterConfig {
-  int vocab_size = 0;
   int max_match = 32;       // longest context suffix matched
   int max_depth = 8;        // deepest draft the tries can serve (window = max_match + max_depth)
   size_t memory_bytes = 64ull << 20;  // bound on the global store (nodes and stored outputs)
@@ -59,7 +58,7 @@ class Drafter {
   struct Local {
     TokenTrie trie;
     std::vector<int32_t> open;
-    explicit Local(int window, int vocab) : trie(window, vocab) {}
+    explicit Local(int window) : trie(window) {}
   };
   void evict_until_within_bound();
 

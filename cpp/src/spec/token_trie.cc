@@ -6,14 +6,17 @@
 
 namespace accelcore {
 
-TokenTrie::TokenTrie(int window, int vocab_size) : window_(window), root_child_(vocab_size, kNone) {
+TokenTrie::TokenTrie(int window) : window_(window) {
   ACCEL_CHECK(window > 0 && window <= kMaxWindow, InvalidArgument)
       << "trie window must be in [1, " << kMaxWindow << "], got " << window;
   nodes_.emplace_back();  // root
 }
 
 int32_t TokenTrie::child(int32_t node, int32_t token) const {
-  if (node == kRoot) return token >= 0 && token < static_cast<int32_t>(root_child_.size()) ? root_child_[token] : kNone;
+  if (node == kRoot) {
+    auto it = root_child_.find(token);
+    return it == root_child_.end() ? kNone : it->second;
+  }
   for (int32_t c = nodes_[node].first_child; c != kNone; c = nodes_[c].next_sibling)
     if (nodes_[c].token == token) return c;
   return kNone;
@@ -36,7 +39,7 @@ int32_t TokenTrie::child_or_add(int32_t node, int32_t token) {
   n.first_child = kNone;
   n.next_sibling = nodes_[node].first_child;
   nodes_[node].first_child = c;
-  if (node == kRoot) root_child_[token] = c;
+  if (node == kRoot) root_child_.emplace(token, c);
   return c;
 }
 
@@ -45,7 +48,7 @@ void TokenTrie::unlink(int32_t c) {
   int32_t* link = &nodes_[parent].first_child;
   while (*link != c) link = &nodes_[*link].next_sibling;
   *link = nodes_[c].next_sibling;
-  if (parent == kRoot) root_child_[nodes_[c].token] = kNone;
+  if (parent == kRoot) root_child_.erase(nodes_[c].token);
   nodes_[c] = Node();
   free_.push_back(c);
 }

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <unordered_map>
 #include <vector>
 
 namespace accelcore {
@@ -18,7 +19,7 @@ class TokenTrie {
   static constexpr int32_t kRoot = 0;
   static constexpr int kMaxWindow = 256;
 
-  TokenTrie(int window, int vocab_size);
+  explicit TokenTrie(int window);
 
   int window() const { return window_; }
   size_t num_nodes() const { return nodes_.size() - free_.size() - 1; }  // excluding the root
@@ -50,7 +51,9 @@ class TokenTrie {
 
   int window_;
   std::vector<Node> nodes_;          // nodes_[0] is the root
-  std::vector<int32_t> root_child_;  // the root's children by token (the root fans out widely)
+  // The root's children by token: the root fans out widely, and a map costs memory only for the
+  // tokens seen (a request's own trie would otherwise carry a vocabulary-sized table).
+  std::unordered_map<int32_t, int32_t> root_child_;
   std::vector<int32_t> free_;
 };
 
