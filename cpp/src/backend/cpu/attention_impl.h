@@ -48,6 +48,38 @@ inline float softmax_exp(float x) {
   return p * scale;
 }
 
+// The maximum of x[0, n) (-inf when empty). Maximum is exact whatever the order, so 16 lanes
+// that the compiler vectorises give the same value as a sequential scan (finite inputs).
+inline float max_of(const float* x, int n) {
+  float m[16];
+  for (int l = 0; l < 16; ++l) m[l] = -INFINITY;
+  int j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
+  for (; j < n; ++j) m[0] = x[j] > m[0] ? x[j] : m[0];
+  float r = m[0];
+  for (int l = 1; l < 16; ++l) r = m[l] > r ? m[l] : r;
+  return r;
+}
+
+// part[(base + j) mod 16] += x[j] for j in [lo, hi], in increasing j: each partial sum receives
+// its positions in order, so where a position's value comes from (a block lane or a draft extra)
+// does not change the result.
+inline void add_by_position(float* part, const float* x, int lo, int hi, int base) {
+  int j = lo;
+  for (; j <= hi && ((base + j) & 15) != 0; ++j) part[(base + j) & 15] += x[j];
+  for (; j + 15 <= hi; j += 16)
+    for (int l = 0; l < 16; ++l) part[l] += x[j + l];
+  for (; j <= hi; ++j) part[(base + j) & 15] += x[j];
+}
+
+inline float sum_tree16(const float* part) {
+  float t8[8], t4[4];
+  for (int l = 0; l < 8; ++l) t8[l] = part[l] + part[l + 8];
+  for (int l = 0; l < 4; ++l) t4[l] = t8[l] + t8[l + 4];
+  return (t4[0] + t4[2]) + (t4[1] + t4[3]);
+}
+
 // HD and BS are the head dim and block size when known at compile time (the common shapes get
 // their own instantiation, with the accumulators in registers), or 0 to read them from p. The
 // summation order is fixed per instantiation, and the instantiation depends only on the model's
@@ -137,21 +169,18 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
     for (int g = 0; g < group; ++g) {
       float* s = scores.data() + g * span;
       float* xs = extra_scores.data() + static_cast<size_t>(g) * n_extra;
-      // Softmax over the valid lanes, then the extras: position order throughout.
-      float mx = -INFINITY;
-      for (int32_t j = lo; j <= hi; ++j) {
-        s[j] *= p.scale;
-        mx = std::max(mx, s[j]);
-      }
-      for (int e = extra_first; e < n_extra; ++e) {
-        xs[e] *= p.scale;
-        mx = std::max(mx, xs[e]);
-      }
-      for (int32_t j = lo; j <= hi; ++j) s[j] = softmax_exp(s[j] - mx);  // vectorised
+      // Softmax over the valid lanes and the extras. The maximum is exact in any order; the sum
+      // runs in 16 partial sums keyed by position mod 16, each in position order, then a fixed
+      // tree: vectorisable, and the same for a draft token as for the plain one.
+      for (int32_t j = lo; j <= hi; ++j) s[j] *= p.scale;
+      for (int e = extra_first; e < n_extra; ++e) xs[e] *= p.scale;
+      float mx = std::max(max_of(s + lo, hi - lo + 1), max_of(xs + extra_first, n_extra - extra_first));
+      for (int32_t j = lo; j <= hi; ++j) s[j] = softmax_exp(s[j] - mx);
       for (int e = extra_first; e < n_extra; ++e) xs[e] = softmax_exp(xs[e] - mx);
-      float sum = 0.0f;  // in position order
-      for (int32_t j = lo; j <= hi; ++j) sum += s[j];
-      for (int e = extra_first; e < n_extra; ++e) sum += xs[e];
+      float part[16] = {};
+      add_by_position(part, s, lo, hi, b0 * bs);
+      add_by_position(part, xs, extra_first, n_extra - 1, last + 1);
+      const float sum = sum_tree16(part);
       const float inv = 1.0f / sum;
       float* o = out0 + static_cast<int64_t>(g) * hd;
       auto v_row = [&](int32_t j) {
