@@ -10,7 +10,13 @@ import time
 def _generate(args: argparse.Namespace) -> int:
     from accelcore import Engine, SamplingParams
 
-    engine = Engine(args.model, dtype=args.dtype, num_threads=args.num_threads)
+    engine = Engine(
+        args.model,
+        dtype=args.dtype,
+        num_threads=args.num_threads,
+        speculation=args.speculation,
+        enable_prefix_caching=args.enable_prefix_caching,
+    )
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -22,12 +28,17 @@ def _generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     outs = engine.generate(args.prompts, params)
     dt = time.perf_counter() - t0
-    ntok = 0
+    ntok = steps = 0
     for out in outs:
         ntok += len(out.token_ids)
+        steps += out.num_steps
         print(f"{out.prompt}{out.text}")
         print()
-    print(f"[{len(outs)} prompt(s), {ntok} tokens in {dt:.3f} s, {ntok / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    print(
+        f"[{len(outs)} prompt(s), {ntok} tokens in {dt:.3f} s, {ntok / max(dt, 1e-9):.1f} tokens/s, "
+        f"{ntok / max(steps, 1):.2f} tokens per forward pass]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -45,6 +56,9 @@ def main(argv=None) -> int:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--dtype", default="float32")
     g.add_argument("--num-threads", type=int, default=None)
+    g.add_argument("--speculation", choices=["off", "lookahead"], default="off",
+                   help="lookahead: lossless multi-branch drafts from a token trie")
+    g.add_argument("--enable-prefix-caching", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":

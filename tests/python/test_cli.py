@@ -38,6 +38,18 @@ def test_cli_generate_prints_golden(stories_dir, golden, tmp_path):
     assert "128 tokens" in r.stderr  # the summary line counts both outputs
 
 
+def test_cli_speculation_gives_the_same_text(stories_dir, golden, tmp_path):
+    case = golden["max_new_tokens_256"][1]  # repetitive: drafts get accepted
+    args = ["generate", "--model", str(stories_dir), case["prompt"], "--max-tokens", "256"]
+    plain = _run_cli(args, tmp_path)
+    spec = _run_cli(args + ["--speculation", "lookahead", "--enable-prefix-caching"], tmp_path)
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    assert case["prompt"] + case["continuation_text"] in spec.stdout
+    assert "1.00 tokens per forward pass" in plain.stderr
+    assert "1.00 tokens per forward pass" not in spec.stderr
+
+
 def test_cli_seeded_sampling_is_reproducible(stories_dir, tmp_path):
     args = ["generate", "--model", str(stories_dir), "Once upon a time", "--max-tokens", "24",
             "--temperature", "1.0", "--seed", "7", "--num-threads", "1"]
