@@ -17,3 +17,5 @@ if [ "${ACCELCORE_CUDA:-AUTO}" != "OFF" ]; then
 fi
 python3 -m pip install -q --no-build-isolation .
 python3 -m pytest tests/python -q "$@"
+# End to end on the scalar kernels too (the C++ units already cover every ISA kernel by kernel).
+ACCELCORE_CPU_ISA=scalar python3 -m pytest tests/python -q -k "golden or batch or speculation" "$@"
