@@ -364,11 +364,9 @@ void Engine::Impl::process(size_t i, std::vector<RequestOutput>* outs) {
   if (s.draft.size() > 0) {
     const int accepted = std::max(0, appended - 1);
     const int root = s.first_token + s.num_tokens - 1;
-    const int bs = config.block_size;
-    auto slot_of = [&](int index) { return static_cast<int64_t>(r->blocks[index / bs]) * bs + index % bs; };
     for (int k = 0; k < accepted; ++k) {
       const int node = samples[i].nodes[k + 1];
-      const int64_t src = slot_of(root + 1 + node), dst = slot_of(root + 1 + k);
+      const int64_t src = scheduler->slot(r, root + 1 + node), dst = scheduler->slot(r, root + 1 + k);
       if (src != dst) cache->copy_slot(src, dst);
     }
     computed += accepted;

@@ -77,7 +77,6 @@ int Scheduler::match_prefix(Request* r) {
 }
 
 void Scheduler::add_seq(Request* r, int n, DraftTree draft, BatchPlan* plan, std::vector<ScheduledSeq>* seqs) {
-  const int bs = config_.block_size;
   ScheduledSeq s;
   s.req = r;
   s.first_token = r->num_computed;
@@ -89,7 +88,7 @@ void Scheduler::add_seq(Request* r, int n, DraftTree draft, BatchPlan* plan, std
   plan->block_tables.insert(plan->block_tables.end(), r->blocks.begin(), r->blocks.end());
   const int np = static_cast<int>(r->prompt.size());
   const bool want_prompt_lp = r->wants_prompt_logprobs();
-  auto slot_of = [&](int index) { return static_cast<int64_t>(r->blocks[index / bs]) * bs + index % bs; };
+  auto slot_of = [&](int index) { return slot(r, index); };
   const bool any_extra = !plan->extra_offset.empty() || !s.draft.tokens.empty();
   if (any_extra && plan->extra_offset.empty()) plan->extra_offset.assign(plan->num_tokens() + 1, 0);
   s.first_logit = static_cast<int>(plan->logit_rows.size());

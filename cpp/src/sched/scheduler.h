@@ -89,7 +89,10 @@ class Scheduler {
   // After the forward pass, for each scheduled sequence: its first `num_computed` tokens of the
   // step now have K/V in their final slots (all of them, or the root plus accepted draft nodes).
   void on_computed(const ScheduledSeq& s, int num_computed);
-  const Drafter* drafter() const { return drafter_.get(); }
+  // The KV slot of token index `index` of request r (its block table must cover it).
+  int64_t slot(const Request* r, int index) const {
+    return static_cast<int64_t>(r->blocks[index / config_.block_size]) * config_.block_size + index % config_.block_size;
+  }
   // Appends a sampled token and returns the finish reason it causes (kNone to go on).
   FinishReason append_token(Request* r, int32_t token);
   // Ends a request: releases its blocks and forgets it. Returns it (null for an unknown id).
