@@ -90,6 +90,7 @@ NB_MODULE(_core, m) {
       .def_rw("max_model_len", &EngineConfig::max_model_len)
       .def_rw("enable_prefix_caching", &EngineConfig::enable_prefix_caching)
       .def_rw("speculation", &EngineConfig::speculation)
+      .def_rw("spec_policy", &EngineConfig::spec_policy)
       .def_rw("spec_max_draft", &EngineConfig::spec_max_draft)
       .def_rw("spec_max_depth", &EngineConfig::spec_max_depth)
       .def_rw("spec_max_match", &EngineConfig::spec_max_match)
@@ -143,7 +144,14 @@ NB_MODULE(_core, m) {
       .def_ro("prefix_cache_query_tokens", &EngineStats::prefix_cache_query_tokens)
       .def_ro("step_time_s", &EngineStats::step_time_s)
       .def_ro("forward_time_s", &EngineStats::forward_time_s)
-      .def_ro("schedule_time_s", &EngineStats::schedule_time_s);
+      .def_ro("schedule_time_s", &EngineStats::schedule_time_s)
+      .def_ro("spec_policy", &EngineStats::spec_policy)
+      .def_ro("num_draft_tokens", &EngineStats::num_draft_tokens)
+      .def_ro("num_accepted_draft_tokens", &EngineStats::num_accepted_draft_tokens)
+      .def_ro("last_step_draft_tokens", &EngineStats::last_step_draft_tokens)
+      .def_ro("last_step_drafted_seqs", &EngineStats::last_step_drafted_seqs)
+      .def_ro("spec_acceptance", &EngineStats::spec_acceptance)
+      .def_ro("step_time_coefficients", &EngineStats::step_time_coefficients);
 
   nb::class_<Engine>(m, "Engine")
       .def(nb::init<const EngineConfig&>(), "config"_a, nb::call_guard<nb::gil_scoped_release>())

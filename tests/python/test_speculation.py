@@ -17,7 +17,8 @@ import pytest
 import accel_testutil as tu
 from accelcore import Engine, SamplingParams
 
-SPEC = {"speculation": "lookahead"}
+# The fixed policy drafts whenever the trie has something: it exercises verification hardest.
+SPEC = {"speculation": "lookahead", "spec_policy": "fixed"}
 
 
 def _run(model, prompts, params, **options):

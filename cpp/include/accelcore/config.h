@@ -22,7 +22,11 @@ struct EngineConfig {
   // Speculation: "off", or "lookahead" (model-free multi-branch drafts from a token trie of the
   // request's own tokens and of earlier outputs, verified losslessly in the same forward pass).
   std::string speculation = "off";
-  int spec_max_draft = 8;    // draft tree nodes per request and step
+  // How many draft nodes each request gets per step: "smartspec" (the number, 0 or more, that
+  // maximises expected tokens per second, from measured acceptance and a fitted step-time model),
+  // "fixed" (always spec_max_draft, as the token budget allows) or "off" (none).
+  std::string spec_policy = "smartspec";
+  int spec_max_draft = 8;    // draft tree nodes per request and step, at most
   int spec_max_depth = 8;    // deepest draft path
   int spec_max_match = 32;   // longest context suffix matched in the trie
   int spec_memory_mb = 64;   // bound on the global draft store

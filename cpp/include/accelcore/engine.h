@@ -78,6 +78,15 @@ struct EngineStats {
   double step_time_s = 0;      // total time inside step()
   double forward_time_s = 0;   // of which the model's forward pass
   double schedule_time_s = 0;  // of which planning the batch (Scheduler::schedule)
+  // Speculation (empty policy: off).
+  std::string spec_policy;
+  uint64_t num_draft_tokens = 0;           // draft nodes verified
+  uint64_t num_accepted_draft_tokens = 0;  // of which accepted
+  int last_step_draft_tokens = 0;          // draft nodes in the last step
+  int last_step_drafted_seqs = 0;          // requests with a draft in the last step
+  std::vector<double> spec_acceptance;     // global acceptance rate by draft depth 1, 2, ...
+  // SmartSpec's step-time model, seconds: c0 + c_tok * tokens + c_kv * KV tokens read + c_seq * seqs.
+  std::vector<double> step_time_coefficients;
 };
 
 class Engine {

@@ -43,6 +43,8 @@ void EngineConfig::validate() const {
   ACCEL_CHECK(max_model_len >= 0, InvalidArgument) << "max_model_len must be >= 0, got " << max_model_len;
   ACCEL_CHECK(speculation == "off" || speculation == "lookahead", InvalidArgument)
       << "speculation must be 'off' or 'lookahead', got '" << speculation << "'";
+  ACCEL_CHECK(spec_policy == "smartspec" || spec_policy == "fixed" || spec_policy == "off", InvalidArgument)
+      << "spec_policy must be 'smartspec', 'fixed' or 'off', got '" << spec_policy << "'";
   ACCEL_CHECK(spec_max_draft >= 0 && spec_max_draft <= 256, InvalidArgument)
       << "spec_max_draft must be in [0, 256], got " << spec_max_draft;
   ACCEL_CHECK(spec_max_depth >= 1 && spec_max_depth <= 64, InvalidArgument)
@@ -98,7 +100,9 @@ struct Engine::Impl {
     std::vector<int32_t> tokens, rows, nodes;
   };
   std::vector<Samples> samples;
+  uint64_t total_draft_tokens = 0, total_accepted_draft_tokens = 0;
 
+  void profile_step_time();
   void apply_intake();  // needs step_mu
   void publish();       // needs step_mu
   void sample_all();    // fills `samples` (sampling and draft verification), in parallel
@@ -163,7 +167,8 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   sc.block_size = config.block_size;
   sc.num_blocks = shape.num_blocks;
   sc.enable_prefix_caching = config.enable_prefix_caching;
-  if (config.speculation == "lookahead") {
+  if (config.speculation == "lookahead" && config.spec_policy != "off") {
+    sc.spec_policy = config.spec_policy == "fixed" ? SpecPolicy::kFixed : SpecPolicy::kSmart;
     sc.spec_max_draft = config.spec_max_draft;
     sc.spec_max_depth = config.spec_max_depth;
     sc.spec_max_match = config.spec_max_match;
@@ -174,6 +179,45 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   m.num_total_blocks = shape.num_blocks;
   m.publish();
   m.pool = std::make_unique<ThreadPool>(config.num_threads > 0 ? config.num_threads : default_num_threads());
+  if (sc.spec_max_draft > 0 && sc.spec_policy == SpecPolicy::kSmart) {
+    m.profile_step_time();
+    m.publish();
+  }
+}
+
+// Seeds SmartSpec's step-time model: forward passes over made-up batches that vary the token
+// count, the context read and the number of sequences. They write K/V into the idle pool (nothing
+// is allocated yet; block 0 onwards) and are discarded.
+void Engine::Impl::profile_step_time() {
+  const int bs = config.block_size, pool_tokens = num_total_blocks * bs;
+  struct Shape {
+    int seqs, tokens, context;  // per sequence: `tokens` rows after `context` earlier positions
+  };
+  const Shape shapes[] = {{1, 1, 16},  {1, 1, 256}, {1, 4, 64},  {1, 16, 128}, {1, 64, 0},
+                          {4, 1, 64},  {8, 1, 256}, {8, 2, 32},  {16, 1, 64},  {2, 8, 512}};
+  for (const Shape& sh : shapes) {
+    const int per_seq = std::min(sh.context + sh.tokens, info.max_model_len);
+    const int blocks_per_seq = (per_seq + bs - 1) / bs;
+    if (per_seq <= sh.tokens || blocks_per_seq * sh.seqs > num_total_blocks || per_seq > pool_tokens) continue;
+    plan.clear();
+    for (int q = 0; q < sh.seqs; ++q) {
+      plan.block_table_offset.push_back(static_cast<int32_t>(plan.block_tables.size()));
+      for (int b = 0; b < blocks_per_seq; ++b) plan.block_tables.push_back(q * blocks_per_seq + b);
+      for (int i = per_seq - sh.tokens; i < per_seq; ++i) {
+        plan.token_ids.push_back(0);
+        plan.positions.push_back(i);
+        plan.slots.push_back(static_cast<int64_t>(q * blocks_per_seq + i / bs) * bs + i % bs);
+        plan.seq_of_token.push_back(q);
+      }
+      plan.logit_rows.push_back(plan.num_tokens() - 1);
+    }
+    for (int rep = 0; rep < 2; ++rep) {  // the first run warms caches and buffers
+      const auto t0 = Clock::now();
+      model->forward(plan, *cache, *pool, &logits);
+      if (rep == 1) scheduler->observe_step(step_features(plan), std::chrono::duration<double>(Clock::now() - t0).count());
+    }
+  }
+  plan.clear();
 }
 
 Engine::~Engine() = default;
@@ -247,6 +291,18 @@ void Engine::Impl::publish() {
   counters.num_preemptions = scheduler->counters().num_preemptions;
   counters.prefix_cache_hit_tokens = scheduler->counters().prefix_cache_hit_tokens;
   counters.prefix_cache_query_tokens = scheduler->counters().prefix_cache_query_tokens;
+  if (const SpecController* spec = scheduler->spec()) {
+    counters.spec_policy = spec->policy() == SpecPolicy::kSmart ? "smartspec" : "fixed";
+    counters.num_draft_tokens = total_draft_tokens;
+    counters.num_accepted_draft_tokens = total_accepted_draft_tokens;
+    counters.last_step_draft_tokens = scheduler->last_draft_tokens();
+    counters.last_step_drafted_seqs = scheduler->last_drafted_seqs();
+    counters.spec_acceptance.assign(spec->global_rates().begin() + 1, spec->global_rates().end());
+    const auto& c = spec->model().coefficients();
+    counters.step_time_coefficients.assign(c.begin(), c.end());
+  } else {
+    counters.spec_policy = config.speculation == "lookahead" ? "off" : "";
+  }
 }
 
 RequestOutput Engine::Impl::finished_output(std::unique_ptr<Request> r) const {
@@ -372,6 +428,9 @@ void Engine::Impl::process(size_t i, std::vector<RequestOutput>* outs) {
     computed += accepted;
     r->num_draft_tokens += s.draft.size();
     r->num_accepted_draft_tokens += accepted;
+    total_draft_tokens += s.draft.size();
+    total_accepted_draft_tokens += accepted;
+    scheduler->on_verified(s, samples[i].nodes.data() + 1, accepted);
   }
   scheduler->on_computed(s, computed);
   if (finish != FinishReason::kNone) {
@@ -410,8 +469,10 @@ std::vector<RequestOutput> Engine::step() {
     m.pending.clear();
   }
   if (m.plan.num_tokens() > 0) {
+    const double step_s = std::chrono::duration<double>(Clock::now() - t0).count();
+    m.scheduler->observe_step(step_features(m.plan), step_s);
     ++m.counters.num_steps;
-    m.counters.step_time_s += std::chrono::duration<double>(Clock::now() - t0).count();
+    m.counters.step_time_s += step_s;
     m.counters.forward_time_s += forward_s;
     m.counters.schedule_time_s += schedule_s;
   }

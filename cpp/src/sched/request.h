@@ -35,6 +35,9 @@ struct Request {
   int num_steps = 0;             // forward passes that produced tokens for it
   int num_draft_tokens = 0;      // draft nodes verified for it
   int num_accepted_draft_tokens = 0;
+  // SmartSpec: this request's acceptance rate per draft depth ([d], d >= 1); empty until its
+  // first verification (the global rates stand in).
+  std::vector<float> spec_accept;
 
   std::vector<TokenLogprobs> prompt_logprobs;  // filled while the prompt is prefilled
   bool prompt_logprobs_done = false;           // emitted; a recompute after preemption skips them

@@ -15,6 +15,7 @@ Scheduler::Scheduler(const SchedulerConfig& config) : config_(config), allocator
     dc.max_depth = config.spec_max_depth;
     dc.memory_bytes = config.spec_memory_bytes;
     drafter_ = std::make_unique<Drafter>(dc);
+    spec_ = std::make_unique<SpecController>(config.spec_policy, config.spec_max_depth);
   }
   ACCEL_CHECK(config.max_num_batched_tokens > 0, InvalidArgument) << "max_num_batched_tokens must be positive";
   ACCEL_CHECK(config.block_size > 0, InvalidArgument) << "block_size must be positive";
@@ -126,29 +127,17 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
                          std::vector<std::unique_ptr<Request>>* failed) {
   plan->clear();
   seqs->clear();
+  picks_.clear();
   int budget = config_.max_num_batched_tokens;
 
   // Running requests first, in admission order. One that cannot get a block preempts the most
-  // recently admitted request (possibly itself).
+  // recently admitted request (possibly itself), which comes later in the order: nothing picked
+  // is ever preempted.
   const uint64_t preemptions_before = counters_.num_preemptions;
   for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
     Request* r = running_[i];
     const int n = std::min(r->num_tokens() - r->num_computed, budget);
     ACCEL_DCHECK(n >= 1);
-    // A decoding request may bring a draft tree, if the budget and free blocks allow it (drafts
-    // never cause a preemption).
-    if (drafter_ && n == 1 && budget > 1 && static_cast<int>(r->output.size()) + 1 < r->params.max_tokens) {
-      const int room = std::min({config_.spec_max_draft, budget - 1, r->params.max_tokens - static_cast<int>(r->output.size()) - 1});
-      DraftTree draft;
-      context_.resize(r->num_tokens());
-      for (int k = 0; k < r->num_tokens(); ++k) context_[k] = r->token_at(k);
-      drafter_->propose(r->id, context_.data(), r->num_tokens(), room, config_.spec_max_depth, &draft);
-      if (draft.size() > 0 && ensure_blocks(r, r->num_computed + 1 + draft.size())) {
-        budget -= 1 + draft.size();
-        add_seq(r, 1, std::move(draft), plan, seqs);
-        continue;
-      }
-    }
     bool self_preempted = false;
     while (!ensure_blocks(r, r->num_computed + n)) {
       Request* victim = running_.back();
@@ -159,7 +148,7 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
       }
     }
     if (self_preempted) break;  // it was the last running request
-    add_seq(r, n, {}, plan, seqs);
+    picks_.push_back({r, n});
     budget -= n;
   }
 
@@ -188,7 +177,7 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
       allocator_.release_all(&r->blocks);  // give back the prefix hits; retried next step
       r->block_hashes.clear();
       r->num_computed = 0;
-      if (running_.empty() && seqs->empty()) {
+      if (running_.empty() && picks_.empty()) {
         // Nothing runs and it still does not fit: it never will. Fail it rather than hang.
         r->error = "request needs more KV blocks than the pool can ever free for it";
         waiting_.pop_front();
@@ -205,9 +194,104 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
       counters_.prefix_cache_query_tokens += np;
       counters_.prefix_cache_hit_tokens += r->num_cached_tokens;
     }
-    add_seq(r, n, {}, plan, seqs);
+    picks_.push_back({r, n});
     budget -= n;
   }
+
+  // Drafts take what budget is left (after every prompt chunk and admission) and free blocks
+  // only: they never cause a preemption or delay a request.
+  std::vector<DraftTree> drafts(picks_.size());
+  last_draft_tokens_ = last_drafted_seqs_ = 0;
+  if (drafter_ && budget > 0) plan_drafts(budget, &drafts);
+  for (size_t i = 0; i < picks_.size(); ++i) {
+    last_draft_tokens_ += drafts[i].size();
+    last_drafted_seqs_ += drafts[i].size() > 0;
+    add_seq(picks_[i].req, picks_[i].num_tokens, std::move(drafts[i]), plan, seqs);
+  }
+}
+
+void Scheduler::propose(Request* r, int max_nodes, DraftTree* out) {
+  context_.resize(r->num_tokens());
+  for (int k = 0; k < r->num_tokens(); ++k) context_[k] = r->token_at(k);
+  drafter_->propose(r->id, context_.data(), r->num_tokens(), max_nodes, config_.spec_max_depth, out);
+}
+
+void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
+  const SpecPolicy policy = spec_->policy();
+  if (policy == SpecPolicy::kOff) return;
+  // A request can draft when this step samples its next token and more than one is still to come.
+  auto room = [&](const Pick& p) {
+    const Request* r = p.req;
+    if (r->num_computed + p.num_tokens != r->num_tokens()) return 0;
+    return std::min(config_.spec_max_draft, r->params.max_tokens - static_cast<int>(r->output.size()) - 1);
+  };
+  auto take = [&](size_t i, DraftTree&& t) {
+    Request* r = picks_[i].req;
+    if (t.size() == 0 || !ensure_blocks(r, r->num_computed + picks_[i].num_tokens + t.size())) return 0;
+    (*drafts)[i] = std::move(t);
+    return (*drafts)[i].size();
+  };
+
+  if (policy == SpecPolicy::kFixed) {
+    for (size_t i = 0; i < picks_.size() && budget > 0; ++i) {
+      const int k = std::min(room(picks_[i]), budget);
+      if (k <= 0) continue;
+      DraftTree t;
+      propose(picks_[i].req, k, &t);
+      budget -= take(i, std::move(t));
+    }
+    return;
+  }
+
+  // SmartSpec. Until the step-time model has data, no drafts (the engine profiles at start-up).
+  const StepTimeModel& model = spec_->model();
+  if (!model.ready()) return;
+  StepFeatures base;
+  double samples = 0;
+  for (const Pick& p : picks_) {
+    const double first = p.req->num_computed, n = p.num_tokens;
+    base.tokens += n;
+    base.seqs += 1;
+    base.kv_tokens += n * first + n * (n + 1) / 2;
+    samples += first + n == p.req->num_tokens();
+  }
+  const double base_goodput = samples / std::max(model.predict(base), 1e-9);
+  std::vector<DraftCandidate> cands;
+  std::vector<size_t> cand_pick;
+  std::vector<DraftTree> trees;
+  for (size_t i = 0; i < picks_.size(); ++i) {
+    const int k = std::min(room(picks_[i]), budget);
+    if (k <= 0) continue;
+    Request* r = picks_[i].req;
+    DraftCandidate c;
+    c.kv_tokens = r->num_tokens() + 1.0;  // a depth-1 node attends to the context and itself
+    // The cheap check: if even a sure first node would not raise goodput, skip the lookup.
+    if (spec_->first_node_bound(r) / std::max(model.row_cost(c.kv_tokens), 1e-12) <= base_goodput) continue;
+    DraftTree t;
+    propose(r, k, &t);
+    if (t.size() == 0) continue;
+    spec_->node_probabilities(r, t, &c.probs);
+    order_by_probability(&t, &c.probs);
+    c.depths = t.depths;
+    cands.push_back(std::move(c));
+    cand_pick.push_back(i);
+    trees.push_back(std::move(t));
+  }
+  if (cands.empty()) return;
+  allocate_drafts(model, base, samples, budget, &cands);
+  for (size_t j = 0; j < cands.size(); ++j) {
+    if (cands[j].chosen == 0) continue;
+    trees[j].truncate(cands[j].chosen);
+    take(cand_pick[j], std::move(trees[j]));
+  }
+}
+
+void Scheduler::on_verified(const ScheduledSeq& s, const int32_t* path, int n) {
+  if (spec_ && s.draft.size() > 0) spec_->on_verified(s.req, s.draft, path, n);
+}
+
+void Scheduler::observe_step(const StepFeatures& f, double seconds) {
+  if (spec_) spec_->model().observe(f, seconds);
 }
 
 void Scheduler::on_computed(const ScheduledSeq& s, int num_computed) {

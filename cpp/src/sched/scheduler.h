@@ -23,6 +23,7 @@
 #include "kv/block_allocator.h"
 #include "sched/batch_plan.h"
 #include "sched/request.h"
+#include "sched/spec_controller.h"
 #include "spec/drafter.h"
 
 namespace accelcore {
@@ -34,9 +35,12 @@ struct SchedulerConfig {
   int num_blocks = 0;
   bool enable_prefix_caching = false;
   std::vector<int32_t> eos_token_ids;
-  // Speculation (Lookahead): draft at most spec_max_draft tree nodes of depth <= spec_max_depth
-  // after each decoding request's last token; 0 turns it off.
+  // Speculation (Lookahead): draft trees of at most spec_max_draft nodes and depth <=
+  // spec_max_depth after decoding requests' last tokens (0 nodes: no drafter at all). How many
+  // each request gets: kFixed, all of them the budget allows; kSmart, the goodput-maximising
+  // number (0 or more); kOff, none.
   int spec_max_draft = 0;
+  SpecPolicy spec_policy = SpecPolicy::kFixed;
   int spec_max_depth = 8;
   int spec_max_match = 32;
   size_t spec_memory_bytes = 64ull << 20;
@@ -77,6 +81,11 @@ class Scheduler {
   const std::vector<Request*>& running() const { return running_; }
   const std::deque<Request*>& waiting() const { return waiting_; }
   const BlockAllocator& allocator() const { return allocator_; }
+  // Null without speculation.
+  const SpecController* spec() const { return spec_.get(); }
+  // Draft nodes and requests with a draft in the last planned step.
+  int last_draft_tokens() const { return last_draft_tokens_; }
+  int last_drafted_seqs() const { return last_drafted_seqs_; }
 
   void add(std::unique_ptr<Request> req);
   Request* find(RequestId id);
@@ -89,6 +98,11 @@ class Scheduler {
   // After the forward pass, for each scheduled sequence: its first `num_computed` tokens of the
   // step now have K/V in their final slots (all of them, or the root plus accepted draft nodes).
   void on_computed(const ScheduledSeq& s, int num_computed);
+  // After the forward pass of a sequence with a draft: path[0, n) are its accepted draft nodes in
+  // depth order (updates the acceptance estimates; call before on_computed).
+  void on_verified(const ScheduledSeq& s, const int32_t* path, int n);
+  // A step's measured duration, for the step-time model (features: step_features of its plan).
+  void observe_step(const StepFeatures& f, double seconds);
   // The KV slot of token index `index` of request r (its block table must cover it).
   int64_t slot(const Request* r, int index) const {
     return static_cast<int64_t>(r->blocks[index / config_.block_size]) * config_.block_size + index % config_.block_size;
@@ -103,15 +117,25 @@ class Scheduler {
   void preempt(Request* r);
   int match_prefix(Request* r);  // takes cached blocks for r's prefix; returns tokens matched
   void add_seq(Request* r, int n, DraftTree draft, BatchPlan* plan, std::vector<ScheduledSeq>* seqs);
+  // Drafts for the picked sequences, within `budget` draft nodes, by the configured policy.
+  void plan_drafts(int budget, std::vector<DraftTree>* drafts);
+  void propose(Request* r, int max_nodes, DraftTree* out);
 
   SchedulerConfig config_;
   BlockAllocator allocator_;
   std::unique_ptr<Drafter> drafter_;  // null without speculation
+  std::unique_ptr<SpecController> spec_;
   SchedulerCounters counters_;
   std::unordered_map<RequestId, std::unique_ptr<Request>> requests_;
   std::deque<Request*> waiting_;
   std::vector<Request*> running_;  // in admission order; the tail is preempted first
   std::vector<int32_t> context_;   // scratch: a request's tokens, for the drafter
+  struct Pick {
+    Request* req;
+    int num_tokens;
+  };
+  std::vector<Pick> picks_;  // scratch: the sequences of the step being planned
+  int last_draft_tokens_ = 0, last_drafted_seqs_ = 0;
 };
 
 }  // namespace accelcore

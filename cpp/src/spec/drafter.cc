@@ -83,6 +83,7 @@ int Drafter::propose(uint64_t request, const int32_t* context, int n, int max_no
   struct Cand {
     int64_t count;
     int32_t token, parent, depth, l, g;
+    float share;
   };
   auto worse = [](const Cand& a, const Cand& b) {
     return a.count != b.count ? a.count < b.count : a.token > b.token;
@@ -125,7 +126,9 @@ int Drafter::propose(uint64_t request, const int32_t* context, int n, int max_no
     std::partial_sort(kids.begin(), kids.begin() + keep, kids.end(), [](const Kid& a, const Kid& b) {
       return a.count != b.count ? a.count > b.count : a.token < b.token;
     });
-    for (size_t i = 0; i < keep; ++i) heap.push({kids[i].count, kids[i].token, parent, depth, kids[i].l, kids[i].g});
+    for (size_t i = 0; i < keep; ++i)
+      heap.push({kids[i].count, kids[i].token, parent, depth, kids[i].l, kids[i].g,
+                 static_cast<float>(kids[i].count) / static_cast<float>(kids[0].count)});
   };
   push_children(lnode, gnode, -1, 1);
   // Popped in score order, but the tree must list parents before children: collect, then order.
@@ -142,6 +145,7 @@ int Drafter::propose(uint64_t request, const int32_t* context, int n, int max_no
     out->tokens.push_back(c.token);
     out->parents.push_back(c.parent);
     out->depths.push_back(c.depth);
+    out->shares.push_back(c.share);
   }
   return match;
 }

@@ -19,15 +19,19 @@
 
 namespace accelcore {
 
-// Nodes in BFS order (a parent before its children); parent -1 means "child of the last context
-// token".
+// Nodes with every parent before its children; parent -1 means "child of the last context token".
+// shares[i]: node i's count over the count of its most frequent sibling (1 for that one), the
+// trie's estimate of how likely it is next to the best alternative.
 struct DraftTree {
   std::vector<int32_t> tokens, parents, depths;
+  std::vector<float> shares;
   int size() const { return static_cast<int>(tokens.size()); }
-  void clear() {
-    tokens.clear();
-    parents.clear();
-    depths.clear();
+  void clear() { truncate(0); }
+  void truncate(int k) {
+    tokens.resize(k);
+    parents.resize(k);
+    depths.resize(k);
+    shares.resize(k);
   }
 };
 

@@ -183,12 +183,44 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
       const float sum = sum_tree16(part);
       const float inv = 1.0f / sum;
       float* o = out0 + static_cast<int64_t>(g) * hd;
-      auto v_row = [&](int32_t j) {
-        const int32_t abs_pos = b0 * bs + j;
-        return p.v_cache + ((static_cast<int64_t>(table[abs_pos / bs]) * p.num_kv_heads + kvh) * bs + abs_pos % bs) * hd;
+      // The in-order lanes block by block: one table lookup per block, its rows contiguous.
+      auto for_each_block = [&](auto&& fn) {
+        for (int32_t b = b0; b <= b1; ++b) {
+          const int32_t base = (b - b0) * bs;
+          const int32_t la = std::max(lo - base, 0), lz = std::min(hi - base, bs - 1);
+          if (la > lz) continue;
+          fn(b * bs, p.v_cache + (static_cast<int64_t>(table[b]) * p.num_kv_heads + kvh) * head_floats, s + base, la, lz);
+        }
       };
       auto extra_v_row = [&](int e) { return head_base(extra_slots[e], p.v_cache) + (extra_slots[e] % bs) * hd; };
-      if constexpr (HD > 0 && HD % 8 == 0) {
+      if constexpr (HD == 8 && BS == 16) {
+        // Head dim 8: an even and the following odd row of a block are one 16-float vector, so its
+        // low half accumulates the even positions and its high half the odd ones: the products and
+        // sums of two 8-lane accumulators, half the instructions. A lone lane (a block's edge, a
+        // draft extra) goes through memory into its half, with the same scalar arithmetic.
+        V16 acc = {};
+        auto add_half = [&](int32_t position, const float* v, float w) {
+          float a[16];
+          store16(a, acc);
+          float* h = a + 8 * (position & 1);
+          for (int i = 0; i < 8; ++i) h[i] += w * v[i];
+          acc = load16(a);
+        };
+        for_each_block([&](int32_t abs0, const float* vb, const float* sb, int32_t la, int32_t lz) {
+          int32_t l = la;
+          if (l & 1) add_half(abs0 + l, vb + 8 * l, sb[l] * inv), ++l;
+          for (; l + 1 <= lz; l += 2) {
+            const float we = sb[l] * inv, wo = sb[l + 1] * inv;
+            const V16 w = {we, we, we, we, we, we, we, we, wo, wo, wo, wo, wo, wo, wo, wo};
+            acc += w * load16(vb + 8 * l);
+          }
+          if (l <= lz) add_half(abs0 + l, vb + 8 * l, sb[l] * inv);
+        });
+        for (int e = extra_first; e < n_extra; ++e) add_half(last + 1 + e, extra_v_row(e), xs[e] * inv);
+        float a[16];
+        store16(a, acc);
+        for (int i = 0; i < 8; ++i) o[i] = a[i] + a[8 + i];
+      } else if constexpr (HD > 0 && HD % 8 == 0) {
         // Register accumulators, one set for even and one for odd positions: independent chains.
         using V = std::conditional_t<HD % 16 == 0, V16, V8>;
         constexpr int kWidth = sizeof(V) / sizeof(float), kVecs = HD / kWidth;
@@ -202,34 +234,35 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
             for (int c = 0; c < kVecs; ++c) even[c] += w * loadv<V>(v + kWidth * c);
           }
         };
-        // In-order lanes two at a time (one even, one odd position): no branch in the hot loop,
-        // the same additions in the same order as one position at a time.
-        int32_t j = lo;
-        if (j <= hi && ((b0 * bs + j) & 1)) {
-          accumulate(b0 * bs + j, v_row(j), s[j] * inv);
-          ++j;
-        }
-        for (; j + 1 <= hi; j += 2) {
-          const float* ve = v_row(j);
-          const float* vo = v_row(j + 1);
-          const float we = s[j] * inv, wo = s[j + 1] * inv;
+        // Two lanes at a time (one even, one odd position): no branch in the hot loop, the same
+        // additions in the same order as one position at a time.
+        for_each_block([&](int32_t abs0, const float* vb, const float* sb, int32_t la, int32_t lz) {
+          int32_t l = la;
+          if ((abs0 + l) & 1) accumulate(abs0 + l, vb + l * hd, sb[l] * inv), ++l;
+          for (; l + 1 <= lz; l += 2) {
+            const float* ve = vb + l * hd;
+            const float* vo = ve + hd;
+            const float we = sb[l] * inv, wo = sb[l + 1] * inv;
 #pragma GCC unroll 8
-          for (int c = 0; c < kVecs; ++c) {
-            even[c] += we * loadv<V>(ve + kWidth * c);
-            odd[c] += wo * loadv<V>(vo + kWidth * c);
+            for (int c = 0; c < kVecs; ++c) {
+              even[c] += we * loadv<V>(ve + kWidth * c);
+              odd[c] += wo * loadv<V>(vo + kWidth * c);
+            }
           }
-        }
-        if (j <= hi) accumulate(b0 * bs + j, v_row(j), s[j] * inv);
+          if (l <= lz) accumulate(abs0 + l, vb + l * hd, sb[l] * inv);
+        });
         for (int e = extra_first; e < n_extra; ++e) accumulate(last + 1 + e, extra_v_row(e), xs[e] * inv);
 #pragma GCC unroll 8
         for (int c = 0; c < kVecs; ++c) storev(o + kWidth * c, even[c] + odd[c]);
       } else {
         for (int i = 0; i < hd; ++i) o[i] = 0.0f;
-        for (int32_t j = lo; j <= hi; ++j) {
-          const float* v = v_row(j);
-          const float w = s[j] * inv;
-          for (int i = 0; i < hd; ++i) o[i] += w * v[i];
-        }
+        for_each_block([&](int32_t, const float* vb, const float* sb, int32_t la, int32_t lz) {
+          for (int32_t l = la; l <= lz; ++l) {
+            const float* v = vb + l * hd;
+            const float w = sb[l] * inv;
+            for (int i = 0; i < hd; ++i) o[i] += w * v[i];
+          }
+        });
         for (int e = extra_first; e < n_extra; ++e) {
           const float* v = extra_v_row(e);
           const float w = xs[e] * inv;
