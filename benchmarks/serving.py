@@ -7,6 +7,13 @@ queueing delay counts. Prints a table and (with --json) writes mean_latency_s, p
 mean_ttft_s, p99_ttft_s, mean_tpot_s, p99_tpot_s, throughput_tok_s and per-request records.
 
     python benchmarks/serving.py --model ../shared/models/stories260K --rate 20 --num-requests 200
+
+Speculation policies (SmartSpec): `--speculation off,fixed:4,fixed:8,smartspec --rate 0.5,2,8`
+runs every policy at every rate, each on a fresh engine whose draft store is first warmed with
+`--warmup` sampled stories (identical for every policy: speculation does not change outputs),
+and prints latency per policy and rate (`--plot FILE.png` draws latency against rate).
+`--model wide-stories` is stories260K embedded in a larger network (benchmarks/common.py:
+build_wide_stories): the step time of a bigger model, stories260K's text and acceptance.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import percentile  # noqa: E402
+from common import RESULTS_DIR, build_wide_stories, percentile  # noqa: E402
+
+STORIES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "stories260K")
 
 STORY_OPENINGS = [
     "Once upon a time",
@@ -102,10 +111,73 @@ def summarize(records, wall: float):
     }
 
 
+def policy_options(policy: str) -> dict:
+    """Engine options for off | fixed:K | smartspec[:K]."""
+    if policy == "off":
+        return {}
+    name, _, k = policy.partition(":")
+    if name not in ("fixed", "smartspec") or (name == "fixed" and not k):
+        raise SystemExit(f"--speculation: expected off, fixed:K or smartspec[:K], got {policy!r}")
+    opts = {"speculation": "lookahead", "spec_policy": name}
+    if k:
+        opts["spec_max_draft"] = int(k)
+    return opts
+
+
+def run_one(args, model: str, policy: str, rate: float):
+    from accelcore import Engine, SamplingParams
+
+    engine = Engine(
+        model,
+        num_threads=args.threads,
+        max_num_seqs=args.max_num_seqs,
+        enable_prefix_caching=args.enable_prefix_caching,
+        **policy_options(policy),
+    )
+    if args.warmup and policy != "off":
+        bos = engine.model_info.bos_token_id or 1
+        engine.generate([[bos]] * args.warmup,
+                        [SamplingParams(max_tokens=args.warmup_len, temperature=1.0, seed=10_000 + i) for i in range(args.warmup)])
+    work = make_workload(engine, args.num_requests, rate, args.seed, tuple(args.output_len), tuple(args.prompt_len))
+    s0 = engine.stats()
+    records, wall = run(engine, work, args.temperature, args.seed)
+    summary = summarize(records, wall)
+    s1 = engine.stats()
+    summary.update(rate=rate, policy=policy, model=os.path.abspath(model), seed=args.seed,
+                   steps=s1["num_steps"] - s0["num_steps"])
+    if policy != "off":
+        summary["draft_tokens"] = s1["num_draft_tokens"] - s0["num_draft_tokens"]
+        summary["accepted_draft_tokens"] = s1["num_accepted_draft_tokens"] - s0["num_accepted_draft_tokens"]
+        summary["step_time_coefficients"] = s1["step_time_coefficients"]
+    summary["tokens_per_step"] = summary["output_tokens"] / max(summary["steps"], 1)
+    return summary, records
+
+
+def plot(results, path: str, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for policy in dict.fromkeys(r["policy"] for r in results):
+        rows = sorted((r for r in results if r["policy"] == policy), key=lambda r: r["rate"])
+        ax.plot([r["rate"] for r in rows], [1e3 * r["mean_latency_s"] for r in rows], marker="o", label=policy)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("request rate (req/s, Poisson)")
+    ax.set_ylabel("mean request latency (ms)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "stories260K"))
-    ap.add_argument("--rate", type=float, default=20.0, help="mean arrivals per second (0: all at once)")
+    ap.add_argument("--model", default=STORIES, help="a model directory, or wide-stories (built once under results/)")
+    ap.add_argument("--rate", default="20", help="mean arrivals per second (0: all at once); a comma list sweeps")
     ap.add_argument("--num-requests", type=int, default=200)
     ap.add_argument("--output-len", type=int, nargs=2, default=[32, 256])
     ap.add_argument("--prompt-len", type=int, nargs=2, default=[8, 64], help="for models without a tokenizer")
@@ -114,30 +186,48 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--enable-prefix-caching", action="store_true")
-    ap.add_argument("--json", default=None, help="write the summary and per-request records here")
+    ap.add_argument("--speculation", default="off", help="off | fixed:K | smartspec[:K]; a comma list compares them")
+    ap.add_argument("--warmup", type=int, default=100, help="stories generated to warm the draft store (speculation)")
+    ap.add_argument("--warmup-len", type=int, default=128)
+    ap.add_argument("--json", default=None, help="write the summaries (and per-request records) here")
+    ap.add_argument("--plot", default=None, help="PNG of mean latency against rate per policy")
     args = ap.parse_args()
 
-    from accelcore import Engine
+    model = args.model
+    if model == "wide-stories":
+        model = build_wide_stories(STORIES, os.path.join(RESULTS_DIR, "stories-wide-h1024-l8"))
+    rates = [float(x) for x in args.rate.split(",")]
+    policies = args.speculation.split(",")
+    results, all_records = [], []
+    for rate in rates:
+        for policy in policies:
+            summary, records = run_one(args, model, policy, rate)
+            results.append(summary)
+            all_records.append({"rate": rate, "policy": policy, "requests": records})
+            print(f"rate {rate} req/s, {policy}: {summary['num_requests']} requests, {summary['output_tokens']} tokens in "
+                  f"{summary['wall_s']:.2f} s; mean latency {1e3 * summary['mean_latency_s']:.1f} ms, "
+                  f"{summary['tokens_per_step']:.2f} tokens/step", flush=True)
 
-    engine = Engine(
-        args.model,
-        num_threads=args.threads,
-        max_num_seqs=args.max_num_seqs,
-        enable_prefix_caching=args.enable_prefix_caching,
-    )
-    work = make_workload(engine, args.num_requests, args.rate, args.seed, tuple(args.output_len), tuple(args.prompt_len))
-    records, wall = run(engine, work, args.temperature, args.seed)
-    summary = summarize(records, wall)
-    summary.update(rate=args.rate, model=os.path.abspath(args.model), seed=args.seed)
-    print(f"rate {args.rate} req/s, {summary['num_requests']} requests, {summary['output_tokens']} tokens in {wall:.2f} s")
-    print("| metric | mean | p99 |")
-    print("|---|---|---|")
-    for name in ("latency", "ttft", "tpot"):
-        print(f"| {name} (ms) | {1e3 * summary[f'mean_{name}_s']:.2f} | {1e3 * summary[f'p99_{name}_s']:.2f} |")
-    print(f"throughput: {summary['throughput_tok_s']:.1f} output tok/s")
+    print()
+    print(f"model {os.path.abspath(model)}")
+    print("| rate (req/s) | policy | mean latency (ms) | p99 latency (ms) | mean TTFT (ms) | mean TPOT (ms) | throughput (tok/s) | tokens/step | latency vs off |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        off = next((o for o in results if o["rate"] == r["rate"] and o["policy"] == "off"), None)
+        rel = f"{off['mean_latency_s'] / r['mean_latency_s']:.2f}x" if off else "-"
+        print(f"| {r['rate']:g} | {r['policy']} | {1e3 * r['mean_latency_s']:.1f} | {1e3 * r['p99_latency_s']:.1f} | "
+              f"{1e3 * r['mean_ttft_s']:.1f} | {1e3 * r['mean_tpot_s']:.2f} | {r['throughput_tok_s']:.1f} | "
+              f"{r['tokens_per_step']:.2f} | {rel} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"summary": summary, "requests": records}, f, indent=2)
+            # One summary per (rate, policy); "summary" too when there is only one.
+            doc = {"results": results, "runs": all_records}
+            if len(results) == 1:
+                doc["summary"] = results[0]
+            json.dump(doc, f, indent=2)
+    if args.plot:
+        plot(results, args.plot, os.path.basename(os.path.abspath(model)))
+        print(f"plot: {args.plot}")
     return 0
 
 

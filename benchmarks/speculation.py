@@ -87,6 +87,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--spec-max-draft", type=int, default=16)
     ap.add_argument("--spec-max-depth", type=int, default=8)
+    ap.add_argument("--spec-policy", default="fixed", choices=["fixed", "smartspec"],
+                    help="fixed: every request drafts spec-max-draft nodes (the drafting quality); smartspec: as many as pay")
     ap.add_argument("--prompt-lookup-tokens", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-transformers", action="store_true")
@@ -101,6 +103,7 @@ def main() -> int:
         speculation="lookahead",
         spec_max_draft=args.spec_max_draft,
         spec_max_depth=args.spec_max_depth,
+        spec_policy=args.spec_policy,
     )
     plain = Engine(args.model, num_threads=args.threads)
 
@@ -155,7 +158,8 @@ def main() -> int:
     result["copy_wall_clock_speedup"] = tc_plain / tc_spec
 
     print()
-    print(f"model {os.path.abspath(args.model)}; drafts up to {args.spec_max_draft} nodes, depth {args.spec_max_depth}")
+    print(f"model {os.path.abspath(args.model)}; drafts up to {args.spec_max_draft} nodes, depth {args.spec_max_depth}, "
+          f"policy {args.spec_policy}")
     print("| workload | tokens per pass | vs prompt lookup | wall-clock vs plain |")
     print("|---|---|---|---|")
     pl = result.get("prompt_lookup_tokens_per_pass")

@@ -15,6 +15,7 @@ def _generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         num_threads=args.num_threads,
         speculation=args.speculation,
+        spec_policy=args.spec_policy,
         enable_prefix_caching=args.enable_prefix_caching,
     )
     params = SamplingParams(
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
     g.add_argument("--num-threads", type=int, default=None)
     g.add_argument("--speculation", choices=["off", "lookahead"], default="off",
                    help="lookahead: lossless multi-branch drafts from a token trie")
+    g.add_argument("--spec-policy", choices=["smartspec", "fixed", "off"], default="smartspec",
+                   help="draft sizes: smartspec (per request, where they pay), fixed (always the maximum) or off")
     g.add_argument("--enable-prefix-caching", action="store_true")
     args = parser.parse_args(argv)
     try:

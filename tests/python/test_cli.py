@@ -42,9 +42,10 @@ def test_cli_speculation_gives_the_same_text(stories_dir, golden, tmp_path):
     case = golden["max_new_tokens_256"][1]  # repetitive: drafts get accepted
     args = ["generate", "--model", str(stories_dir), case["prompt"], "--max-tokens", "256"]
     plain = _run_cli(args, tmp_path)
-    spec = _run_cli(args + ["--speculation", "lookahead", "--enable-prefix-caching"], tmp_path)
-    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
-    assert spec.stdout == plain.stdout
+    spec = _run_cli(args + ["--speculation", "lookahead", "--spec-policy", "fixed", "--enable-prefix-caching"], tmp_path)
+    smart = _run_cli(args + ["--speculation", "lookahead"], tmp_path)  # smartspec, the default policy
+    assert plain.returncode == 0 and spec.returncode == 0 and smart.returncode == 0, spec.stderr + smart.stderr
+    assert spec.stdout == plain.stdout and smart.stdout == plain.stdout
     assert case["prompt"] + case["continuation_text"] in spec.stdout
     assert "1.00 tokens per forward pass" in plain.stderr
     assert "1.00 tokens per forward pass" not in spec.stderr

@@ -294,6 +294,8 @@ def test_random_model(small_llama):
         dict(speculation="lookahead", spec_max_depth=0),
         dict(speculation="lookahead", spec_max_match=0),
         dict(speculation="lookahead", spec_memory_mb=0),
+        dict(speculation="lookahead", spec_policy="greedy"),
+        dict(spec_policy=""),
     ],
 )
 def test_bad_options_raise(stories_dir, options):
@@ -303,7 +305,53 @@ def test_bad_options_raise(stories_dir, options):
 
 def test_speculation_off_by_default_and_with_zero_drafts(stories_dir, golden):
     entry = golden["max_new_tokens_256"][1]
-    for opts in ({}, dict(speculation="off"), dict(speculation="lookahead", spec_max_draft=0)):
+    for opts in (
+        {},
+        dict(speculation="off"),
+        dict(speculation="lookahead", spec_max_draft=0),
+        dict(speculation="lookahead", spec_policy="off"),
+    ):
         out, _ = _run(stories_dir, [entry["prompt"]], SamplingParams(max_tokens=256, temperature=0.0), **opts)
         assert out[0].token_ids == entry["new_ids"]
         assert out[0].num_draft_tokens == 0 and out[0].num_steps == 256
+
+
+# ---------------------------------------------------------------------------------------------
+# SmartSpec (spec_policy="smartspec", the default): it only decides how many draft nodes each
+# request gets, so every output is still exactly plain decoding's.
+
+
+def test_smartspec_is_lossless_batched_with_sampling(stories_dir, stories_workload):
+    prompts, params = stories_workload
+    _, got, _, engine = _compare(stories_dir, prompts, params, "smartspec", spec_options={"spec_policy": "smartspec"})
+    stats = engine.stats()
+    assert stats["spec_policy"] == "smartspec"
+    assert stats["num_draft_tokens"] == sum(o.num_draft_tokens for o in got)
+    assert stats["num_accepted_draft_tokens"] == sum(o.num_accepted_draft_tokens for o in got)
+
+
+def test_smartspec_lossless_with_preemption_and_prefix_caching(stories_dir, stories_workload):
+    prompts, params = stories_workload
+    for options in (dict(num_kv_blocks=40), dict(enable_prefix_caching=True, max_num_batched_tokens=7)):
+        _compare(stories_dir, prompts + prompts[:3], params + params[:3], f"smartspec {options}",
+                 spec_options={"spec_policy": "smartspec"}, **options)
+
+
+def test_smartspec_stats(stories_dir):
+    engine = Engine(str(stories_dir), num_threads=2, speculation="lookahead", spec_max_depth=5)
+    stats = engine.stats()
+    # Seeded by the start-up profile: a fixed cost per step and a cost per token, all >= 0.
+    coef = stats["step_time_coefficients"]
+    assert len(coef) == 5 and all(c >= 0 for c in coef)
+    assert coef[0] + coef[1] > 0
+    assert stats["spec_policy"] == "smartspec"
+    assert len(stats["spec_acceptance"]) == 5 and all(0 <= a <= 1 for a in stats["spec_acceptance"])
+    engine.generate(["Once upon a time"] * 3, SamplingParams(max_tokens=64, temperature=0.0))
+    stats = engine.stats()
+    assert 0 <= stats["last_step_drafted_seqs"] <= 3
+    assert 0 <= stats["last_step_draft_tokens"] <= 3 * 8
+    assert 0 <= stats["num_accepted_draft_tokens"] <= stats["num_draft_tokens"]
+    fixed = Engine(str(stories_dir), speculation="lookahead", spec_policy="fixed").stats()
+    assert fixed["spec_policy"] == "fixed"
+    assert Engine(str(stories_dir)).stats()["spec_policy"] == ""
+    assert Engine(str(stories_dir), speculation="lookahead", spec_policy="off").stats()["spec_policy"] == "off"

@@ -192,29 +192,38 @@ void Engine::Impl::profile_step_time() {
   const int bs = config.block_size, pool_tokens = num_total_blocks * bs;
   struct Shape {
     int seqs, tokens, context;  // per sequence: `tokens` rows after `context` earlier positions
+    int draft = 0;              // then a chain of draft nodes after the last row
   };
-  const Shape shapes[] = {{1, 1, 16},  {1, 1, 256}, {1, 4, 64},  {1, 16, 128}, {1, 64, 0},
-                          {4, 1, 64},  {8, 1, 256}, {8, 2, 32},  {16, 1, 64},  {2, 8, 512}};
+  const Shape shapes[] = {{1, 1, 16},  {1, 1, 256}, {1, 4, 64},  {1, 16, 128}, {1, 64, 0},  {4, 1, 64},
+                          {8, 1, 256}, {8, 2, 32},  {16, 1, 64}, {2, 8, 512},  {1, 1, 128, 1}, {1, 1, 128, 4},
+                          {4, 1, 64, 2}};
   for (const Shape& sh : shapes) {
-    const int per_seq = std::min(sh.context + sh.tokens, info.max_model_len);
+    const int per_seq = std::min(sh.context + sh.tokens + sh.draft, info.max_model_len);
     const int blocks_per_seq = (per_seq + bs - 1) / bs;
-    if (per_seq <= sh.tokens || blocks_per_seq * sh.seqs > num_total_blocks || per_seq > pool_tokens) continue;
+    if (per_seq <= sh.tokens + sh.draft || blocks_per_seq * sh.seqs > num_total_blocks || per_seq > pool_tokens) continue;
     plan.clear();
+    auto slot = [&](int q, int i) { return static_cast<int64_t>(q * blocks_per_seq + i / bs) * bs + i % bs; };
     for (int q = 0; q < sh.seqs; ++q) {
       plan.block_table_offset.push_back(static_cast<int32_t>(plan.block_tables.size()));
       for (int b = 0; b < blocks_per_seq; ++b) plan.block_tables.push_back(q * blocks_per_seq + b);
-      for (int i = per_seq - sh.tokens; i < per_seq; ++i) {
+      const int root = per_seq - sh.draft - 1;
+      for (int i = root - sh.tokens + 1; i <= root + sh.draft; ++i) {
         plan.token_ids.push_back(0);
         plan.positions.push_back(i);
-        plan.slots.push_back(static_cast<int64_t>(q * blocks_per_seq + i / bs) * bs + i % bs);
+        plan.slots.push_back(slot(q, i));
         plan.seq_of_token.push_back(q);
+        if (sh.draft > 0) {  // every row of the shape has an extra_offset entry (none before it)
+          if (plan.extra_offset.empty()) plan.extra_offset.assign(plan.num_tokens(), 0);
+          for (int a = root + 1; a <= i; ++a) plan.extra_slots.push_back(slot(q, a));  // a chain: ancestors, itself
+          plan.extra_offset.push_back(static_cast<int32_t>(plan.extra_slots.size()));
+        }
+        if (i >= root) plan.logit_rows.push_back(plan.num_tokens() - 1);
       }
-      plan.logit_rows.push_back(plan.num_tokens() - 1);
     }
     for (int rep = 0; rep < 2; ++rep) {  // the first run warms caches and buffers
       const auto t0 = Clock::now();
       model->forward(plan, *cache, *pool, &logits);
-      if (rep == 1) scheduler->observe_step(step_features(plan), std::chrono::duration<double>(Clock::now() - t0).count());
+      if (rep == 1) scheduler->observe_profile(step_features(plan), std::chrono::duration<double>(Clock::now() - t0).count());
     }
   }
   plan.clear();

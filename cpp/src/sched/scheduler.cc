@@ -265,8 +265,11 @@ void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
     Request* r = picks_[i].req;
     DraftCandidate c;
     c.kv_tokens = r->num_tokens() + 1.0;  // a depth-1 node attends to the context and itself
-    // The cheap check: if even a sure first node would not raise goodput, skip the lookup.
-    if (spec_->first_node_bound(r) / std::max(model.row_cost(c.kv_tokens), 1e-12) <= base_goodput) continue;
+    // The cheap check: if even the likeliest first node would not raise goodput, skip the lookup.
+    if (spec_->first_node_bound(r) / std::max(model.row_cost(c.kv_tokens) + model.draft_cost(), 1e-12) <= base_goodput) {
+      spec_->relax(r);
+      continue;
+    }
     DraftTree t;
     propose(r, k, &t);
     if (t.size() == 0) continue;
@@ -280,7 +283,10 @@ void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
   if (cands.empty()) return;
   allocate_drafts(model, base, samples, budget, &cands);
   for (size_t j = 0; j < cands.size(); ++j) {
-    if (cands[j].chosen == 0) continue;
+    if (cands[j].chosen == 0) {
+      spec_->relax(picks_[cand_pick[j]].req);
+      continue;
+    }
     trees[j].truncate(cands[j].chosen);
     take(cand_pick[j], std::move(trees[j]));
   }
@@ -292,6 +298,10 @@ void Scheduler::on_verified(const ScheduledSeq& s, const int32_t* path, int n) {
 
 void Scheduler::observe_step(const StepFeatures& f, double seconds) {
   if (spec_) spec_->model().observe(f, seconds);
+}
+
+void Scheduler::observe_profile(const StepFeatures& f, double seconds) {
+  if (spec_) spec_->model().observe_profile(f, seconds);
 }
 
 void Scheduler::on_computed(const ScheduledSeq& s, int num_computed) {

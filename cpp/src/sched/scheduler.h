@@ -103,6 +103,7 @@ class Scheduler {
   void on_verified(const ScheduledSeq& s, const int32_t* path, int n);
   // A step's measured duration, for the step-time model (features: step_features of its plan).
   void observe_step(const StepFeatures& f, double seconds);
+  void observe_profile(const StepFeatures& f, double seconds);  // a start-up profile measurement
   // The KV slot of token index `index` of request r (its block table must cover it).
   int64_t slot(const Request* r, int index) const {
     return static_cast<int64_t>(r->blocks[index / config_.block_size]) * config_.block_size + index % config_.block_size;

@@ -16,6 +16,13 @@ StepFeatures step_features(const BatchPlan& plan) {
   f.tokens = plan.num_tokens();
   f.seqs = plan.num_seqs();
   for (int32_t p : plan.positions) f.kv_tokens += p + 1.0;
+  // A draft token carries extras; count each sequence once.
+  int last_seq = -1;
+  for (int t = 0; t + 1 < static_cast<int>(plan.extra_offset.size()); ++t)
+    if (plan.extra_offset[t + 1] > plan.extra_offset[t] && plan.seq_of_token[t] != last_seq) {
+      last_seq = plan.seq_of_token[t];
+      f.drafted += 1;
+    }
   return f;
 }
 
@@ -23,31 +30,57 @@ StepTimeModel::StepTimeModel(double forgetting) : forgetting_(forgetting) {
   ACCEL_DCHECK(forgetting > 0 && forgetting <= 1);
 }
 
+void StepTimeModel::accumulate(const StepFeatures& f, double seconds, double weight, double* ata, double* aty) {
+  const double x[kTerms] = {1.0, f.tokens, f.kv_tokens, f.seqs, f.drafted};
+  for (int i = 0; i < kTerms; ++i) {
+    for (int j = 0; j < kTerms; ++j) ata[i * kTerms + j] += weight * x[i] * x[j];
+    aty[i] += weight * x[i] * seconds;
+  }
+}
+
+void StepTimeModel::observe_profile(const StepFeatures& f, double seconds) {
+  if (!(seconds >= 0) || !std::isfinite(seconds)) return;
+  accumulate(f, seconds, 1.0, profile_ata_.data(), profile_aty_.data());
+  ++profile_n_;
+  ++n_;
+  refit();
+}
+
 void StepTimeModel::observe(const StepFeatures& f, double seconds) {
   if (!(seconds >= 0) || !std::isfinite(seconds)) return;
-  const double x[kTerms] = {1.0, f.tokens, f.kv_tokens, f.seqs};
+  // Squared error lets one hiccup (a page fault, a descheduled thread: milliseconds against
+  // microseconds) outweigh hundreds of steps: clamp to [1/2, 2] x the prediction. A real change
+  // still gets through, doubling per step.
+  if (ready()) {
+    const double p = predict(f);
+    if (p > 0) seconds = std::clamp(seconds, 0.5 * p, 2.0 * p);
+  }
   for (double& v : ata_) v *= forgetting_;
   for (double& v : aty_) v *= forgetting_;
-  for (int i = 0; i < kTerms; ++i) {
-    for (int j = 0; j < kTerms; ++j) ata_[i * kTerms + j] += x[i] * x[j];
-    aty_[i] += x[i] * seconds;
-  }
+  accumulate(f, seconds, 1.0, ata_.data(), aty_.data());
   ++n_;
   // Refitting is a handful of 4x4 solves: every step while young, then every 8th.
   if (n_ <= 64 || n_ % 8 == 0) refit();
 }
 
 double StepTimeModel::predict(const StepFeatures& f) const {
-  return coef_[0] + coef_[1] * f.tokens + coef_[2] * f.kv_tokens + coef_[3] * f.seqs;
+  return coef_[0] + coef_[1] * f.tokens + coef_[2] * f.kv_tokens + coef_[3] * f.seqs + coef_[4] * f.drafted;
 }
 
-// Non-negative least squares by enumeration: with 4 terms, solve the normal equations on every
+// Non-negative least squares by enumeration: with 5 terms, solve the normal equations on every
 // subset of them and keep the best fit whose coefficients are all >= 0 (a term that the data
 // cannot separate, e.g. sequences when every step has one, drops out instead of going negative).
 void StepTimeModel::refit() {
+  std::array<double, kTerms * kTerms> ata = ata_;
+  std::array<double, kTerms> aty = aty_;
+  if (profile_n_ > 0) {
+    const double w = kProfileWeight / profile_n_;
+    for (int i = 0; i < kTerms * kTerms; ++i) ata[i] += w * profile_ata_[i];
+    for (int i = 0; i < kTerms; ++i) aty[i] += w * profile_aty_[i];
+  }
   // Scale each term by its root mean square so the solve is well conditioned whatever the units.
   double scale[kTerms];
-  for (int i = 0; i < kTerms; ++i) scale[i] = ata_[i * kTerms + i] > 0 ? 1.0 / std::sqrt(ata_[i * kTerms + i]) : 0.0;
+  for (int i = 0; i < kTerms; ++i) scale[i] = ata[i * kTerms + i] > 0 ? 1.0 / std::sqrt(ata[i * kTerms + i]) : 0.0;
   double best_loss = INFINITY;
   std::array<double, kTerms> best{};
   for (int mask = 1; mask < (1 << kTerms); ++mask) {
@@ -61,9 +94,9 @@ void StepTimeModel::refit() {
       // Gaussian elimination with partial pivoting on the scaled m x m system (+ a tiny ridge).
       double a[kTerms][kTerms + 1];
       for (int r = 0; r < m; ++r) {
-        for (int c = 0; c < m; ++c) a[r][c] = ata_[idx[r] * kTerms + idx[c]] * scale[idx[r]] * scale[idx[c]];
+        for (int c = 0; c < m; ++c) a[r][c] = ata[idx[r] * kTerms + idx[c]] * scale[idx[r]] * scale[idx[c]];
         a[r][r] += 1e-10;
-        a[r][m] = aty_[idx[r]] * scale[idx[r]];
+        a[r][m] = aty[idx[r]] * scale[idx[r]];
       }
       for (int c = 0; c < m; ++c) {
         int piv = c;
@@ -88,8 +121,8 @@ void StepTimeModel::refit() {
       double loss = 0;
       for (int i = 0; i < kTerms; ++i) {
         double ac = 0;
-        for (int j = 0; j < kTerms; ++j) ac += ata_[i * kTerms + j] * coef[j];
-        loss += coef[i] * (ac - 2 * aty_[i]);
+        for (int j = 0; j < kTerms; ++j) ac += ata[i * kTerms + j] * coef[j];
+        loss += coef[i] * (ac - 2 * aty[i]);
       }
       if (loss < best_loss) {
         best_loss = loss;
@@ -104,23 +137,71 @@ void StepTimeModel::refit() {
 // ---- SpecController ----
 
 SpecController::SpecController(SpecPolicy policy, int max_depth)
-    : policy_(policy), max_depth_(max_depth), global_(max_depth + 1, kPrior) {}
+    : policy_(policy),
+      max_depth_(max_depth),
+      global_(max_depth + 1, kPrior),
+      by_match_(static_cast<size_t>(kMatchBuckets) * (max_depth + 1), kPrior),
+      global_n_(global_.size(), 0),
+      by_match_n_(by_match_.size(), 0) {}
+
+float SpecController::optimistic(int cell) const {
+  return std::min(1.0f, by_match_[cell] + kExplore / std::sqrt(by_match_n_[cell] + 1.0f));
+}
+
+int SpecController::bucket(int match) {
+  int b = 0;
+  while (b + 1 < kMatchBuckets && (1 << b) < match) ++b;
+  return b;
+}
 
 float SpecController::rate(const Request* r, int d) const {
   if (d < 1 || d > max_depth_) return 0.0f;
   return r->spec_accept.empty() ? global_[d] : r->spec_accept[d];
 }
 
+float SpecController::request_factor(const Request* r, int d) const {
+  if (r->spec_accept.empty()) return 1.0f;
+  // Mostly a brake: the match-length rates already credit a request that matches long.
+  return std::clamp(r->spec_accept[d] / std::max(global_[d], 1e-3f), 0.25f, 1.25f);
+}
+
+float SpecController::first_node_bound(const Request* r) const {
+  float best = 0;
+  for (int b = 0; b < kMatchBuckets; ++b) best = std::max(best, optimistic(b * (max_depth_ + 1) + 1));
+  return std::min(1.0f, calibration_ * best * request_factor(r, 1));
+}
+
+void SpecController::relax(Request* r) {
+  for (size_t d = 1; d < r->spec_accept.size(); ++d) r->spec_accept[d] += kRelax * (global_[d] - r->spec_accept[d]);
+}
+
 void SpecController::node_probabilities(const Request* r, const DraftTree& t, std::vector<float>* p) const {
   p->resize(t.size());
+  const int row = bucket(t.match) * (max_depth_ + 1);
   for (int i = 0; i < t.size(); ++i) {
-    const float c = std::min(1.0f, rate(r, t.depths[i]) * t.shares[i]);
+    const int d = std::min(t.depths[i], max_depth_);
+    const float c = std::min(1.0f, calibration_ * t.shares[i] * optimistic(row + d) * request_factor(r, d));
     (*p)[i] = c * (t.parents[i] < 0 ? 1.0f : (*p)[t.parents[i]]);
   }
 }
 
 void SpecController::on_verified(Request* r, const DraftTree& t, const int32_t* path, int n) {
+  // Calibration first, against the predictions the draft was chosen by.
+  std::vector<float> predicted;
+  node_probabilities(r, t, &predicted);
+  float expected = 0;
+  for (float p : predicted) expected += p;
+  if (expected > 0) {
+    const float ratio = std::clamp(n / expected, 0.0f, 2.0f);
+    calibration_ = std::clamp(calibration_ + kCalibrationAlpha * (ratio - calibration_), 0.2f, 1.5f);
+  }
   if (r->spec_accept.empty()) r->spec_accept = global_;
+  const int row = bucket(t.match) * (max_depth_ + 1);
+  // A mean over the first observations (the prior counts as one), a moving average after.
+  auto update = [](float* rate, uint32_t* n, float hit) {
+    *rate += std::max(kGlobalAlpha, 1.0f / (*n + 2.0f)) * (hit - *rate);
+    ++*n;
+  };
   // Depth d is observed when the accepted node at depth d - 1 (the root for d = 1) had drafted
   // children: did its most frequent one get accepted?
   for (int d = 1; d <= n + 1 && d <= max_depth_; ++d) {
@@ -131,7 +212,8 @@ void SpecController::on_verified(Request* r, const DraftTree& t, const int32_t* 
     if (top < 0) break;
     const float hit = d <= n && path[d - 1] == top ? 1.0f : 0.0f;
     r->spec_accept[d] += kRequestAlpha * (hit - r->spec_accept[d]);
-    global_[d] += kGlobalAlpha * (hit - global_[d]);
+    update(&global_[d], &global_n_[d], hit);
+    update(&by_match_[row + d], &by_match_n_[row + d], hit);
   }
 }
 
@@ -141,32 +223,56 @@ double allocate_drafts(const StepTimeModel& model, const StepFeatures& base, dou
                        std::vector<DraftCandidate>* cands) {
   double tokens = base_samples;
   double time = std::max(model.predict(base), 1e-9);
-  struct Next {
+  auto row = [&](const DraftCandidate& c, int node) { return model.row_cost(c.kv_tokens + c.depths[node] - 1); };
+  // A move is a request's next nodes: the first move of a request is the prefix with the best
+  // ratio (it alone pays the fixed drafting cost, so a first node that loses on its own may pay
+  // with the nodes after it), later moves one node each.
+  struct Move {
     double ratio;
-    int cand;
+    int cand, count;
   };
-  auto lower = [](const Next& a, const Next& b) { return a.ratio != b.ratio ? a.ratio < b.ratio : a.cand > b.cand; };
-  std::priority_queue<Next, std::vector<Next>, decltype(lower)> heap(lower);
-  auto cost = [&](const DraftCandidate& c, int node) {
-    return std::max(model.row_cost(c.kv_tokens + c.depths[node] - 1), 1e-12);
+  auto next_move = [&](int i, int room) -> Move {
+    const DraftCandidate& c = (*cands)[i];
+    const int left = std::min(static_cast<int>(c.probs.size()) - c.chosen, room);
+    if (left <= 0) return {-1, i, 0};
+    if (c.chosen > 0) return {c.probs[c.chosen] / std::max(row(c, c.chosen), 1e-12), i, 1};
+    double gain = 0, cost = model.draft_cost(), best = -1;
+    int count = 0;
+    for (int k = 0; k < left; ++k) {
+      gain += c.probs[k];
+      cost += row(c, k);
+      const double r = gain / std::max(cost, 1e-12);
+      if (r > best) best = r, count = k + 1;
+    }
+    return {best, i, count};
   };
+  auto lower = [](const Move& a, const Move& b) { return a.ratio != b.ratio ? a.ratio < b.ratio : a.cand > b.cand; };
+  std::priority_queue<Move, std::vector<Move>, decltype(lower)> heap(lower);
   for (size_t i = 0; i < cands->size(); ++i) {
-    DraftCandidate& c = (*cands)[i];
-    c.chosen = 0;
-    if (!c.probs.empty()) heap.push({c.probs[0] / cost(c, 0), static_cast<int>(i)});
+    (*cands)[i].chosen = 0;
+    const Move m = next_move(static_cast<int>(i), budget);
+    if (m.count > 0) heap.push(m);
   }
   while (budget > 0 && !heap.empty()) {
-    const Next best = heap.top();
+    Move m = heap.top();
     heap.pop();
-    // Goodput rises by adding a node iff its own ratio beats the current goodput; the heap holds
-    // each request's best remaining node, so once the best fails, all would.
-    if (best.ratio <= tokens / time) break;
-    DraftCandidate& c = (*cands)[best.cand];
-    tokens += c.probs[c.chosen];
-    time += cost(c, c.chosen);
-    ++c.chosen;
-    --budget;
-    if (c.chosen < static_cast<int>(c.probs.size())) heap.push({c.probs[c.chosen] / cost(c, c.chosen), best.cand});
+    if (m.count > budget) {  // the budget shrank since this move was priced
+      m = next_move(m.cand, budget);
+      if (m.count > 0) heap.push(m);
+      continue;
+    }
+    // Goodput rises by a move iff the move's own ratio beats the current goodput; the heap holds
+    // each request's best remaining move, so once the best fails, all would.
+    if (m.ratio <= tokens / time) break;
+    DraftCandidate& c = (*cands)[m.cand];
+    if (c.chosen == 0) time += model.draft_cost();
+    for (int k = 0; k < m.count; ++k, ++c.chosen) {
+      tokens += c.probs[c.chosen];
+      time += row(c, c.chosen);
+    }
+    budget -= m.count;
+    const Move n = next_move(m.cand, budget);
+    if (n.count > 0) heap.push(n);
   }
   return tokens / time;
 }

@@ -1,12 +1,21 @@
 // SmartSpec: how many draft tokens each decoding request gets in a step, chosen to maximise
 // goodput = expected generated tokens / predicted step time.
 //
-//  - StepTimeModel: T = c0 + c_tok * tokens + c_kv * (KV tokens read) + c_seq * sequences, with
-//    non-negative coefficients, fitted online by exponentially weighted least squares.
-//  - Acceptance: per draft depth, globally and per request (a moving average that starts from the
-//    global one), of "the most frequent drafted child of the last accepted node is accepted". A
-//    draft node's acceptance given its parent's is that depth's rate times the node's share of the
-//    trie counts among its siblings (share 1 for the most frequent one): the trie's own signal.
+//  - StepTimeModel: T = c0 + c_tok * tokens + c_kv * (KV tokens read) + c_seq * sequences
+//    + c_draft * (sequences with a draft), with non-negative coefficients, fitted online by
+//    exponentially weighted least squares.
+//  - Acceptance: of "the most frequent drafted child of the last accepted node is accepted", as
+//    moving averages per draft depth: globally, globally per length of the matched context suffix
+//    (the trie's signal: a long match predicts well), and per request (starting from the global
+//    rate). A draft node's acceptance given its parent's is
+//      share (its trie count over its most frequent sibling's) x rate(match length, depth)
+//        x (the request's rate / the global rate at that depth),
+//    and a request that goes without drafts drifts back toward the global rates, so one bad
+//    stretch does not bar it from drafting for good. Global rates are plain means over their
+//    first observations (the prior counting as one), then moving averages; while a (match length,
+//    depth) cell has few observations its rate gets an optimistic bonus, kExplore / sqrt(n + 1),
+//    so that cells never tried (long matches, say) get tried and measured. Finally every estimate
+//    is scaled by a calibration factor: accepted nodes over predicted, as measured.
 //  - Allocation (allocate_drafts): draft nodes of all requests ranked by their marginal goodput
 //    (probability of being accepted / added step time), taken greedily while goodput rises and
 //    the token budget lasts.
@@ -26,6 +35,7 @@ struct StepFeatures {
   double tokens = 0;     // rows computed (prompt chunks, decode tokens, draft nodes)
   double kv_tokens = 0;  // sum over rows of the positions each attends to
   double seqs = 0;       // sequences in the step
+  double drafted = 0;    // sequences with a draft tree (proposal, tree attention, verification)
 };
 
 // The features of a planned step (a row at position p attends to p + 1 positions).
@@ -33,14 +43,21 @@ StepFeatures step_features(const BatchPlan& plan);
 
 class StepTimeModel {
  public:
-  static constexpr int kTerms = 4;  // c0, c_tok, c_kv, c_seq
-  // forgetting: weight of an observation per later one (0.995: about the last 200 steps count).
-  explicit StepTimeModel(double forgetting = 0.995);
+  // c0, c_tok, c_kv, c_seq, and c_draft: the fixed cost of drafting for a request (measured on
+  // the CPU: the first draft node of a step costs about a row more than the next ones).
+  static constexpr int kTerms = 5;
+  // forgetting: weight of an observation per later one (0.98: about the last 50 steps count, so
+  // the fit is local to the current load, where its slope is the marginal cost of a row).
+  explicit StepTimeModel(double forgetting = 0.98);
 
   void observe(const StepFeatures& f, double seconds);
+  // A start-up profile measurement: kept for good (never forgotten) at a small total weight, so
+  // that terms the recent steps do not vary (no drafts for a while) stay anchored.
+  void observe_profile(const StepFeatures& f, double seconds);
   double predict(const StepFeatures& f) const;
   // Added time of one more row that attends to kv_tokens positions.
   double row_cost(double kv_tokens) const { return coef_[1] + coef_[2] * kv_tokens; }
+  double draft_cost() const { return coef_[4]; }
   const std::array<double, kTerms>& coefficients() const { return coef_; }
   uint64_t num_observations() const { return n_; }
   bool ready() const { return n_ >= kMinObservations; }
@@ -49,9 +66,15 @@ class StepTimeModel {
   static constexpr uint64_t kMinObservations = 8;
   void refit();
 
+  static constexpr double kProfileWeight = 4.0;  // the whole profile counts as this many steps
+  static void accumulate(const StepFeatures& f, double seconds, double weight, double* ata, double* aty);
+
   double forgetting_;
-  std::array<double, kTerms * kTerms> ata_{};  // weighted sums of x x^T, x = (1, tokens, kv, seqs)
+  std::array<double, kTerms * kTerms> ata_{};  // weighted sums of x x^T, x = (1, tokens, kv, seqs, drafted)
   std::array<double, kTerms> aty_{};
+  std::array<double, kTerms * kTerms> profile_ata_{};  // the profile's, unweighted
+  std::array<double, kTerms> profile_aty_{};
+  int profile_n_ = 0;
   std::array<double, kTerms> coef_{};
   uint64_t n_ = 0;
 };
@@ -69,8 +92,10 @@ class SpecController {
   // The acceptance rate at depth d (1-based) for request r: its own once it has one, else global.
   float rate(const Request* r, int d) const;
   const std::vector<float>& global_rates() const { return global_; }
-  // The most any first draft node of r can be worth (its acceptance probability).
-  float first_node_bound(const Request* r) const { return rate(r, 1); }
+  // The most any first draft node of r can be worth (an upper bound of its acceptance probability).
+  float first_node_bound(const Request* r) const;
+  // r went through a step without a draft: its rates move a little toward the global ones.
+  void relax(Request* r);
 
   // Probability that each node of `t` is accepted (the product along its path).
   void node_probabilities(const Request* r, const DraftTree& t, std::vector<float>* p) const;
@@ -82,10 +107,22 @@ class SpecController {
   static constexpr float kPrior = 0.5f;          // acceptance before anything was measured
   static constexpr float kRequestAlpha = 0.25f;  // per-request moving average
   static constexpr float kGlobalAlpha = 0.02f;
+  static constexpr float kRelax = 0.05f;         // per step without a draft
+  static constexpr float kExplore = 0.3f;
+  static constexpr float kCalibrationAlpha = 0.05f;
+  static constexpr int kMatchBuckets = 6;        // match lengths 1, 2, 3-4, 5-8, 9-16, 17+
+  static int bucket(int match);
+  float request_factor(const Request* r, int d) const;
 
   SpecPolicy policy_;
   int max_depth_;
-  std::vector<float> global_;  // [d] for d in 1..max_depth (index 0 unused)
+  std::vector<float> global_;    // [d] for d in 1..max_depth (index 0 unused)
+  std::vector<float> by_match_;  // [bucket * (max_depth + 1) + d]
+  std::vector<uint32_t> global_n_, by_match_n_;  // observations behind each rate
+  float optimistic(int cell) const;               // by_match_[cell] plus the exploration bonus
+  // Accepted draft nodes over the predicted number (moving average over verifications): scales
+  // every prediction, so systematic over- or under-confidence corrects itself.
+  float calibration_ = 1.0f;
   StepTimeModel model_;
 };
 

@@ -147,6 +147,7 @@ int Drafter::propose(uint64_t request, const int32_t* context, int n, int max_no
     out->depths.push_back(c.depth);
     out->shares.push_back(c.share);
   }
+  out->match = match;
   return match;
 }
 

@@ -25,8 +25,12 @@ namespace accelcore {
 struct DraftTree {
   std::vector<int32_t> tokens, parents, depths;
   std::vector<float> shares;
+  int match = 0;  // length of the context suffix it was retrieved by
   int size() const { return static_cast<int>(tokens.size()); }
-  void clear() { truncate(0); }
+  void clear() {
+    truncate(0);
+    match = 0;
+  }
   void truncate(int k) {
     tokens.resize(k);
     parents.resize(k);
