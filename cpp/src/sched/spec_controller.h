@@ -16,9 +16,10 @@
 //    depth) cell has few observations its rate gets an optimistic bonus, kExplore / sqrt(n + 1),
 //    so that cells never tried (long matches, say) get tried and measured. Finally every estimate
 //    is scaled by a calibration factor: accepted nodes over predicted, as measured.
-//  - Allocation (allocate_drafts): draft nodes of all requests ranked by their marginal goodput
-//    (probability of being accepted / added step time), taken greedily while goodput rises and
-//    the token budget lasts.
+//  - Allocation (allocate_drafts): moves of all requests ranked by their marginal goodput
+//    (expected accepted nodes / added step time), taken greedily while goodput rises and the
+//    token budget lasts; a request's first move is its best-ratio prefix (it alone pays
+//    c_draft), later moves one node each.
 #pragma once
 
 #include <array>
