@@ -87,6 +87,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--spec-max-draft", type=int, default=16)
     ap.add_argument("--spec-max-depth", type=int, default=8)
+    ap.add_argument("--spec-max-match", type=int, default=None, help="longest context suffix matched (engine default if unset)")
     ap.add_argument("--spec-policy", default="fixed", choices=["fixed", "smartspec"],
                     help="fixed: every request drafts spec-max-draft nodes (the drafting quality); smartspec: as many as pay")
     ap.add_argument("--prompt-lookup-tokens", type=int, default=10)
@@ -103,6 +104,7 @@ def main() -> int:
         speculation="lookahead",
         spec_max_draft=args.spec_max_draft,
         spec_max_depth=args.spec_max_depth,
+        **({} if args.spec_max_match is None else {"spec_max_match": args.spec_max_match}),
         spec_policy=args.spec_policy,
     )
     plain = Engine(args.model, num_threads=args.threads)

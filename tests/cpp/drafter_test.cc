@@ -386,7 +386,7 @@ DrafterConfig config(int vocab, int max_match, int max_depth, size_t memory = 64
   return c;
 }
 
-int propose(const Drafter& d, uint64_t id, const std::vector<int32_t>& ctx, int max_nodes, int max_depth, DraftTree* t) {
+int propose(Drafter& d, uint64_t id, const std::vector<int32_t>& ctx, int max_nodes, int max_depth, DraftTree* t) {
   return d.propose(id, ctx.data(), static_cast<int>(ctx.size()), max_nodes, max_depth, t);
 }
 
@@ -544,6 +544,8 @@ TEST(Drafter, MatchesBruteForceRetrievalOnRandomCases) {
       ASSERT_LE(d.global_bytes(), memory);
     }
     ASSERT_EQ(d.num_requests(), 0u);
+    d.flush();  // index the pending outputs, evicting what the bound does not hold
+    ASSERT_LE(d.global_bytes(), memory);
     ASSERT_LE(d.num_global_sequences(), kept.size());
     // Eviction removes the oldest outputs whole: the store is the newest num_global_sequences().
     const std::vector<std::vector<int32_t>> stored(kept.end() - d.num_global_sequences(), kept.end());
@@ -584,6 +586,59 @@ TEST(Drafter, MatchesBruteForceRetrievalOnRandomCases) {
   EXPECT_GT(exact, checked / 4);
 }
 
+// ---- Drafter: lazy indexing ----
+
+TEST(Drafter, LazyIndexingKeepsWhatEagerIndexingKeeps) {
+  // The same outputs into two stores with a tight bound: one indexed after every output (as an
+  // eager store would be), one only at the end. They keep the same outputs and draft the same.
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 50; ++trial) {
+    const size_t memory = 300 + rng() % 3000;
+    Drafter eager(config(6, 4, 4, memory)), lazy(config(6, 4, 4, memory));
+    std::vector<std::vector<int32_t>> kept;
+    for (int k = 0; k < 12; ++k) {
+      const auto out = repetitive_seq(rng, static_cast<int>(rng() % 50), 6, kept);
+      if (!out.empty()) kept.push_back(out);
+      for (Drafter* d : {&eager, &lazy}) d->finish(100 + k, out.data(), static_cast<int>(out.size()), true);
+      eager.flush();
+      ASSERT_LE(eager.global_bytes(), memory);
+      ASSERT_LE(lazy.global_bytes(), memory);
+    }
+    lazy.flush();
+    ASSERT_EQ(lazy.num_global_sequences(), eager.num_global_sequences()) << "trial " << trial;
+    ASSERT_EQ(lazy.global_bytes(), eager.global_bytes()) << "trial " << trial;
+    for (int q = 0; q < 20; ++q) {
+      const auto ctx = repetitive_seq(rng, 1 + static_cast<int>(rng() % 8), 6, kept);
+      DraftTree a, b;
+      ASSERT_EQ(propose(eager, 1, ctx, 8, 4, &a), propose(lazy, 1, ctx, 8, 4, &b));
+      ASSERT_EQ(a.tokens, b.tokens);
+      ASSERT_EQ(a.parents, b.parents);
+    }
+  }
+}
+
+TEST(Drafter, OneProposeIndexesABoundedAmountOfTheStore) {
+  Drafter d(config(1000, 4, 4));
+  std::mt19937 rng(12);
+  std::vector<int32_t> out(1000);
+  for (int k = 0; k < 20; ++k) {  // 20,000 pending tokens: more than one call indexes
+    for (auto& x : out) x = static_cast<int32_t>(rng() % 1000);
+    d.finish(100 + k, out.data(), static_cast<int>(out.size()), true);
+  }
+  const size_t pending_bytes = d.global_bytes();
+  DraftTree t;
+  propose(d, 1, {1, 2}, 4, 4, &t);
+  const size_t after_one = d.global_bytes() - pending_bytes;
+  EXPECT_GT(after_one, 0u);
+  d.flush();
+  const size_t after_all = d.global_bytes() - pending_bytes;
+  // kMaxIndexPerCall (4096) tokens of random text, in whole outputs: 5 of the 20.
+  EXPECT_LT(after_one, after_all / 3);
+  // The last output now drafts.
+  EXPECT_GE(propose(d, 1, {out[10], out[11]}, 1, 1, &t), 2);
+  EXPECT_EQ(t.tokens, (std::vector<int32_t>{out[12]}));
+}
+
 // ---- Drafter: the memory bound of the global store ----
 
 TEST(Drafter, GlobalStoreStaysWithinItsMemoryBound) {
@@ -607,6 +662,8 @@ TEST(Drafter, GlobalStoreStaysWithinItsMemoryBound) {
     for (auto& x : prompt) x = tok(rng);
     for (auto& x : out) x = tok(rng);
     d.add_tokens(id, prompt.data(), static_cast<int>(prompt.size()));
+    // A live engine asks for drafts, which indexes the store's pending outputs.
+    if (id % 3 == 0) propose(d, id, prompt, 4, 4, &t);
     for (int32_t x : out) d.add_tokens(id, &x, 1);
     ASSERT_EQ(d.num_requests(), 1u);
     const bool keep = rng() % 10 != 0;
@@ -619,6 +676,8 @@ TEST(Drafter, GlobalStoreStaysWithinItsMemoryBound) {
     max_bytes = std::max(max_bytes, d.global_bytes());
     max_seqs = std::max(max_seqs, d.num_global_sequences());
   }
+  d.flush();
+  ASSERT_LE(d.global_bytes(), memory);
   EXPECT_GT(max_bytes, memory / 2);  // the store was really used up to near its bound
   EXPECT_GT(d.num_global_sequences(), 0u);
   EXPECT_LT(max_seqs, 10000u);

@@ -42,7 +42,7 @@ struct SchedulerConfig {
   int spec_max_draft = 0;
   SpecPolicy spec_policy = SpecPolicy::kFixed;
   int spec_max_depth = 8;
-  int spec_max_match = 32;
+  int spec_max_match = 8;
   size_t spec_memory_bytes = 64ull << 20;
 };
 

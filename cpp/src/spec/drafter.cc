@@ -16,36 +16,60 @@ Drafter::Drafter(const DrafterConfig& config)
 void Drafter::add_tokens(uint64_t request, const int32_t* tokens, int n) {
   auto it = local_.find(request);
   if (it == local_.end()) it = local_.emplace(request, Local(window_)).first;
-  for (int i = 0; i < n; ++i) it->second.trie.extend(&it->second.open, tokens[i]);
+  it->second.pending.insert(it->second.pending.end(), tokens, tokens + n);
 }
 
 void Drafter::finish(uint64_t request, const int32_t* output, int n, bool keep_output) {
   local_.erase(request);
   if (!keep_output || n == 0) return;
-  const size_t before = global_.num_nodes();
-  global_.add_windows(output, n, +1);
   stored_.emplace_back(output, output + n);
-  global_bytes_ += (global_.num_nodes() - before) * TokenTrie::kBytesPerNode + n * sizeof(int32_t);
+  global_bytes_ += n * sizeof(int32_t);
   evict_until_within_bound();
+}
+
+void Drafter::index_pending(size_t max_tokens) {
+  // One output at a time, evicting after each as an eager insertion would: the bound holds
+  // throughout, and the outputs kept do not depend on when indexing happens.
+  size_t done = 0;
+  while (num_indexed_ < stored_.size() && done < max_tokens) {
+    const std::vector<int32_t>& s = stored_[num_indexed_];
+    const size_t before = global_.num_nodes();
+    global_.add_windows(s.data(), static_cast<int>(s.size()), +1);
+    global_bytes_ += (global_.num_nodes() - before) * TokenTrie::kBytesPerNode;
+    done += s.size();
+    ++num_indexed_;
+    evict_until_within_bound();
+  }
 }
 
 void Drafter::evict_until_within_bound() {
   while (global_bytes_ > config_.memory_bytes && !stored_.empty()) {
     const std::vector<int32_t>& old = stored_.front();
-    const size_t before = global_.num_nodes();
-    global_.add_windows(old.data(), static_cast<int>(old.size()), -1);
-    global_bytes_ -= (before - global_.num_nodes()) * TokenTrie::kBytesPerNode + old.size() * sizeof(int32_t);
+    if (num_indexed_ > 0) {
+      const size_t before = global_.num_nodes();
+      global_.add_windows(old.data(), static_cast<int>(old.size()), -1);
+      global_bytes_ -= (before - global_.num_nodes()) * TokenTrie::kBytesPerNode;
+      --num_indexed_;
+    }
+    global_bytes_ -= old.size() * sizeof(int32_t);
     stored_.pop_front();
   }
 }
 
 int Drafter::propose(uint64_t request, const int32_t* context, int n, int max_nodes, int max_depth,
-                     DraftTree* out) const {
+                     DraftTree* out) {
   out->clear();
   if (max_nodes <= 0 || max_depth <= 0 || n <= 0) return 0;
   max_depth = std::min(max_depth, config_.max_depth);
+  index_pending(kMaxIndexPerCall);
   auto it = local_.find(request);
-  const TokenTrie* local = it == local_.end() ? nullptr : &it->second.trie;
+  const TokenTrie* local = nullptr;
+  if (it != local_.end()) {
+    Local& l = it->second;
+    for (int32_t t : l.pending) l.trie.extend(&l.open, t);
+    l.pending.clear();
+    local = &l.trie;
+  }
 
   // Longest matched suffix that has something after it, in either source. Monotone in m (the
   // occurrence of a suffix also holds every shorter suffix, followed by the same token), so a

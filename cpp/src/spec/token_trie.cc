@@ -23,7 +23,22 @@ int32_t TokenTrie::child(int32_t node, int32_t token) const {
 }
 
 int32_t TokenTrie::child_or_add(int32_t node, int32_t token) {
-  int32_t c = child(node, token);
+  int32_t c;
+  if (node == kRoot) {
+    auto it = root_child_.find(token);
+    c = it == root_child_.end() ? kNone : it->second;
+  } else {
+    // Move the child found to the front of its siblings: insertion revisits the frequent
+    // continuations, and the short prefixes fan out to hundreds of children.
+    int32_t* link = &nodes_[node].first_child;
+    while (*link != kNone && nodes_[*link].token != token) link = &nodes_[*link].next_sibling;
+    c = *link;
+    if (c != kNone && link != &nodes_[node].first_child) {
+      *link = nodes_[c].next_sibling;
+      nodes_[c].next_sibling = nodes_[node].first_child;
+      nodes_[node].first_child = c;
+    }
+  }
   if (c != kNone) return c;
   if (!free_.empty()) {
     c = free_.back();
