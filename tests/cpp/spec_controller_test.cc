@@ -564,7 +564,7 @@ DraftTree chain(int n, int32_t first_token = 100) {
 }
 
 TEST(SpecController, RatesStartAtThePriorAndFallBackToGlobal) {
-  SpecController sc(SpecPolicy::kSmart, 4);
+  SpecController sc(SpecPolicy::kSmart, 4, 32);
   Request r;
   EXPECT_EQ(sc.policy(), SpecPolicy::kSmart);
   ASSERT_EQ(sc.global_rates().size(), 5u);
@@ -577,7 +577,7 @@ TEST(SpecController, RatesStartAtThePriorAndFallBackToGlobal) {
 }
 
 TEST(SpecController, FullAcceptanceRaisesRatesTowardOneAndRejectionLowersThem) {
-  SpecController sc(SpecPolicy::kSmart, 4);
+  SpecController sc(SpecPolicy::kSmart, 4, 32);
   const DraftTree t = chain(4);
   const int32_t all[4] = {0, 1, 2, 3};
   // Give the global rates some history first (other requests, mixed results), so that they are
@@ -631,7 +631,7 @@ TEST(SpecController, FullAcceptanceRaisesRatesTowardOneAndRejectionLowersThem) {
 TEST(SpecController, GlobalRatesAverageTheirFirstObservations) {
   // Over its first observations a global rate is a plain mean (the prior counting as one), so the
   // first few move it more than a request's moving average moves; this is by design.
-  SpecController sc(SpecPolicy::kSmart, 2);
+  SpecController sc(SpecPolicy::kSmart, 2, 32);
   Request r;
   const DraftTree t = chain(2);
   const int32_t all[2] = {0, 1};
@@ -642,9 +642,29 @@ TEST(SpecController, GlobalRatesAverageTheirFirstObservations) {
   EXPECT_NEAR(sc.global_rates()[2], 0.75f, 1e-6);  // depth 2 observed once
 }
 
+TEST(SpecController, TheCheapBoundIgnoresMatchLengthsTheDrafterCannotReturn) {
+  // Drafts matched by 1 to 4 tokens, all rejected, many times: with max_match 4 nothing else can
+  // happen, so the bound falls; with max_match 32 the longer matches, never tried, keep their
+  // prior and exploration bonus, and so the bound stays high.
+  SpecController short_match(SpecPolicy::kSmart, 2, 4), long_match(SpecPolicy::kSmart, 2, 32);
+  const int32_t none[1] = {0};
+  std::vector<Request> others(400);
+  for (size_t i = 0; i < others.size(); ++i) {
+    DraftTree t = chain(2);
+    t.match = 1 + static_cast<int>(i % 4);
+    short_match.on_verified(&others[i], t, none, 0);
+    long_match.on_verified(&others[i], t, none, 0);
+  }
+  Request r;
+  // (Both are scaled by the same calibration factor, which all those rejections drove to its floor.)
+  EXPECT_LT(short_match.first_node_bound(&r), 0.05f);
+  EXPECT_GT(long_match.first_node_bound(&r), 0.1f);
+  EXPECT_GT(long_match.first_node_bound(&r), 4 * short_match.first_node_bound(&r));
+}
+
 TEST(SpecController, RelaxPullsARequestBackTowardTheGlobalRates) {
   // A request that stopped drafting after a bad stretch drifts back, so that it gets tried again.
-  SpecController sc(SpecPolicy::kSmart, 2);
+  SpecController sc(SpecPolicy::kSmart, 2, 32);
   const DraftTree t = chain(2);
   const int32_t all[2] = {0, 1};
   std::vector<Request> others(40);
@@ -671,7 +691,7 @@ TEST(SpecController, RelaxPullsARequestBackTowardTheGlobalRates) {
 }
 
 TEST(SpecController, OnlyTheMostFrequentChildCountsAsAHitAndLeavesEndTheObservation) {
-  SpecController sc(SpecPolicy::kSmart, 4);
+  SpecController sc(SpecPolicy::kSmart, 4, 32);
   // root -> 0 (share 1) -> 2 ; root -> 1 (share 0.5) -> 3
   DraftTree t;
   t.tokens = {5, 6, 7, 8};
@@ -694,7 +714,7 @@ TEST(SpecController, OnlyTheMostFrequentChildCountsAsAHitAndLeavesEndTheObservat
 }
 
 TEST(SpecController, NodeProbabilitiesArePathProductsScaledByShare) {
-  SpecController sc(SpecPolicy::kSmart, 4);
+  SpecController sc(SpecPolicy::kSmart, 4, 32);
   DraftTree t;  // root -> 0 (share 1) -> 2 -> 4 ; root -> 1 (share 0.5) -> 3
   t.tokens = {5, 6, 7, 8, 9};
   t.parents = {-1, -1, 0, 1, 2};
@@ -725,7 +745,7 @@ TEST(SpecController, NodeProbabilitiesArePathProductsScaledByShare) {
 TEST(SpecController, LongMatchesEarnHigherProbabilities) {
   // Drafts found by long context matches are always accepted, those by 1-token matches never:
   // the per-match-length rates learn it.
-  SpecController sc(SpecPolicy::kSmart, 4);
+  SpecController sc(SpecPolicy::kSmart, 4, 32);
   DraftTree long_match = chain(4), short_match = chain(4);
   long_match.match = 32;
   short_match.match = 1;
@@ -749,7 +769,7 @@ TEST(SpecController, LongMatchesEarnHigherProbabilities) {
 }
 
 TEST(SpecController, DepthsBeyondMaxDepthAreIgnored) {
-  SpecController sc(SpecPolicy::kSmart, 2);
+  SpecController sc(SpecPolicy::kSmart, 2, 32);
   Request r;
   const DraftTree t = chain(4);
   const int32_t all[4] = {0, 1, 2, 3};

@@ -15,7 +15,7 @@ Scheduler::Scheduler(const SchedulerConfig& config) : config_(config), allocator
     dc.max_depth = config.spec_max_depth;
     dc.memory_bytes = config.spec_memory_bytes;
     drafter_ = std::make_unique<Drafter>(dc);
-    spec_ = std::make_unique<SpecController>(config.spec_policy, config.spec_max_depth);
+    spec_ = std::make_unique<SpecController>(config.spec_policy, config.spec_max_depth, config.spec_max_match);
   }
   ACCEL_CHECK(config.max_num_batched_tokens > 0, InvalidArgument) << "max_num_batched_tokens must be positive";
   ACCEL_CHECK(config.block_size > 0, InvalidArgument) << "block_size must be positive";

@@ -136,9 +136,10 @@ void StepTimeModel::refit() {
 
 // ---- SpecController ----
 
-SpecController::SpecController(SpecPolicy policy, int max_depth)
+SpecController::SpecController(SpecPolicy policy, int max_depth, int max_match)
     : policy_(policy),
       max_depth_(max_depth),
+      num_buckets_(bucket(std::max(max_match, 1)) + 1),
       global_(max_depth + 1, kPrior),
       by_match_(static_cast<size_t>(kMatchBuckets) * (max_depth + 1), kPrior),
       global_n_(global_.size(), 0),
@@ -167,7 +168,9 @@ float SpecController::request_factor(const Request* r, int d) const {
 
 float SpecController::first_node_bound(const Request* r) const {
   float best = 0;
-  for (int b = 0; b < kMatchBuckets; ++b) best = std::max(best, optimistic(b * (max_depth_ + 1) + 1));
+  // Only reachable buckets: one never observed keeps its exploration bonus for good, and would
+  // send every request to the trie every step.
+  for (int b = 0; b < num_buckets_; ++b) best = std::max(best, optimistic(b * (max_depth_ + 1) + 1));
   return std::min(1.0f, calibration_ * best * request_factor(r, 1));
 }
 

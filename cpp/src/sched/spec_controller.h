@@ -84,7 +84,8 @@ enum class SpecPolicy { kOff, kFixed, kSmart };
 
 class SpecController {
  public:
-  SpecController(SpecPolicy policy, int max_depth);
+  // max_match: the drafter's longest matched suffix (match lengths above it never occur).
+  SpecController(SpecPolicy policy, int max_depth, int max_match);
 
   SpecPolicy policy() const { return policy_; }
   StepTimeModel& model() { return model_; }
@@ -117,6 +118,7 @@ class SpecController {
 
   SpecPolicy policy_;
   int max_depth_;
+  int num_buckets_;  // the match buckets max_match reaches: the others are never observed
   std::vector<float> global_;    // [d] for d in 1..max_depth (index 0 unused)
   std::vector<float> by_match_;  // [bucket * (max_depth + 1) + d]
   std::vector<uint32_t> global_n_, by_match_n_;  // observations behind each rate
