@@ -1,9 +1,9 @@
 // The Lookahead drafter and its token trie, against brute-force references:
 //  - TokenTrie: every path's count is the number of occurrences of that substring (length <= the
-//    window) in the inserted sequences; incremental extend() builds the same trie as add_windows;
-//    removal restores the earlier state exactly and frees the nodes.
+//    window) in the inserted sequences; removal restores the earlier state exactly and frees the
+//    nodes; add_path and clear.
 //  - Drafter: the retrieval rule (longest context suffix, up to max_match, that occurred earlier
-//    with something after it, in the request's own tokens or in a stored output; then best-first
+//    with something after it, in the context itself or in a stored output; then best-first
 //    growth by combined path count, ties to the lower token id) checked on hand-made cases and on
 //    random ones against a brute-force reimplementation; tree order and bounds; the memory bound
 //    of the global store and its eviction.
@@ -146,52 +146,43 @@ TEST(TokenTrie, HandCountedExample) {
   EXPECT_EQ(trie.child(TokenTrie::kRoot, 10), TokenTrie::kNone);  // out of the vocabulary
 }
 
-TEST(TokenTrie, ExtendEqualsAddWindowsAtEveryLength) {
-  std::mt19937 rng(2);
-  for (int window : {1, 2, 4, 7}) {
-    for (int vocab : {2, 5, 40}) {
-      for (int rep = 0; rep < 3; ++rep) {
-        const auto s = random_seq(rng, 1 + static_cast<int>(rng() % 40), vocab);
-        TokenTrie inc(window);
-        std::vector<int32_t> open;
-        for (size_t k = 0; k < s.size(); ++k) {
-          inc.extend(&open, s[k]);
-          ASSERT_LT(open.size(), static_cast<size_t>(window));
-          // The windows of the prefix seen so far, the open ones included.
-          TokenTrie whole(window);
-          whole.add_windows(s.data(), static_cast<int>(k + 1), +1);
-          ASSERT_EQ(trie_paths(inc), trie_paths(whole)) << "window " << window << " after " << k + 1 << " tokens";
-          ASSERT_EQ(inc.num_nodes(), whole.num_nodes());
-        }
-        // And the incremental trie can then be emptied by removing the whole sequence.
-        inc.add_windows(s.data(), static_cast<int>(s.size()), -1);
-        EXPECT_EQ(inc.num_nodes(), 0u);
-        EXPECT_TRUE(trie_paths(inc).empty());
-      }
+TEST(TokenTrie, WindowsAddedInPartsEqualAllAtOnce) {
+  std::mt19937 rng(13);
+  for (int rep = 0; rep < 50; ++rep) {
+    const int window = 1 + static_cast<int>(rng() % 6), n = static_cast<int>(rng() % 40);
+    const auto s = random_seq(rng, n, 3);
+    TokenTrie whole(window), parts(window);
+    whole.add_windows(s.data(), n, +1);
+    int at = 0;
+    while (at < n) {
+      const int next = std::min(n, at + 1 + static_cast<int>(rng() % 7));
+      parts.add_windows(s.data(), n, at, next, +1);
+      at = next;
     }
+    ASSERT_EQ(trie_paths(parts), trie_paths(whole)) << "rep " << rep;
+    // Removing the first part leaves exactly the windows of the rest.
+    const int cut = n ? static_cast<int>(rng() % (n + 1)) : 0;
+    parts.add_windows(s.data(), n, 0, cut, -1);
+    TokenTrie rest(window);
+    rest.add_windows(s.data(), n, cut, n, +1);
+    ASSERT_EQ(trie_paths(parts), trie_paths(rest)) << "rep " << rep;
+    ASSERT_EQ(parts.num_nodes(), rest.num_nodes());
+    ASSERT_EQ(parts.bytes(), rest.bytes());
   }
 }
 
-TEST(TokenTrie, ExtendOfSeveralInterleavedSequences) {
-  // Two sequences growing token by token into the same trie, each with its own open windows.
-  std::mt19937 rng(3);
-  const int window = 4, vocab = 3;
-  TokenTrie trie(window);
-  std::vector<int32_t> open_a, open_b, a, b;
-  for (int k = 0; k < 60; ++k) {
-    const int32_t t = static_cast<int32_t>(rng() % vocab);
-    if (rng() % 2) {
-      trie.extend(&open_a, t);
-      a.push_back(t);
-    } else {
-      trie.extend(&open_b, t);
-      b.push_back(t);
-    }
-    PathCounts ref;
-    brute_add(&ref, a, window, +1);
-    brute_add(&ref, b, window, +1);
-    ASSERT_EQ(trie_paths(trie), ref) << "after " << k + 1 << " tokens";
-  }
+TEST(TokenTrie, AddPathCountsOnePathAndClearEmpties) {
+  TokenTrie trie(3);
+  const std::vector<int32_t> a = {4, 5, 6}, b = {4, 5, 7}, c = {4, 9};
+  for (const auto* p : {&a, &b, &c, &a}) trie.add_path(p->data(), static_cast<int>(p->size()));
+  const PathCounts got = trie_paths(trie);
+  const PathCounts want = {{{4}, 4}, {{4, 5}, 3}, {{4, 5, 6}, 2}, {{4, 5, 7}, 1}, {{4, 9}, 1}};
+  EXPECT_EQ(got, want);
+  trie.clear();
+  EXPECT_EQ(trie.num_nodes(), 0u);
+  EXPECT_EQ(trie.child(TokenTrie::kRoot, 4), TokenTrie::kNone);
+  trie.add_path(c.data(), 2);
+  EXPECT_EQ(trie_paths(trie), (PathCounts{{{4}, 1}, {{4, 9}, 1}}));
 }
 
 TEST(TokenTrie, RemovalRestoresThePreviousStateAndFreesNodes) {
@@ -386,8 +377,9 @@ DrafterConfig config(int vocab, int max_match, int max_depth, size_t memory = 64
   return c;
 }
 
-int propose(Drafter& d, uint64_t id, const std::vector<int32_t>& ctx, int max_nodes, int max_depth, DraftTree* t) {
-  return d.propose(id, ctx.data(), static_cast<int>(ctx.size()), max_nodes, max_depth, t);
+// own: the context's own occurrences count (as in the engine); false: the store alone.
+int propose(Drafter& d, const std::vector<int32_t>& ctx, int max_nodes, int max_depth, DraftTree* t, bool own = true) {
+  return d.propose(ctx.data(), static_cast<int>(ctx.size()), max_nodes, max_depth, t, own);
 }
 
 // ---- Drafter: hand-made cases ----
@@ -396,22 +388,20 @@ TEST(Drafter, PrefersTheLongestSuffixMatch) {
   Drafter d(config(20, 4, 4));
   // "1 2 3" occurred once (then 4); "2 3" three times (then 4, 5, 6).
   const std::vector<int32_t> ctx = {1, 2, 3, 4, 9, 2, 3, 5, 2, 3, 6, 8, 1, 2, 3};
-  d.add_tokens(7, ctx.data(), static_cast<int>(ctx.size()));
   DraftTree t;
-  EXPECT_EQ(propose(d, 7, ctx, 8, 1, &t), 3);
+  EXPECT_EQ(propose(d, ctx, 8, 1, &t), 3);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{4}));
-  EXPECT_EQ(propose(d, 7, ctx, 8, 2, &t), 3);
+  EXPECT_EQ(propose(d, ctx, 8, 2, &t), 3);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{4, 9}));
   EXPECT_EQ(t.parents, (std::vector<int32_t>{-1, 0}));
   EXPECT_EQ(t.depths, (std::vector<int32_t>{1, 2}));
 
   // With max_match 2 the match is "2 3": three continuations of count 1, lower token first.
   Drafter d2(config(20, 2, 4));
-  d2.add_tokens(7, ctx.data(), static_cast<int>(ctx.size()));
-  EXPECT_EQ(propose(d2, 7, ctx, 8, 1, &t), 2);
+  EXPECT_EQ(propose(d2, ctx, 8, 1, &t), 2);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{4, 5, 6}));
   EXPECT_EQ(t.parents, (std::vector<int32_t>{-1, -1, -1}));
-  EXPECT_EQ(propose(d2, 7, ctx, 2, 1, &t), 2);
+  EXPECT_EQ(propose(d2, ctx, 2, 1, &t), 2);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{4, 5}));
 }
 
@@ -420,28 +410,25 @@ TEST(Drafter, TheContextsOwnEndIsNoMatch) {
   DraftTree t;
   // No token repeats: every suffix occurs only at the end, with nothing after it.
   std::vector<int32_t> ctx = {5, 6, 7, 8};
-  d.add_tokens(1, ctx.data(), 4);
-  EXPECT_EQ(propose(d, 1, ctx, 8, 4, &t), 0);
+  EXPECT_EQ(propose(d, ctx, 8, 4, &t), 0);
   EXPECT_EQ(t.size(), 0);
   // "7 8" and "8" only at the end; "6 7 8 6"? no: the suffix "6" occurred before (then 7).
   ctx.push_back(6);
-  d.add_tokens(1, &ctx.back(), 1);
-  EXPECT_EQ(propose(d, 1, ctx, 8, 4, &t), 1);
+  EXPECT_EQ(propose(d, ctx, 8, 4, &t), 1);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{7, 8, 6}));  // a chain: 6 -> 7 -> 8 -> 6
   EXPECT_EQ(t.depths, (std::vector<int32_t>{1, 2, 3}));
   // Overlapping occurrences count: in "1 2 3 1 2 3" the suffix "1 2 3" occurred at 0, then 1.
   std::vector<int32_t> rep = {1, 2, 3, 1, 2, 3};
-  d.add_tokens(2, rep.data(), 6);
-  EXPECT_EQ(propose(d, 2, rep, 8, 1, &t), 3);
+  EXPECT_EQ(propose(d, rep, 8, 1, &t), 3);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{1}));
 
   // A stored output's end is no match either, but its inside is.
   Drafter g(config(20, 4, 4));
   const std::vector<int32_t> out = {4, 5, 6};
-  g.finish(99, out.data(), 3, true);
-  EXPECT_EQ(g.num_requests(), 0u);
-  EXPECT_EQ(propose(g, 3, {9, 5, 6}, 8, 4, &t), 0);  // request 3 has no index of its own: fine
-  EXPECT_EQ(propose(g, 3, {9, 4, 5}, 8, 4, &t), 2);
+  g.add_output(out.data(), 3);
+  g.flush();
+  EXPECT_EQ(propose(g, {9, 5, 6}, 8, 4, &t), 0);
+  EXPECT_EQ(propose(g, {9, 4, 5}, 8, 4, &t), 2);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{6}));
 }
 
@@ -449,33 +436,26 @@ TEST(Drafter, BranchesRankedByCountTiesToTheLowerToken) {
   Drafter d(config(20, 2, 4));
   // After "10 11": 3 once, 5 three times, 2 once, 7 once; after "10 11 5" always 10.
   const std::vector<int32_t> ctx = {10, 11, 3, 10, 11, 5, 10, 11, 5, 10, 11, 5, 10, 11, 2, 10, 11, 7, 10, 11};
-  d.add_tokens(1, ctx.data(), static_cast<int>(ctx.size()));
   DraftTree t;
-  EXPECT_EQ(propose(d, 1, ctx, 4, 1, &t), 2);
+  EXPECT_EQ(propose(d, ctx, 4, 1, &t), 2);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{5, 2, 3, 7}));
-  EXPECT_EQ(propose(d, 1, ctx, 2, 1, &t), 2);
+  EXPECT_EQ(propose(d, ctx, 2, 1, &t), 2);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{5, 2}));
   // Depth 2: "5 10" (count 3) beats the count-1 siblings of 5.
-  EXPECT_EQ(propose(d, 1, ctx, 3, 2, &t), 2);
+  EXPECT_EQ(propose(d, ctx, 3, 2, &t), 2);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{5, 10, 2}));
   EXPECT_EQ(t.parents, (std::vector<int32_t>{-1, 0, -1}));
   EXPECT_EQ(t.depths, (std::vector<int32_t>{1, 2, 1}));
 
   // Counts of the request's own tokens and of the stored outputs add up: 7 now follows 1 + 3 times.
   const std::vector<int32_t> out = {10, 11, 7, 10, 11, 7, 10, 11, 7};
-  d.finish(2, out.data(), static_cast<int>(out.size()), true);
-  EXPECT_EQ(propose(d, 1, ctx, 2, 1, &t), 2);
+  d.add_output(out.data(), static_cast<int>(out.size()));
+  d.flush();
+  EXPECT_EQ(propose(d, ctx, 2, 1, &t), 2);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{7, 5}));
-  // A request without an index of its own sees only the store.
-  EXPECT_EQ(propose(d, 5, ctx, 4, 1, &t), 2);
+  // The store alone (the context's own occurrences left out).
+  EXPECT_EQ(propose(d, ctx, 4, 1, &t, false), 2);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{7}));
-  // A dropped output (keep_output false) adds nothing.
-  const std::vector<int32_t> out2 = {10, 11, 3, 10, 11, 3, 10, 11, 3, 10, 11, 3, 10, 11, 3};
-  d.add_tokens(3, out2.data(), static_cast<int>(out2.size()));
-  d.finish(3, out2.data(), static_cast<int>(out2.size()), false);
-  EXPECT_EQ(d.num_global_sequences(), 1u);
-  EXPECT_EQ(propose(d, 1, ctx, 2, 1, &t), 2);
-  EXPECT_EQ(t.tokens, (std::vector<int32_t>{7, 5}));
 }
 
 TEST(Drafter, RespectsMaxNodesAndMaxDepth) {
@@ -483,20 +463,19 @@ TEST(Drafter, RespectsMaxNodesAndMaxDepth) {
   std::vector<int32_t> ctx;
   for (int i = 0; i < 20; ++i)
     for (int32_t t : {1, 2, 3}) ctx.push_back(t);
-  d.add_tokens(1, ctx.data(), static_cast<int>(ctx.size()));
   DraftTree t;
   // Period 3: the draft is the chain 1 2 3 1 2 ..., as deep as allowed.
-  EXPECT_EQ(propose(d, 1, ctx, 100, 100, &t), 3);
+  EXPECT_EQ(propose(d, ctx, 100, 100, &t), 3);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{1, 2, 3, 1, 2}));  // the drafter's own max_depth (5)
-  EXPECT_EQ(propose(d, 1, ctx, 100, 2, &t), 3);
+  EXPECT_EQ(propose(d, ctx, 100, 2, &t), 3);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{1, 2}));
-  EXPECT_EQ(propose(d, 1, ctx, 3, 5, &t), 3);
+  EXPECT_EQ(propose(d, ctx, 3, 5, &t), 3);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{1, 2, 3}));
-  EXPECT_EQ(propose(d, 1, ctx, 0, 5, &t), 0);
+  EXPECT_EQ(propose(d, ctx, 0, 5, &t), 0);
   EXPECT_EQ(t.size(), 0);
-  EXPECT_EQ(propose(d, 1, ctx, 5, 0, &t), 0);
+  EXPECT_EQ(propose(d, ctx, 5, 0, &t), 0);
   EXPECT_EQ(t.size(), 0);
-  EXPECT_EQ(d.propose(1, ctx.data(), 0, 5, 5, &t), 0);
+  EXPECT_EQ(d.propose(ctx.data(), 0, 5, 5, &t), 0);
   EXPECT_EQ(t.size(), 0);
 
   // A bushy tree: random repetitive contexts, many bounds.
@@ -505,9 +484,8 @@ TEST(Drafter, RespectsMaxNodesAndMaxDepth) {
     const int cfg_depth = 1 + static_cast<int>(rng() % 6);
     Drafter b(config(4, 1 + static_cast<int>(rng() % 4), cfg_depth));
     const auto s = random_seq(rng, 5 + static_cast<int>(rng() % 60), 4);
-    b.add_tokens(1, s.data(), static_cast<int>(s.size()));
     const int max_nodes = static_cast<int>(rng() % 30), max_depth = 1 + static_cast<int>(rng() % 8);
-    propose(b, 1, s, max_nodes, max_depth, &t);
+    propose(b, s, max_nodes, max_depth, &t);
     ASSERT_NO_FATAL_FAILURE(check_tree(t, max_nodes, std::min(max_depth, cfg_depth), "bushy " + std::to_string(rep)));
     if (max_nodes > 0 && std::find(s.begin(), s.end() - 1, s.back()) != s.end() - 1) {  // the last token recurs
       EXPECT_GT(t.size(), 0) << "bushy " << rep << " " << str(s);
@@ -536,14 +514,11 @@ TEST(Drafter, MatchesBruteForceRetrievalOnRandomCases) {
     for (int k = 0; k < num_finished; ++k) {
       const auto prompt = random_seq(rng, static_cast<int>(rng() % 10), vocab);
       const auto out = repetitive_seq(rng, static_cast<int>(rng() % 40), vocab, kept);
-      d.add_tokens(100 + k, prompt.data(), static_cast<int>(prompt.size()));
-      for (int32_t t : out) d.add_tokens(100 + k, &t, 1);
       const bool keep = rng() % 5 != 0;
-      d.finish(100 + k, out.data(), static_cast<int>(out.size()), keep);
+      if (keep) d.add_output(out.data(), static_cast<int>(out.size()));
       if (keep && !out.empty()) kept.push_back(out);
       ASSERT_LE(d.global_bytes(), memory);
     }
-    ASSERT_EQ(d.num_requests(), 0u);
     d.flush();  // index the pending outputs, evicting what the bound does not hold
     ASSERT_LE(d.global_bytes(), memory);
     ASSERT_LE(d.num_global_sequences(), kept.size());
@@ -551,17 +526,15 @@ TEST(Drafter, MatchesBruteForceRetrievalOnRandomCases) {
     const std::vector<std::vector<int32_t>> stored(kept.end() - d.num_global_sequences(), kept.end());
 
     // A live request, decoding: propose after every token, as the scheduler does.
-    const uint64_t id = 1;
     std::vector<int32_t> ctx = repetitive_seq(rng, 1 + static_cast<int>(rng() % 20), vocab, stored);
-    d.add_tokens(id, ctx.data(), static_cast<int>(ctx.size()));
     const std::vector<int32_t> more = repetitive_seq(rng, 25, vocab, stored);
     for (int step = 0; step <= static_cast<int>(more.size()); ++step) {
       const int max_nodes = 1 + static_cast<int>(rng() % 20), req_depth = 1 + static_cast<int>(rng() % (max_depth + 2));
       const int depth = std::min(req_depth, max_depth);
       for (const bool own : {true, false}) {
-        // own: the live request; else an id with no index of its own (only the store serves it).
+        // own: the context's occurrences and the store, as the engine drafts; else the store alone.
         DraftTree t;
-        const int m = propose(d, own ? id : 999, ctx, max_nodes, req_depth, &t);
+        const int m = propose(d, ctx, max_nodes, req_depth, &t, own);
         const std::string what = "trial " + std::to_string(trial) + " step " + std::to_string(step) +
                                  (own ? " own" : " store-only") + " ctx " + str(ctx);
         ASSERT_NO_FATAL_FAILURE(check_tree(t, max_nodes, depth, what));
@@ -574,11 +547,8 @@ TEST(Drafter, MatchesBruteForceRetrievalOnRandomCases) {
       }
       if (step < static_cast<int>(more.size())) {
         ctx.push_back(more[step]);
-        d.add_tokens(id, &more[step], 1);
       }
     }
-    d.finish(id, nullptr, 0, true);
-    ASSERT_EQ(d.num_requests(), 0u);
   }
   std::cout << "[ INFO     ] " << checked << " proposals checked, " << with_draft << " with a draft, " << exact
             << " also compared exactly as a set of paths\n";
@@ -589,53 +559,69 @@ TEST(Drafter, MatchesBruteForceRetrievalOnRandomCases) {
 // ---- Drafter: lazy indexing ----
 
 TEST(Drafter, LazyIndexingKeepsWhatEagerIndexingKeeps) {
-  // The same outputs into two stores with a tight bound: one indexed after every output (as an
-  // eager store would be), one only at the end. They keep the same outputs and draft the same.
+  // The same outputs into three stores with a tight bound: one indexed after every output (as an
+  // eager store would be), one only at the end, one in random small parts as it goes. Once all
+  // is indexed they keep the same outputs and draft the same.
   std::mt19937 rng(11);
   for (int trial = 0; trial < 50; ++trial) {
     const size_t memory = 300 + rng() % 3000;
-    Drafter eager(config(6, 4, 4, memory)), lazy(config(6, 4, 4, memory));
+    Drafter eager(config(6, 4, 4, memory)), lazy(config(6, 4, 4, memory)), parts(config(6, 4, 4, memory));
     std::vector<std::vector<int32_t>> kept;
     for (int k = 0; k < 12; ++k) {
       const auto out = repetitive_seq(rng, static_cast<int>(rng() % 50), 6, kept);
       if (!out.empty()) kept.push_back(out);
-      for (Drafter* d : {&eager, &lazy}) d->finish(100 + k, out.data(), static_cast<int>(out.size()), true);
+      for (Drafter* d : {&eager, &lazy, &parts}) d->add_output(out.data(), static_cast<int>(out.size()));
       eager.flush();
-      ASSERT_LE(eager.global_bytes(), memory);
-      ASSERT_LE(lazy.global_bytes(), memory);
+      parts.index(rng() % 30);
+      for (Drafter* d : {&eager, &lazy, &parts}) ASSERT_LE(d->global_bytes(), memory);
     }
     lazy.flush();
-    ASSERT_EQ(lazy.num_global_sequences(), eager.num_global_sequences()) << "trial " << trial;
-    ASSERT_EQ(lazy.global_bytes(), eager.global_bytes()) << "trial " << trial;
+    parts.flush();
+    for (Drafter* d : {&lazy, &parts}) {
+      ASSERT_EQ(d->num_global_sequences(), eager.num_global_sequences()) << "trial " << trial;
+      ASSERT_EQ(d->global_bytes(), eager.global_bytes()) << "trial " << trial;
+      ASSERT_EQ(d->num_pending_tokens(), 0u);
+    }
     for (int q = 0; q < 20; ++q) {
       const auto ctx = repetitive_seq(rng, 1 + static_cast<int>(rng() % 8), 6, kept);
-      DraftTree a, b;
-      ASSERT_EQ(propose(eager, 1, ctx, 8, 4, &a), propose(lazy, 1, ctx, 8, 4, &b));
+      DraftTree a, b, c;
+      const int m = propose(eager, ctx, 8, 4, &a);
+      ASSERT_EQ(propose(lazy, ctx, 8, 4, &b), m);
+      ASSERT_EQ(propose(parts, ctx, 8, 4, &c), m);
       ASSERT_EQ(a.tokens, b.tokens);
       ASSERT_EQ(a.parents, b.parents);
+      ASSERT_EQ(a.tokens, c.tokens);
+      ASSERT_EQ(a.parents, c.parents);
     }
   }
 }
 
-TEST(Drafter, OneProposeIndexesABoundedAmountOfTheStore) {
+TEST(Drafter, OutputsDraftOnceIndexedAndIndexingIsBounded) {
   Drafter d(config(1000, 4, 4));
   std::mt19937 rng(12);
   std::vector<int32_t> out(1000);
-  for (int k = 0; k < 20; ++k) {  // 20,000 pending tokens: more than one call indexes
+  for (int k = 0; k < 20; ++k) {
     for (auto& x : out) x = static_cast<int32_t>(rng() % 1000);
-    d.finish(100 + k, out.data(), static_cast<int>(out.size()), true);
+    d.add_output(out.data(), static_cast<int>(out.size()));
   }
+  EXPECT_EQ(d.num_pending_tokens(), 20000u);
   const size_t pending_bytes = d.global_bytes();
   DraftTree t;
-  propose(d, 1, {1, 2}, 4, 4, &t);
-  const size_t after_one = d.global_bytes() - pending_bytes;
-  EXPECT_GT(after_one, 0u);
+  // Pending outputs do not draft yet.
+  EXPECT_EQ(propose(d, {out[10], out[11]}, 1, 1, &t), 0);
+  EXPECT_EQ(d.num_pending_tokens(), 20000u);
+  // Oldest first, exactly the amount asked for (an output may be indexed in parts).
+  d.index(1500);
+  EXPECT_EQ(d.num_pending_tokens(), 18500u);
+  const size_t after_part = d.global_bytes() - pending_bytes;
+  EXPECT_GT(after_part, 0u);
+  EXPECT_LT(propose(d, {out[10], out[11]}, 1, 1, &t), 2);  // the newest output is still pending
+  d.index(0);
+  EXPECT_EQ(d.num_pending_tokens(), 18500u);
   d.flush();
-  const size_t after_all = d.global_bytes() - pending_bytes;
-  // kMaxIndexPerCall (4096) tokens of random text, in whole outputs: 5 of the 20.
-  EXPECT_LT(after_one, after_all / 3);
-  // The last output now drafts.
-  EXPECT_GE(propose(d, 1, {out[10], out[11]}, 1, 1, &t), 2);
+  EXPECT_EQ(d.num_pending_tokens(), 0u);
+  EXPECT_GT(d.global_bytes() - pending_bytes, 5 * after_part);
+  EXPECT_GE(propose(d, {out[10], out[11]}, 1, 1, &t), 2);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{out[12]}));
 }
 
@@ -649,9 +635,9 @@ TEST(Drafter, GlobalStoreStaysWithinItsMemoryBound) {
   // The first output uses tokens no later output has; it drafts now, and must not once evicted.
   std::vector<int32_t> first;
   for (int32_t i = 0; i < 40; ++i) first.push_back(900 + i);
-  d.add_tokens(1, first.data(), 10);
-  d.finish(1, first.data(), static_cast<int>(first.size()), true);
-  EXPECT_EQ(propose(d, 5, {7, 900, 901, 902}, 4, 4, &t), 3);
+  d.add_output(first.data(), static_cast<int>(first.size()));
+  d.flush();
+  EXPECT_EQ(propose(d, {7, 900, 901, 902}, 4, 4, &t), 3);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{903, 904, 905, 906}));
 
   std::mt19937 rng(7);
@@ -661,15 +647,11 @@ TEST(Drafter, GlobalStoreStaysWithinItsMemoryBound) {
     std::vector<int32_t> prompt(1 + rng() % 8), out(rng() % 60);
     for (auto& x : prompt) x = tok(rng);
     for (auto& x : out) x = tok(rng);
-    d.add_tokens(id, prompt.data(), static_cast<int>(prompt.size()));
-    // A live engine asks for drafts, which indexes the store's pending outputs.
-    if (id % 3 == 0) propose(d, id, prompt, 4, 4, &t);
-    for (int32_t x : out) d.add_tokens(id, &x, 1);
-    ASSERT_EQ(d.num_requests(), 1u);
+    // A live engine indexes pending outputs as it drafts.
+    if (id % 3 == 0) d.index(64);
     const bool keep = rng() % 10 != 0;
-    d.finish(id, out.data(), static_cast<int>(out.size()), keep);
+    if (keep) d.add_output(out.data(), static_cast<int>(out.size()));
     ASSERT_LE(d.global_bytes(), memory) << "after request " << id;
-    ASSERT_EQ(d.num_requests(), 0u) << "request " << id << "'s own index was not dropped";
     if (d.num_global_sequences() == 0) {
       ASSERT_EQ(d.global_bytes(), 0u);
     }
@@ -682,23 +664,24 @@ TEST(Drafter, GlobalStoreStaysWithinItsMemoryBound) {
   EXPECT_GT(d.num_global_sequences(), 0u);
   EXPECT_LT(max_seqs, 10000u);
   // The first output was evicted long ago: its tokens draft nothing any more.
-  EXPECT_EQ(propose(d, 5, {7, 900, 901, 902}, 4, 4, &t), 0);
+  EXPECT_EQ(propose(d, {7, 900, 901, 902}, 4, 4, &t), 0);
   EXPECT_EQ(t.size(), 0);
   // The newest output is there.
   std::vector<int32_t> newest(20);
   for (auto& x : newest) x = tok(rng);
-  d.finish(10002, newest.data(), static_cast<int>(newest.size()), true);
+  d.add_output(newest.data(), static_cast<int>(newest.size()));
+  d.flush();
   ASSERT_LE(d.global_bytes(), memory);
   const std::vector<int32_t> probe(newest.begin(), newest.begin() + 3);
-  EXPECT_GE(propose(d, 5, probe, 1, 1, &t), 1);
+  EXPECT_GE(propose(d, probe, 1, 1, &t), 1);
   EXPECT_EQ(t.size(), 1);
 
   // An output larger than the whole bound is stored and evicted at once.
   std::vector<int32_t> huge(memory / sizeof(int32_t) + 1, 3);
-  d.finish(6, huge.data(), static_cast<int>(huge.size()), true);
+  d.add_output(huge.data(), static_cast<int>(huge.size()));
   EXPECT_EQ(d.num_global_sequences(), 0u);
   EXPECT_EQ(d.global_bytes(), 0u);
-  EXPECT_EQ(propose(d, 5, probe, 4, 4, &t), 0);
+  EXPECT_EQ(propose(d, probe, 4, 4, &t), 0);
 }
 
 }  // namespace

@@ -27,7 +27,6 @@ void Scheduler::add(std::unique_ptr<Request> req) {
   ACCEL_DCHECK(!requests_.count(r->id));
   requests_.emplace(r->id, std::move(req));
   waiting_.push_back(r);
-  if (drafter_) drafter_->add_tokens(r->id, r->prompt.data(), static_cast<int>(r->prompt.size()));
 }
 
 Request* Scheduler::find(RequestId id) {
@@ -208,12 +207,18 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
     last_drafted_seqs_ += drafts[i].size() > 0;
     add_seq(picks_[i].req, picks_[i].num_tokens, std::move(drafts[i]), plan, seqs);
   }
+  // Under SmartSpec the draft store indexes new outputs as drafting uses it, in proportion to the
+  // draft nodes taken: steady drafting keeps it current (a step's new outputs are at most twice
+  // its draft nodes when every request drafts), a step without drafts pays nothing (indexing
+  // costs microseconds per token), and a backlog is worked off a bounded amount per step.
+  if (drafter_ && spec_->policy() == SpecPolicy::kSmart && last_draft_tokens_ > 0)
+    drafter_->index(std::min(kIndexTokensPerDraftNode * last_draft_tokens_, kMaxIndexTokensPerStep));
 }
 
 void Scheduler::propose(Request* r, int max_nodes, DraftTree* out) {
   context_.resize(r->num_tokens());
   for (int k = 0; k < r->num_tokens(); ++k) context_[k] = r->token_at(k);
-  drafter_->propose(r->id, context_.data(), r->num_tokens(), max_nodes, config_.spec_max_depth, out);
+  drafter_->propose(context_.data(), r->num_tokens(), max_nodes, config_.spec_max_depth, out);
 }
 
 void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
@@ -325,7 +330,6 @@ void Scheduler::on_computed(const ScheduledSeq& s, int num_computed) {
 
 FinishReason Scheduler::append_token(Request* r, int32_t token) {
   r->output.push_back(token);
-  if (drafter_) drafter_->add_tokens(r->id, &token, 1);
   const auto& eos = config_.eos_token_ids;
   const auto& stops = r->params.stop_token_ids;
   if ((!r->params.ignore_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) ||
@@ -350,9 +354,10 @@ std::unique_ptr<Request> Scheduler::finish(RequestId id, FinishReason reason) {
   allocator_.release_all(&r->blocks);
   r->status = Request::Status::kFinished;
   r->finish_reason = reason;
-  if (drafter_) {
-    const bool keep = reason == FinishReason::kStop || reason == FinishReason::kLength;
-    drafter_->finish(r->id, r->output.data(), static_cast<int>(r->output.size()), keep);
+  // A completed output joins the draft store (an aborted or failed one is no text to repeat).
+  if (drafter_ && (reason == FinishReason::kStop || reason == FinishReason::kLength)) {
+    drafter_->add_output(r->output.data(), static_cast<int>(r->output.size()));
+    if (spec_->policy() == SpecPolicy::kFixed) drafter_->flush();  // always drafting: index now
   }
   return req;
 }

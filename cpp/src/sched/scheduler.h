@@ -137,6 +137,8 @@ class Scheduler {
   };
   std::vector<Pick> picks_;  // scratch: the sequences of the step being planned
   int last_draft_tokens_ = 0, last_drafted_seqs_ = 0;
+  // Pending store outputs SmartSpec indexes per draft node taken, and per step at most.
+  static constexpr int kIndexTokensPerDraftNode = 4, kMaxIndexTokensPerStep = 512;
 };
 
 }  // namespace accelcore

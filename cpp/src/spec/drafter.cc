@@ -8,98 +8,106 @@
 namespace accelcore {
 
 Drafter::Drafter(const DrafterConfig& config)
-    : config_(config), window_(config.max_match + config.max_depth), global_(window_) {
+    : config_(config),
+      window_(config.max_match + config.max_depth),
+      global_(window_),
+      own_(std::max(config.max_depth, 1)) {
   ACCEL_CHECK(config.max_match > 0 && config.max_depth > 0, InvalidArgument)
       << "speculation needs max_match > 0 and max_depth > 0";
 }
 
-void Drafter::add_tokens(uint64_t request, const int32_t* tokens, int n) {
-  auto it = local_.find(request);
-  if (it == local_.end()) it = local_.emplace(request, Local(window_)).first;
-  it->second.pending.insert(it->second.pending.end(), tokens, tokens + n);
-}
-
-void Drafter::finish(uint64_t request, const int32_t* output, int n, bool keep_output) {
-  local_.erase(request);
-  if (!keep_output || n == 0) return;
-  stored_.emplace_back(output, output + n);
+void Drafter::add_output(const int32_t* output, int n) {
+  if (n <= 0) return;
+  stored_.push_back({std::vector<int32_t>(output, output + n), 0});
   global_bytes_ += n * sizeof(int32_t);
+  pending_tokens_ += n;
   evict_until_within_bound();
 }
 
-void Drafter::index_pending(size_t max_tokens) {
-  // One output at a time, evicting after each as an eager insertion would: the bound holds
-  // throughout, and the outputs kept do not depend on when indexing happens.
-  size_t done = 0;
-  while (num_indexed_ < stored_.size() && done < max_tokens) {
-    const std::vector<int32_t>& s = stored_[num_indexed_];
-    const size_t before = global_.num_nodes();
-    global_.add_windows(s.data(), static_cast<int>(s.size()), +1);
-    global_bytes_ += (global_.num_nodes() - before) * TokenTrie::kBytesPerNode;
-    done += s.size();
-    ++num_indexed_;
-    evict_until_within_bound();
+void Drafter::index(size_t max_tokens) {
+  // In parts, evicting after each as an eager insertion would: the bound holds throughout, and
+  // the outputs kept once all is indexed do not depend on when or in what parts it happened.
+  while (max_tokens > 0 && num_indexed_ < stored_.size()) {
+    Stored& s = stored_[num_indexed_];
+    const int n = static_cast<int>(s.tokens.size());
+    const int end = s.indexed + static_cast<int>(std::min<size_t>(max_tokens, n - s.indexed));
+    const size_t before = global_.bytes();
+    global_.add_windows(s.tokens.data(), n, s.indexed, end, +1);
+    global_bytes_ += global_.bytes() - before;
+    max_tokens -= end - s.indexed;
+    pending_tokens_ -= end - s.indexed;
+    s.indexed = end;
+    if (end == n) ++num_indexed_;
+    evict_until_within_bound();  // may drop s
   }
 }
 
 void Drafter::evict_until_within_bound() {
   while (global_bytes_ > config_.memory_bytes && !stored_.empty()) {
-    const std::vector<int32_t>& old = stored_.front();
-    if (num_indexed_ > 0) {
-      const size_t before = global_.num_nodes();
-      global_.add_windows(old.data(), static_cast<int>(old.size()), -1);
-      global_bytes_ -= (before - global_.num_nodes()) * TokenTrie::kBytesPerNode;
-      --num_indexed_;
+    Stored& old = stored_.front();
+    const int n = static_cast<int>(old.tokens.size());
+    if (old.indexed > 0) {
+      const size_t before = global_.bytes();
+      global_.add_windows(old.tokens.data(), n, 0, old.indexed, -1);
+      global_bytes_ -= before - global_.bytes();
     }
-    global_bytes_ -= old.size() * sizeof(int32_t);
+    if (num_indexed_ > 0) --num_indexed_;
+    pending_tokens_ -= n - old.indexed;
+    global_bytes_ -= n * sizeof(int32_t);
     stored_.pop_front();
   }
 }
 
-int Drafter::propose(uint64_t request, const int32_t* context, int n, int max_nodes, int max_depth,
-                     DraftTree* out) {
+int Drafter::propose(const int32_t* context, int n, int max_nodes, int max_depth, DraftTree* out,
+                     bool search_context) {
   out->clear();
   if (max_nodes <= 0 || max_depth <= 0 || n <= 0) return 0;
   max_depth = std::min(max_depth, config_.max_depth);
-  index_pending(kMaxIndexPerCall);
-  auto it = local_.find(request);
-  const TokenTrie* local = nullptr;
-  if (it != local_.end()) {
-    Local& l = it->second;
-    for (int32_t t : l.pending) l.trie.extend(&l.open, t);
-    l.pending.clear();
-    local = &l.trie;
-  }
 
-  // Longest matched suffix that has something after it, in either source. Monotone in m (the
-  // occurrence of a suffix also holds every shorter suffix, followed by the same token), so a
-  // binary search over m finds it.
-  auto lookup = [&](int m, int32_t* l, int32_t* g) {
-    const int32_t* suffix = context + n - m;
-    // The request's own trie holds the context itself: its occurrence at the very end has nothing
-    // after it yet; only earlier ones (the node has children) count.
-    *l = local ? local->find(suffix, m) : TokenTrie::kNone;
-    *g = global_.find(suffix, m);
-    if (*l != TokenTrie::kNone && local->first_child(*l) == TokenTrie::kNone) *l = TokenTrie::kNone;
-    if (*g != TokenTrie::kNone && global_.first_child(*g) == TokenTrie::kNone) *g = TokenTrie::kNone;
-    return *l != TokenTrie::kNone || *g != TokenTrie::kNone;
+  // The context's own earlier occurrences of its suffix: every end i < n - 1 (something follows)
+  // with the length of the suffix it shares, up to max_match. Most ends fail at the first token.
+  int own_match = 0;
+  occurrences_.clear();
+  if (search_context) {
+    const int32_t last = context[n - 1];
+    for (int i = 0; i + 1 < n; ++i) {
+      if (context[i] != last) continue;
+      int len = 1;
+      while (len < config_.max_match && len <= i && context[i - len] == context[n - 1 - len]) ++len;
+      occurrences_.emplace_back(i, len);
+      own_match = std::max(own_match, len);
+    }
+  }
+  // The store's longest suffix with something after it. Monotone in m (the occurrence of a suffix
+  // also holds every shorter suffix, followed by the same token), so a binary search finds it.
+  auto store_node = [&](int m) {
+    const int32_t g = global_.find(context + n - m, m);
+    return g != TokenTrie::kNone && global_.first_child(g) != TokenTrie::kNone ? g : TokenTrie::kNone;
   };
-  int match = 0;
-  int32_t lnode = TokenTrie::kNone, gnode = TokenTrie::kNone;
+  int store_match = 0;
   for (int lo = 1, hi = std::min(n, config_.max_match); lo <= hi;) {
     const int mid = (lo + hi) / 2;
-    int32_t l, g;
-    if (lookup(mid, &l, &g)) {
-      match = mid;
-      lnode = l;
-      gnode = g;
+    if (store_node(mid) != TokenTrie::kNone) {
+      store_match = mid;
       lo = mid + 1;
     } else {
       hi = mid - 1;
     }
   }
+  const int match = std::max(own_match, store_match);
   if (match == 0) return 0;
   max_depth = std::min(max_depth, window_ - match);
+  const int32_t gnode = store_match >= match ? store_node(match) : TokenTrie::kNone;
+  // What followed the context's own occurrences, as a trie whose root stands for the match.
+  const TokenTrie* local = nullptr;
+  int32_t lnode = TokenTrie::kNone;
+  if (own_match >= match) {
+    own_.clear();
+    for (const auto& [end, len] : occurrences_)
+      if (len >= match) own_.add_path(context + end + 1, std::min(max_depth, n - 1 - end));
+    local = &own_;
+    lnode = TokenTrie::kRoot;
+  }
 
   // Best-first growth over the merged tries: a candidate is (local node, global node) for the same
   // token path; its score is its combined count (monotone along a path, so the first max_nodes

@@ -1,23 +1,23 @@
 // Model-free drafting for Lookahead-style speculation: proposes a multi-branch draft tree of
 // tokens likely to follow a request's context, from
-//  - the request's own tokens (prompt and output so far), dropped when the request ends, and
+//  - the context itself (the request's prompt and output so far), searched when a draft is asked
+//    for: a scan of the tokens costs less than keeping a per-request index up to date, and
+//    nothing at all for a request that never drafts; and
 //  - a global store of the outputs of finished requests, with counts, under a hard memory bound:
-//    when over it, the oldest stored outputs are removed whole.
-//
-// Both are indexed lazily, when a draft is asked for: a request that never drafts (SmartSpec at
-// high load, or a model where drafts do not pay) costs a copy of its tokens, not a trie update
-// per token.
+//    when over it, the oldest stored outputs are removed whole. Outputs are indexed lazily, as
+//    the engine drafts, so the store costs nothing while no request drafts (SmartSpec at high
+//    load, or a model where drafts do not pay).
 //
 // Retrieval rule: the longest suffix of the context (up to max_match tokens) that occurred before
 // in either source; below it, the draft is grown best first by path frequency (counts of the
-// request's own occurrences and the global ones added), to at most max_nodes nodes and depth
+// context's own occurrences and the store's added), to at most max_nodes nodes and depth
 // max_depth. Ties go to the lower token id, so drafts are deterministic.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <deque>
-#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "spec/token_trie.h"
@@ -54,46 +54,45 @@ class Drafter {
  public:
   explicit Drafter(const DrafterConfig& config);
 
-  // Indexing work one propose() call does for the store at most (in tokens of pending outputs), so
-  // that a request drafting after a long stretch without drafts does not pay for all of it.
-  static constexpr size_t kMaxIndexPerCall = 256;
+  // A finished request's output joins the store, pending until indexed.
+  void add_output(const int32_t* output, int n);
 
-  // A request's tokens: its prompt when added, then each generated token.
-  void add_tokens(uint64_t request, const int32_t* tokens, int n);
-  // The request ended: its own index goes; its output joins the global store (keep_output).
-  void finish(uint64_t request, const int32_t* output, int n, bool keep_output);
+  // Indexes up to max_tokens tokens (windows starting at them) of pending outputs, oldest first.
+  // The scheduler calls it in proportion to the drafts it takes, so that keeping the store costs
+  // nothing while nothing is drafted.
+  void index(size_t max_tokens);
+  void flush() { index(SIZE_MAX); }
+  size_t num_pending_tokens() const { return pending_tokens_; }
 
-  // Proposes a draft after `context` (the request's known tokens). Returns the match length used
-  // (0: no draft). Indexes the request's new tokens and, up to kMaxIndexPerCall, the store's.
-  int propose(uint64_t request, const int32_t* context, int n, int max_nodes, int max_depth, DraftTree* out);
-
-  // Indexes every pending output now. The outputs kept are the same either way: the newest ones
-  // whose index fits the bound.
-  void flush() { index_pending(SIZE_MAX); }
+  // Proposes a draft after context[0, n) from the context's own earlier occurrences and the
+  // indexed store. Returns the match length used (0: no draft). search_context false: the store
+  // alone serves (for tests of the store).
+  int propose(const int32_t* context, int n, int max_nodes, int max_depth, DraftTree* out, bool search_context = true);
 
   // Bytes of the store (nodes and stored outputs, pending ones included); never above the bound.
   size_t global_bytes() const { return global_bytes_; }
   size_t num_global_sequences() const { return stored_.size(); }  // pending ones included
-  size_t num_requests() const { return local_.size(); }
 
  private:
-  struct Local {
-    TokenTrie trie;
-    std::vector<int32_t> open;     // windows still growing (TokenTrie::extend)
-    std::vector<int32_t> pending;  // tokens not yet in the trie
-    explicit Local(int window) : trie(window) {}
-  };
-  void index_pending(size_t max_tokens);
   void evict_until_within_bound();
 
   DrafterConfig config_;
   int window_;
   TokenTrie global_;
-  // Global outputs, oldest first; the first num_indexed_ are in global_, the rest pending.
-  std::deque<std::vector<int32_t>> stored_;
+  // Global outputs, oldest first. The first num_indexed_ are in global_, the next one may be in
+  // part (the windows starting before its `indexed`), the rest are pending.
+  struct Stored {
+    std::vector<int32_t> tokens;
+    int indexed = 0;
+  };
+  std::deque<Stored> stored_;
   size_t num_indexed_ = 0;
+  size_t pending_tokens_ = 0;  // tokens whose windows are not indexed yet
   size_t global_bytes_ = 0;
-  std::unordered_map<uint64_t, Local> local_;
+  // Scratch of propose: the continuations of the context's own occurrences of the match, as a
+  // trie (rebuilt by each call), and the (end, match length) of candidate occurrences.
+  TokenTrie own_;
+  std::vector<std::pair<int, int>> occurrences_;
 };
 
 }  // namespace accelcore

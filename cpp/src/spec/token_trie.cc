@@ -13,9 +13,9 @@ TokenTrie::TokenTrie(int window) : window_(window) {
 }
 
 int32_t TokenTrie::child(int32_t node, int32_t token) const {
-  if (node == kRoot) {
-    auto it = root_child_.find(token);
-    return it == root_child_.end() ? kNone : it->second;
+  if (nodes_[node].hashed) {
+    auto it = wide_.find(key(node, token));
+    return it == wide_.end() ? kNone : it->second;
   }
   for (int32_t c = nodes_[node].first_child; c != kNone; c = nodes_[c].next_sibling)
     if (nodes_[c].token == token) return c;
@@ -23,22 +23,7 @@ int32_t TokenTrie::child(int32_t node, int32_t token) const {
 }
 
 int32_t TokenTrie::child_or_add(int32_t node, int32_t token) {
-  int32_t c;
-  if (node == kRoot) {
-    auto it = root_child_.find(token);
-    c = it == root_child_.end() ? kNone : it->second;
-  } else {
-    // Move the child found to the front of its siblings: insertion revisits the frequent
-    // continuations, and the short prefixes fan out to hundreds of children.
-    int32_t* link = &nodes_[node].first_child;
-    while (*link != kNone && nodes_[*link].token != token) link = &nodes_[*link].next_sibling;
-    c = *link;
-    if (c != kNone && link != &nodes_[node].first_child) {
-      *link = nodes_[c].next_sibling;
-      nodes_[c].next_sibling = nodes_[node].first_child;
-      nodes_[node].first_child = c;
-    }
-  }
+  int32_t c = child(node, token);
   if (c != kNone) return c;
   if (!free_.empty()) {
     c = free_.back();
@@ -48,29 +33,43 @@ int32_t TokenTrie::child_or_add(int32_t node, int32_t token) {
     nodes_.emplace_back();
   }
   Node& n = nodes_[c];
+  Node& p = nodes_[node];
+  n = Node();
   n.token = token;
-  n.count = 0;
   n.parent = node;
-  n.first_child = kNone;
-  n.next_sibling = nodes_[node].first_child;
-  nodes_[node].first_child = c;
-  if (node == kRoot) root_child_.emplace(token, c);
+  n.next_sibling = p.first_child;
+  if (p.first_child != kNone) nodes_[p.first_child].prev_sibling = c;
+  p.first_child = c;
+  ++p.num_children;
+  if (p.hashed) {
+    wide_.emplace(key(node, token), c);
+  } else if (p.num_children > kWide) {
+    p.hashed = true;
+    for (int32_t s = p.first_child; s != kNone; s = nodes_[s].next_sibling) wide_.emplace(key(node, nodes_[s].token), s);
+  }
   return c;
 }
 
 void TokenTrie::unlink(int32_t c) {
-  const int32_t parent = nodes_[c].parent;
-  int32_t* link = &nodes_[parent].first_child;
-  while (*link != c) link = &nodes_[*link].next_sibling;
-  *link = nodes_[c].next_sibling;
-  if (parent == kRoot) root_child_.erase(nodes_[c].token);
-  nodes_[c] = Node();
+  Node& n = nodes_[c];
+  ACCEL_DCHECK(n.first_child == kNone);
+  Node& p = nodes_[n.parent];
+  if (n.prev_sibling != kNone) {
+    nodes_[n.prev_sibling].next_sibling = n.next_sibling;
+  } else {
+    p.first_child = n.next_sibling;
+  }
+  if (n.next_sibling != kNone) nodes_[n.next_sibling].prev_sibling = n.prev_sibling;
+  --p.num_children;
+  if (p.hashed) wide_.erase(key(n.parent, n.token));
+  n = Node();
   free_.push_back(c);
 }
 
-void TokenTrie::add_windows(const int32_t* tokens, int n, int delta) {
+void TokenTrie::add_windows(const int32_t* tokens, int n, int begin, int end, int delta) {
   ACCEL_DCHECK(delta == 1 || delta == -1);
-  for (int i = 0; i < n; ++i) {
+  ACCEL_DCHECK(0 <= begin && begin <= end && end <= n);
+  for (int i = begin; i < end; ++i) {
     const int len = std::min(window_, n - i);
     int32_t node = kRoot;
     if (delta > 0) {
@@ -98,15 +97,20 @@ void TokenTrie::add_windows(const int32_t* tokens, int n, int delta) {
   }
 }
 
-void TokenTrie::extend(std::vector<int32_t>* open, int32_t token) {
-  // open[i] is the node of the window that started open.size() - i tokens ago (oldest first).
-  // Each grows by the token, a new one starts at it, and the oldest closes at length W.
-  open->push_back(kRoot);
-  for (int32_t& node : *open) {
-    node = child_or_add(node, token);
+void TokenTrie::add_path(const int32_t* tokens, int n) {
+  ACCEL_DCHECK(n <= window_);
+  int32_t node = kRoot;
+  for (int j = 0; j < n; ++j) {
+    node = child_or_add(node, tokens[j]);
     ++nodes_[node].count;
   }
-  if (static_cast<int>(open->size()) >= window_) open->erase(open->begin());
+}
+
+void TokenTrie::clear() {
+  nodes_.resize(1);
+  nodes_[0] = Node();
+  wide_.clear();
+  free_.clear();
 }
 
 int32_t TokenTrie::find(const int32_t* tokens, int n) const {
