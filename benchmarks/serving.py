@@ -11,7 +11,8 @@ mean_ttft_s, p99_ttft_s, mean_tpot_s, p99_tpot_s, throughput_tok_s and per-reque
 Speculation policies (SmartSpec): `--speculation off,fixed:4,fixed:8,smartspec --rate 0.5,2,8`
 runs every policy at every rate, each on a fresh engine whose draft store is first warmed with
 `--warmup` sampled stories (identical for every policy: speculation does not change outputs),
-and prints latency per policy and rate (`--plot FILE.png` draws latency against rate).
+and prints latency per policy and rate (`--plot FILE.png` draws latency against rate;
+`--repeat N` runs each N times, interleaved, and reports medians).
 `--model wide-stories` is stories260K embedded in a larger network (benchmarks/common.py:
 build_wide_stories): the step time of a bigger model, stories260K's text and acceptance.
 """
@@ -153,6 +154,17 @@ def run_one(args, model: str, policy: str, rate: float):
     return summary, records
 
 
+def median_summary(runs):
+    """One summary from repeated runs: the median of every number (the runs' mean latencies kept)."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("rate", "seed"):
+            out[key] = statistics.median(r[key] for r in runs)
+    out["repeats"] = len(runs)
+    out["mean_latency_s_runs"] = [r["mean_latency_s"] for r in runs]
+    return out
+
+
 def plot(results, path: str, title: str):
     import matplotlib
 
@@ -191,6 +203,8 @@ def main() -> int:
     ap.add_argument("--warmup-len", type=int, default=128)
     ap.add_argument("--json", default=None, help="write the summaries (and per-request records) here")
     ap.add_argument("--plot", default=None, help="PNG of mean latency against rate per policy")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per (rate, policy), policies interleaved in rotating order; the table gives medians")
     args = ap.parse_args()
 
     model = args.model
@@ -200,24 +214,34 @@ def main() -> int:
     policies = args.speculation.split(",")
     results, all_records = [], []
     for rate in rates:
-        for policy in policies:
-            summary, records = run_one(args, model, policy, rate)
-            results.append(summary)
-            all_records.append({"rate": rate, "policy": policy, "requests": records})
-            print(f"rate {rate} req/s, {policy}: {summary['num_requests']} requests, {summary['output_tokens']} tokens in "
-                  f"{summary['wall_s']:.2f} s; mean latency {1e3 * summary['mean_latency_s']:.1f} ms, "
-                  f"{summary['tokens_per_step']:.2f} tokens/step", flush=True)
+        runs = {p: [] for p in policies}
+        for rep in range(args.repeat):
+            # Rotate the order each repeat, so that drift of a shared machine hits every policy alike.
+            for policy in policies[rep % len(policies):] + policies[:rep % len(policies)]:
+                summary, records = run_one(args, model, policy, rate)
+                runs[policy].append(summary)
+                all_records.append({"rate": rate, "policy": policy, "repeat": rep, "requests": records})
+                print(f"rate {rate} req/s, {policy}: {summary['num_requests']} requests, {summary['output_tokens']} tokens in "
+                      f"{summary['wall_s']:.2f} s; mean latency {1e3 * summary['mean_latency_s']:.1f} ms, "
+                      f"{summary['tokens_per_step']:.2f} tokens/step", flush=True)
+        results.extend(median_summary(runs[p]) for p in policies)
 
     print()
     print(f"model {os.path.abspath(model)}")
-    print("| rate (req/s) | policy | mean latency (ms) | p99 latency (ms) | mean TTFT (ms) | mean TPOT (ms) | throughput (tok/s) | tokens/step | latency vs off |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} runs per row")
+    print("| rate (req/s) | policy | mean latency (ms) | p99 latency (ms) | mean TTFT (ms) | mean TPOT (ms) | throughput (tok/s) | tokens/step | latency vs off | vs best other |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        off = next((o for o in results if o["rate"] == r["rate"] and o["policy"] == "off"), None)
+        same_rate = [o for o in results if o["rate"] == r["rate"]]
+        off = next((o for o in same_rate if o["policy"] == "off"), None)
         rel = f"{off['mean_latency_s'] / r['mean_latency_s']:.2f}x" if off else "-"
+        others = [o["mean_latency_s"] for o in same_rate if o is not r]
+        # Latency over the best other policy's: below 1.00 means faster than all of them.
+        vs_best = f"{r['mean_latency_s'] / min(others):.3f}" if others else "-"
         print(f"| {r['rate']:g} | {r['policy']} | {1e3 * r['mean_latency_s']:.1f} | {1e3 * r['p99_latency_s']:.1f} | "
               f"{1e3 * r['mean_ttft_s']:.1f} | {1e3 * r['mean_tpot_s']:.2f} | {r['throughput_tok_s']:.1f} | "
-              f"{r['tokens_per_step']:.2f} | {rel} |")
+              f"{r['tokens_per_step']:.2f} | {rel} | {vs_best} |")
     if args.json:
         with open(args.json, "w") as f:
             # One summary per (rate, policy); "summary" too when there is only one.
