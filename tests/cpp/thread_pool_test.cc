@@ -84,7 +84,7 @@ TEST(ThreadPool, ZeroOrNegativeThreadCountMeansOne) {
 TEST(ThreadPool, ExceptionFromAWorkerChunkPropagatesAndPoolStillWorks) {
   ThreadPool pool(4);
   for (int round = 0; round < 50; ++round) {
-    // Only the last chunk (run by a worker, never the caller) throws.
+    // Only the last chunk throws (run by a worker, or by the caller when it got there first).
     EXPECT_THROW(pool.parallel_for(1000, 1,
                                    [&](int64_t b, int64_t e) {
                                      if (e == 1000) throw InvalidArgument("boom in worker");
@@ -106,7 +106,7 @@ TEST(ThreadPool, ExceptionFromAWorkerChunkPropagatesAndPoolStillWorks) {
 TEST(ThreadPool, ExceptionFromTheCallerChunkOrEveryChunk) {
   ThreadPool pool(3);
   for (int round = 0; round < 50; ++round) {
-    // The first chunk runs on the calling thread.
+    // Only the first chunk throws.
     EXPECT_THROW(pool.parallel_for(300, 1, [](int64_t b, int64_t) {
       if (b == 0) throw std::logic_error("caller chunk");
     }),

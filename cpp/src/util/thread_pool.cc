@@ -16,8 +16,8 @@ int default_num_threads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-ThreadPool::ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads)) {
-  for (int i = 1; i < num_threads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+ThreadPool::ThreadPool(int num_threads) : num_threads_(std::max(1, std::min(num_threads, 1 << 15))) {
+  for (int i = 1; i < num_threads_; ++i) workers_.emplace_back([this] { worker_loop(); });
 }
 
 ThreadPool::~ThreadPool() {
@@ -41,10 +41,12 @@ inline void cpu_relax() {
 // forward pass, short enough that an idle engine does not burn a core.
 constexpr auto kSpinTime = std::chrono::microseconds(200);
 
+inline uint32_t generation_of(uint64_t state) { return static_cast<uint32_t>(state >> 32); }
+
 }  // namespace
 
 void ThreadPool::run_chunk(int index) {
-  // Contiguous split in units of grain: thread i gets the i-th share.
+  // Contiguous split in units of grain: chunk i is the i-th share.
   int64_t units = (n_ + grain_ - 1) / grain_;
   int64_t per = units / active_, extra = units % active_;
   int64_t ubegin = index * per + std::min<int64_t>(index, extra);
@@ -59,25 +61,42 @@ void ThreadPool::run_chunk(int index) {
   }
 }
 
-void ThreadPool::worker_loop(int index) {
-  uint64_t seen = 0;
+void ThreadPool::work(uint32_t generation) {
+  uint64_t s = state_.load(std::memory_order_acquire);
+  for (;;) {
+    if (generation_of(s) != generation) return;
+    const int chunks = static_cast<int>((s >> 16) & 0xffff), next = static_cast<int>(s & 0xffff);
+    if (next >= chunks) return;
+    // A successful claim pins the job: the caller cannot publish another before this chunk is done.
+    if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+      run_chunk(next);
+      done_.fetch_add(1, std::memory_order_release);
+      s = state_.load(std::memory_order_acquire);
+    }
+  }
+}
+
+void ThreadPool::worker_loop() {
+  uint32_t seen = 0;
   for (;;) {
     const auto spin_until = std::chrono::steady_clock::now() + kSpinTime;
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == seen && !stop_.load(std::memory_order_relaxed);
+    for (int spins = 0;
+         generation_of(state_.load(std::memory_order_acquire)) == seen && !stop_.load(std::memory_order_relaxed);
          ++spins) {
       cpu_relax();
+      // Yield now and then: a worker woken onto the caller's core must not spin it away.
+      if ((spins & 63) == 63) std::this_thread::yield();
       if ((spins & 255) == 255 && std::chrono::steady_clock::now() > spin_until) {
         std::unique_lock<std::mutex> lock(mu_);
         sleeping_.fetch_add(1);
-        cv_.wait(lock, [&] { return stop_.load() || generation_.load() != seen; });
+        cv_.wait(lock, [&] { return stop_.load() || generation_of(state_.load()) != seen; });
         sleeping_.fetch_sub(1);
         break;
       }
     }
     if (stop_.load()) return;
-    seen = generation_.load(std::memory_order_acquire);
-    if (index < active_) run_chunk(index);
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    seen = generation_of(state_.load(std::memory_order_acquire));
+    work(seen);
   }
 }
 
@@ -96,17 +115,19 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain,
   grain_ = grain;
   active_ = active;
   error_ = nullptr;
-  pending_.store(num_threads_ - 1, std::memory_order_relaxed);
+  done_.store(0, std::memory_order_relaxed);
+  const uint32_t generation = ++generation_;
   {
     // Under the lock so that a worker about to sleep either sees the new generation or is woken.
     std::lock_guard<std::mutex> lock(mu_);
-    generation_.fetch_add(1, std::memory_order_release);
+    state_.store(static_cast<uint64_t>(generation) << 32 | static_cast<uint64_t>(active) << 16,
+                 std::memory_order_release);
   }
   if (sleeping_.load() > 0) cv_.notify_all();
-  run_chunk(0);
-  for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+  work(generation);
+  for (int spins = 0; done_.load(std::memory_order_acquire) != active; ++spins) {
     cpu_relax();
-    if ((spins & 1023) == 1023) std::this_thread::yield();  // a worker may have been descheduled
+    if ((spins & 1023) == 1023) std::this_thread::yield();  // the worker running a chunk may be descheduled
   }
   fn_ = nullptr;
   std::exception_ptr err = std::move(error_);

@@ -1,6 +1,6 @@
 // A fixed pool of worker threads for data-parallel loops inside one forward pass.
-// parallel_for splits [0, n) into contiguous chunks, one per thread, so the work a thread does
-// (and any reduction order inside an item) never depends on timing.
+// parallel_for splits [0, n) into contiguous chunks, at most one per thread, so the work of a
+// chunk (and any reduction order inside an item) never depends on timing or on which thread ran it.
 #pragma once
 
 #include <atomic>
@@ -28,22 +28,28 @@ class ThreadPool {
   void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
  private:
-  void worker_loop(int index);
+  void worker_loop();
+  // Claims and runs chunks of job `generation` until none is left (or a newer job replaced it).
+  void work(uint32_t generation);
   void run_chunk(int index);
 
   int num_threads_;
   std::vector<std::thread> workers_;
-  // A job is published by bumping generation_ (release) after its fields are set. Workers spin on
-  // it for a short while before sleeping on cv_, so the many small jobs of one forward pass cost
-  // no futex round trips. Every worker acknowledges every job through pending_, so none can lag
-  // behind into the next one.
+  // A job is published by storing state_ = (generation << 32 | chunks << 16 | 0) (release) after
+  // its fields are set; any thread claims the next chunk by incrementing the low 16 bits. The
+  // caller claims chunks too, so it never waits for a worker that is asleep or descheduled (on a
+  // shared VM, waking an idle worker took milliseconds), only for chunks a worker already runs.
+  // A chunk's bounds depend only on (n, grain, chunks), not on who runs it, so results do not
+  // change. Workers spin for a short while before sleeping on cv_, so the many small jobs of one
+  // forward pass cost no futex round trips.
   std::mutex mu_;
   std::condition_variable cv_;
-  std::atomic<uint64_t> generation_{0};
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int> done_{0};  // chunks of the current job finished
   std::atomic<int> sleeping_{0};
   std::atomic<bool> stop_{false};
-  std::atomic<int> pending_{0};
-  // The current job, valid while pending_ > 0.
+  uint32_t generation_ = 0;  // the caller's count of jobs
+  // The current job, valid for a thread from a successful claim until it marks the chunk done.
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
   int64_t n_ = 0, grain_ = 1;
   int active_ = 0;
