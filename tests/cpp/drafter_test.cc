@@ -17,6 +17,8 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
+#include <chrono>
 #include <utility>
 #include <vector>
 
@@ -193,17 +195,19 @@ TEST(TokenTrie, RemovalRestoresThePreviousStateAndFreesNodes) {
       std::vector<std::vector<int32_t>> seqs;
       for (int k = 0; k < 5; ++k) seqs.push_back(random_seq(rng, static_cast<int>(rng() % 25), vocab));
       std::vector<PathCounts> states = {trie_paths(trie)};
-      std::vector<size_t> nodes = {trie.num_nodes()};
+      std::vector<size_t> nodes = {trie.num_nodes()}, bytes = {trie.bytes()};
       for (const auto& s : seqs) {
         trie.add_windows(s.data(), static_cast<int>(s.size()), +1);
         states.push_back(trie_paths(trie));
         nodes.push_back(trie.num_nodes());
+        bytes.push_back(trie.bytes());
       }
       // Last in, first out: each removal gives back exactly the state before that insertion.
       for (int k = static_cast<int>(seqs.size()) - 1; k >= 0; --k) {
         trie.add_windows(seqs[k].data(), static_cast<int>(seqs[k].size()), -1);
         ASSERT_EQ(trie_paths(trie), states[k]) << "window " << window << " vocab " << vocab << " removing " << k;
         ASSERT_EQ(trie.num_nodes(), nodes[k]);
+        ASSERT_EQ(trie.bytes(), bytes[k]);  // hashed children go back to lists: no memory of history
       }
       ASSERT_EQ(trie.num_nodes(), 0u);
       for (int32_t t = 0; t < vocab; ++t) ASSERT_EQ(trie.child(TokenTrie::kRoot, t), TokenTrie::kNone);
@@ -623,6 +627,39 @@ TEST(Drafter, OutputsDraftOnceIndexedAndIndexingIsBounded) {
   EXPECT_GT(d.global_bytes() - pending_bytes, 5 * after_part);
   EXPECT_GE(propose(d, {out[10], out[11]}, 1, 1, &t), 2);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{out[12]}));
+}
+
+TEST(Drafter, BackgroundIndexingIndexesEverythingAndKeepsTheBound) {
+  const size_t memory = 20000;
+  Drafter d(config(50, 4, 4, memory)), ref(config(50, 4, 4, memory));
+  d.start_background_indexing();
+  d.start_background_indexing();  // a second call does nothing
+  std::mt19937 rng(14);
+  std::vector<std::vector<int32_t>> kept;
+  for (int k = 0; k < 200; ++k) {
+    const auto out = repetitive_seq(rng, 1 + static_cast<int>(rng() % 60), 50, kept);
+    kept.push_back(out);
+    d.add_output(out.data(), static_cast<int>(out.size()));
+    ref.add_output(out.data(), static_cast<int>(out.size()));
+    ref.flush();
+    ASSERT_LE(d.global_bytes(), memory);
+    if (k % 20 == 0) {  // proposals meanwhile, from this thread
+      DraftTree t;
+      propose(d, out, 4, 4, &t);
+    }
+  }
+  // The background thread works off the rest (it may run only when a core is idle: wait).
+  for (int wait = 0; wait < 2000 && d.num_pending_tokens() > 0; ++wait)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  ASSERT_EQ(d.num_pending_tokens(), 0u);
+  EXPECT_EQ(d.num_global_sequences(), ref.num_global_sequences());
+  EXPECT_EQ(d.global_bytes(), ref.global_bytes());
+  for (int q = 0; q < 50; ++q) {
+    const auto ctx = repetitive_seq(rng, 1 + static_cast<int>(rng() % 8), 50, kept);
+    DraftTree a, b;
+    ASSERT_EQ(propose(d, ctx, 8, 4, &a), propose(ref, ctx, 8, 4, &b));
+    ASSERT_EQ(a.tokens, b.tokens);
+  }
 }
 
 // ---- Drafter: the memory bound of the global store ----

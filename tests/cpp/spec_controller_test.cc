@@ -642,24 +642,49 @@ TEST(SpecController, GlobalRatesAverageTheirFirstObservations) {
   EXPECT_NEAR(sc.global_rates()[2], 0.75f, 1e-6);  // depth 2 observed once
 }
 
-TEST(SpecController, TheCheapBoundIgnoresMatchLengthsTheDrafterCannotReturn) {
-  // Drafts matched by 1 to 4 tokens, all rejected, many times: with max_match 4 nothing else can
-  // happen, so the bound falls; with max_match 32 the longer matches, never tried, keep their
-  // prior and exploration bonus, and so the bound stays high.
-  SpecController short_match(SpecPolicy::kSmart, 2, 4), long_match(SpecPolicy::kSmart, 2, 32);
-  const int32_t none[1] = {0};
+TEST(SpecController, TheCheapBoundFollowsTheRequestsLastMatch) {
+  // Drafts matched by 1 to 4 tokens are always rejected, by 9 to 16 always accepted.
+  SpecController sc(SpecPolicy::kSmart, 2, 32), short_only(SpecPolicy::kSmart, 2, 4);
+  const int32_t all[2] = {0, 1};
   std::vector<Request> others(400);
   for (size_t i = 0; i < others.size(); ++i) {
     DraftTree t = chain(2);
-    t.match = 1 + static_cast<int>(i % 4);
-    short_match.on_verified(&others[i], t, none, 0);
-    long_match.on_verified(&others[i], t, none, 0);
+    const bool long_match = i % 2;
+    t.match = long_match ? 9 + static_cast<int>(i % 8) : 1 + static_cast<int>(i % 4);
+    sc.on_verified(&others[i], t, all, long_match ? 2 : 0);
+    if (!long_match) short_only.on_verified(&others[i], t, all, 0);
   }
   Request r;
-  // (Both are scaled by the same calibration factor, which all those rejections drove to its floor.)
-  EXPECT_LT(short_match.first_node_bound(&r), 0.05f);
-  EXPECT_GT(long_match.first_node_bound(&r), 0.1f);
-  EXPECT_GT(long_match.first_node_bound(&r), 4 * short_match.first_node_bound(&r));
+  EXPECT_FLOAT_EQ(sc.first_node_bound(&r), 1.0f);  // no proposal yet: worth a look
+  r.spec_match = 2;  // the next match is at most 3 long: the rejected buckets
+  const float low = sc.first_node_bound(&r);
+  EXPECT_LT(low, 0.1f);
+  r.spec_match = 12;
+  EXPECT_GT(sc.first_node_bound(&r), 0.7f);  // scaled by the calibration, which the misses lowered
+  EXPECT_GT(sc.first_node_bound(&r), 8 * low);
+  r.spec_match = 0;  // no match last time
+  EXPECT_LT(sc.first_node_bound(&r), 0.1f);
+  // A match at the drafter's max_match stays in its bucket (no longer match can come).
+  r.spec_match = 4;
+  EXPECT_LT(short_only.first_node_bound(&r), 0.1f);
+}
+
+TEST(SpecController, CalibrationDoesNotScaleTheExplorationBonus) {
+  // Every draft matched by 1 token rejected: the calibration factor falls to its floor, yet a
+  // match length never tried keeps at least the exploration bonus, so it still gets tried.
+  SpecController sc(SpecPolicy::kSmart, 2, 32);
+  const int32_t all[2] = {0, 1};
+  std::vector<Request> others(300);
+  for (Request& o : others) {
+    DraftTree t = chain(2);
+    t.match = 1;
+    sc.on_verified(&o, t, all, 0);
+  }
+  Request r;
+  r.spec_match = 0;  // the next match is 1 token long at most
+  EXPECT_LT(sc.first_node_bound(&r), 0.05f);
+  r.spec_match = 20;
+  EXPECT_GE(sc.first_node_bound(&r), 0.3f);  // kExplore, and the calibrated prior
 }
 
 TEST(SpecController, RelaxPullsARequestBackTowardTheGlobalRates) {
@@ -671,6 +696,7 @@ TEST(SpecController, RelaxPullsARequestBackTowardTheGlobalRates) {
   for (Request& o : others) sc.on_verified(&o, t, all, 2);
   Request r;
   for (int k = 0; k < 20; ++k) sc.on_verified(&r, t, all, 0);
+  r.spec_match = 1;
   const float low = sc.rate(&r, 1), global = sc.global_rates()[1];
   ASSERT_LT(low, 0.05f);
   ASSERT_GT(global, 0.5f);
@@ -738,7 +764,8 @@ TEST(SpecController, NodeProbabilitiesArePathProductsScaledByShare) {
   // Siblings: the half-as-frequent one is at most as likely, and at least half as likely.
   EXPECT_LE(p[1], p[0]);
   EXPECT_GE(p[1], 0.5f * p[0] * (1 - 1e-6f));
-  // The bound covers every first node.
+  // The bound from a match one shorter (the last proposal's) covers every first node.
+  r.spec_match = t.match - 1;
   EXPECT_GE(sc.first_node_bound(&r) * (1 + 1e-6f), std::max(p[0], p[1]));
 }
 

@@ -88,6 +88,10 @@ struct Engine::Impl {
   std::atomic<RequestId> next_id{1};
   int num_active = 0;  // requests the scheduler holds (snapshot, under intake_mu)
   EngineStats counters;
+  // When the last step ended (under step_mu): a step starting more than kIdleGap later follows
+  // an idle engine.
+  Clock::time_point last_step_end;
+  static constexpr std::chrono::microseconds kIdleGap{1000};
 
   // Per-step scratch (under step_mu).
   BatchPlan plan;
@@ -479,13 +483,16 @@ std::vector<RequestOutput> Engine::step() {
   }
   if (m.plan.num_tokens() > 0) {
     const double step_s = std::chrono::duration<double>(Clock::now() - t0).count();
-    m.scheduler->observe_step(step_features(m.plan), step_s);
+    // A step right after the engine sat idle runs on cold caches and sleeping cores (several
+    // times slower): it says nothing about the marginal cost of tokens, so the model skips it.
+    if (t0 - m.last_step_end < Impl::kIdleGap) m.scheduler->observe_step(step_features(m.plan), step_s);
     ++m.counters.num_steps;
     m.counters.step_time_s += step_s;
     m.counters.forward_time_s += forward_s;
     m.counters.schedule_time_s += schedule_s;
   }
   for (const auto& o : outs) m.counters.num_generated_tokens += o.new_token_ids.size();
+  m.last_step_end = Clock::now();
   return outs;
 }
 

@@ -38,6 +38,8 @@ struct Request {
   // SmartSpec: this request's acceptance rate per draft depth ([d], d >= 1); empty until its
   // first verification (the global rates stand in).
   std::vector<float> spec_accept;
+  int spec_match = -1;           // match length of its last draft proposal (-1: none yet)
+  int spec_steps_unprobed = 0;   // steps since that proposal
 
   std::vector<TokenLogprobs> prompt_logprobs;  // filled while the prompt is prefilled
   bool prompt_logprobs_done = false;           // emitted; a recompute after preemption skips them

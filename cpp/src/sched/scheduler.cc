@@ -16,6 +16,7 @@ Scheduler::Scheduler(const SchedulerConfig& config) : config_(config), allocator
     dc.memory_bytes = config.spec_memory_bytes;
     drafter_ = std::make_unique<Drafter>(dc);
     spec_ = std::make_unique<SpecController>(config.spec_policy, config.spec_max_depth, config.spec_max_match);
+    if (config.spec_policy != SpecPolicy::kOff) drafter_->start_background_indexing();
   }
   ACCEL_CHECK(config.max_num_batched_tokens > 0, InvalidArgument) << "max_num_batched_tokens must be positive";
   ACCEL_CHECK(config.block_size > 0, InvalidArgument) << "block_size must be positive";
@@ -207,12 +208,10 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
     last_drafted_seqs_ += drafts[i].size() > 0;
     add_seq(picks_[i].req, picks_[i].num_tokens, std::move(drafts[i]), plan, seqs);
   }
-  // Under SmartSpec the draft store indexes new outputs as drafting uses it, in proportion to the
-  // draft nodes taken: steady drafting keeps it current (a step's new outputs are at most twice
-  // its draft nodes when every request drafts), a step without drafts pays nothing (indexing
-  // costs microseconds per token), and a backlog is worked off a bounded amount per step.
-  if (drafter_ && spec_->policy() == SpecPolicy::kSmart && last_draft_tokens_ > 0)
-    drafter_->index(std::min(kIndexTokensPerDraftNode * last_draft_tokens_, kMaxIndexTokensPerStep));
+  // Finished outputs join the draft store in the background, on idle cores. When none is ever
+  // idle (sustained full load) the backlog is worked off here, a bounded amount per step.
+  if (drafter_ && drafter_->num_pending_tokens() > kMaxIndexBacklog)
+    drafter_->index(kIndexTokensPerStep);
 }
 
 void Scheduler::propose(Request* r, int max_nodes, DraftTree* out) {
@@ -270,13 +269,18 @@ void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
     Request* r = picks_[i].req;
     DraftCandidate c;
     c.kv_tokens = r->num_tokens() + 1.0;  // a depth-1 node attends to the context and itself
-    // The cheap check: if even the likeliest first node would not raise goodput, skip the lookup.
-    if (spec_->first_node_bound(r) / std::max(model.row_cost(c.kv_tokens) + model.draft_cost(), 1e-12) <= base_goodput) {
+    // The cheap check: if even the likeliest first node would not raise goodput, skip the lookup,
+    // unless the request's last proposal is old (its text may have become predictable).
+    const bool probe = ++r->spec_steps_unprobed >= SpecController::kProbeInterval;
+    if (!probe &&
+        spec_->first_node_bound(r) / std::max(model.row_cost(c.kv_tokens) + model.draft_cost(), 1e-12) <= base_goodput) {
       spec_->relax(r);
       continue;
     }
     DraftTree t;
     propose(r, k, &t);
+    r->spec_match = t.match;
+    r->spec_steps_unprobed = 0;
     if (t.size() == 0) continue;
     spec_->node_probabilities(r, t, &c.probs);
     order_by_probability(&t, &c.probs);
@@ -355,10 +359,9 @@ std::unique_ptr<Request> Scheduler::finish(RequestId id, FinishReason reason) {
   r->status = Request::Status::kFinished;
   r->finish_reason = reason;
   // A completed output joins the draft store (an aborted or failed one is no text to repeat).
-  if (drafter_ && (reason == FinishReason::kStop || reason == FinishReason::kLength)) {
+  if (drafter_ && spec_->policy() != SpecPolicy::kOff &&
+      (reason == FinishReason::kStop || reason == FinishReason::kLength))
     drafter_->add_output(r->output.data(), static_cast<int>(r->output.size()));
-    if (spec_->policy() == SpecPolicy::kFixed) drafter_->flush();  // always drafting: index now
-  }
   return req;
 }
 

@@ -137,8 +137,8 @@ class Scheduler {
   };
   std::vector<Pick> picks_;  // scratch: the sequences of the step being planned
   int last_draft_tokens_ = 0, last_drafted_seqs_ = 0;
-  // Pending store outputs SmartSpec indexes per draft node taken, and per step at most.
-  static constexpr int kIndexTokensPerDraftNode = 4, kMaxIndexTokensPerStep = 512;
+  // Finished outputs waiting for the draft store beyond which each step indexes some itself.
+  static constexpr size_t kMaxIndexBacklog = 4096, kIndexTokensPerStep = 256;
 };
 
 }  // namespace accelcore

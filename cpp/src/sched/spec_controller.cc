@@ -146,7 +146,7 @@ SpecController::SpecController(SpecPolicy policy, int max_depth, int max_match)
       by_match_n_(by_match_.size(), 0) {}
 
 float SpecController::optimistic(int cell) const {
-  return std::min(1.0f, by_match_[cell] + kExplore / std::sqrt(by_match_n_[cell] + 1.0f));
+  return std::min(1.0f, calibration_ * by_match_[cell] + kExplore / std::sqrt(by_match_n_[cell] + 1.0f));
 }
 
 int SpecController::bucket(int match) {
@@ -167,11 +167,9 @@ float SpecController::request_factor(const Request* r, int d) const {
 }
 
 float SpecController::first_node_bound(const Request* r) const {
-  float best = 0;
-  // Only reachable buckets: one never observed keeps its exploration bonus for good, and would
-  // send every request to the trie every step.
-  for (int b = 0; b < num_buckets_; ++b) best = std::max(best, optimistic(b * (max_depth_ + 1) + 1));
-  return std::min(1.0f, calibration_ * best * request_factor(r, 1));
+  if (r->spec_match < 0) return 1.0f;
+  const int b = std::min(bucket(r->spec_match + 1), num_buckets_ - 1);
+  return std::min(1.0f, optimistic(b * (max_depth_ + 1) + 1) * request_factor(r, 1));
 }
 
 void SpecController::relax(Request* r) {
@@ -183,7 +181,7 @@ void SpecController::node_probabilities(const Request* r, const DraftTree& t, st
   const int row = bucket(t.match) * (max_depth_ + 1);
   for (int i = 0; i < t.size(); ++i) {
     const int d = std::min(t.depths[i], max_depth_);
-    const float c = std::min(1.0f, calibration_ * t.shares[i] * optimistic(row + d) * request_factor(r, d));
+    const float c = std::min(1.0f, t.shares[i] * optimistic(row + d) * request_factor(r, d));
     (*p)[i] = c * (t.parents[i] < 0 ? 1.0f : (*p)[t.parents[i]]);
   }
 }

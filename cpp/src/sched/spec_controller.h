@@ -14,8 +14,9 @@
 //    stretch does not bar it from drafting for good. Global rates are plain means over their
 //    first observations (the prior counting as one), then moving averages; while a (match length,
 //    depth) cell has few observations its rate gets an optimistic bonus, kExplore / sqrt(n + 1),
-//    so that cells never tried (long matches, say) get tried and measured. Finally every estimate
-//    is scaled by a calibration factor: accepted nodes over predicted, as measured.
+//    so that cells never tried (long matches, say) get tried and measured. The rates are scaled
+//    by a calibration factor (accepted nodes over predicted, as measured) before the bonus is
+//    added: overconfidence in the cells tried must not bar the others from being tried.
 //  - Allocation (allocate_drafts): moves of all requests ranked by their marginal goodput
 //    (expected accepted nodes / added step time), taken greedily while goodput rises and the
 //    token budget lasts; a request's first move is its best-ratio prefix (it alone pays
@@ -67,7 +68,7 @@ class StepTimeModel {
   static constexpr uint64_t kMinObservations = 8;
   void refit();
 
-  static constexpr double kProfileWeight = 4.0;  // the whole profile counts as this many steps
+  static constexpr double kProfileWeight = 25.0;  // the whole profile counts as this many steps
   static void accumulate(const StepFeatures& f, double seconds, double weight, double* ata, double* aty);
 
   double forgetting_;
@@ -94,8 +95,12 @@ class SpecController {
   // The acceptance rate at depth d (1-based) for request r: its own once it has one, else global.
   float rate(const Request* r, int d) const;
   const std::vector<float>& global_rates() const { return global_; }
-  // The most any first draft node of r can be worth (an upper bound of its acceptance probability).
+  // What r's likeliest first draft node is worth at most, as far as its last proposal tells: the
+  // optimistic rate for a match one token longer than that one (a repeating text matches longer
+  // each step), or 1 before any proposal. The scheduler skips the lookup when even this cannot
+  // raise goodput, and still proposes every kProbeInterval steps to refresh the match.
   float first_node_bound(const Request* r) const;
+  static constexpr int kProbeInterval = 16;
   // r went through a step without a draft: its rates move a little toward the global ones.
   void relax(Request* r);
 

@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <queue>
 
+#include <pthread.h>
+#include <sched.h>
+
 #include "util/check.h"
 
 namespace accelcore {
@@ -16,30 +19,87 @@ Drafter::Drafter(const DrafterConfig& config)
       << "speculation needs max_match > 0 and max_depth > 0";
 }
 
+Drafter::~Drafter() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (background_.joinable()) background_.join();
+}
+
+void Drafter::start_background_indexing() {
+  if (background_.joinable()) return;
+  background_ = std::thread([this] { background_loop(); });
+}
+
+void Drafter::background_loop() {
+  // Lowest priority: the thread takes a core only when nothing else wants it (between requests
+  // at light load), never time from the forward pass. Best effort: without it, it just runs.
+  sched_param param{};
+  pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    cv_.wait(lock, [&] { return stop_ || pending_tokens_ > 0; });
+    if (stop_) return;
+    // Small parts, so that a proposal waiting for the lock waits little.
+    index_locked(kBackgroundChunk);
+    lock.unlock();
+    std::this_thread::yield();
+    lock.lock();
+  }
+}
+
 void Drafter::add_output(const int32_t* output, int n) {
   if (n <= 0) return;
-  stored_.push_back({std::vector<int32_t>(output, output + n), 0});
-  global_bytes_ += n * sizeof(int32_t);
-  pending_tokens_ += n;
-  evict_until_within_bound();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stored_.push_back({std::vector<int32_t>(output, output + n), 0});
+    global_bytes_ += n * sizeof(int32_t);
+    pending_tokens_ += n;
+    evict_until_within_bound();
+  }
+  cv_.notify_one();
+}
+
+size_t Drafter::num_pending_tokens() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return pending_tokens_;
+}
+
+size_t Drafter::global_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return global_bytes_;
+}
+
+size_t Drafter::num_global_sequences() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stored_.size();
 }
 
 void Drafter::index(size_t max_tokens) {
+  std::lock_guard<std::mutex> lock(mu_);
+  index_locked(max_tokens);
+}
+
+size_t Drafter::index_locked(size_t max_tokens) {
   // In parts, evicting after each as an eager insertion would: the bound holds throughout, and
   // the outputs kept once all is indexed do not depend on when or in what parts it happened.
-  while (max_tokens > 0 && num_indexed_ < stored_.size()) {
+  size_t done = 0;
+  while (done < max_tokens && num_indexed_ < stored_.size()) {
     Stored& s = stored_[num_indexed_];
     const int n = static_cast<int>(s.tokens.size());
-    const int end = s.indexed + static_cast<int>(std::min<size_t>(max_tokens, n - s.indexed));
+    const int end = s.indexed + static_cast<int>(std::min<size_t>(max_tokens - done, n - s.indexed));
     const size_t before = global_.bytes();
     global_.add_windows(s.tokens.data(), n, s.indexed, end, +1);
     global_bytes_ += global_.bytes() - before;
-    max_tokens -= end - s.indexed;
+    done += end - s.indexed;
     pending_tokens_ -= end - s.indexed;
     s.indexed = end;
     if (end == n) ++num_indexed_;
     evict_until_within_bound();  // may drop s
   }
+  return done;
 }
 
 void Drafter::evict_until_within_bound() {
@@ -78,6 +138,7 @@ int Drafter::propose(const int32_t* context, int n, int max_nodes, int max_depth
       own_match = std::max(own_match, len);
     }
   }
+  std::lock_guard<std::mutex> lock(mu_);  // the store, to the end
   // The store's longest suffix with something after it. Monotone in m (the occurrence of a suffix
   // also holds every shorter suffix, followed by the same token), so a binary search finds it.
   auto store_node = [&](int m) {

@@ -4,9 +4,10 @@
 //    for: a scan of the tokens costs less than keeping a per-request index up to date, and
 //    nothing at all for a request that never drafts; and
 //  - a global store of the outputs of finished requests, with counts, under a hard memory bound:
-//    when over it, the oldest stored outputs are removed whole. Outputs are indexed lazily, as
-//    the engine drafts, so the store costs nothing while no request drafts (SmartSpec at high
-//    load, or a model where drafts do not pay).
+//    when over it, the oldest stored outputs are removed whole. Outputs wait until indexed: by
+//    index() or flush(), or by a background thread (start_background_indexing) that runs only
+//    when a core is otherwise idle, so that indexing (about a microsecond per token) stays off
+//    the steps' critical path.
 //
 // Retrieval rule: the longest suffix of the context (up to max_match tokens) that occurred before
 // in either source; below it, the draft is grown best first by path frequency (counts of the
@@ -14,9 +15,12 @@
 // max_depth. Ties go to the lower token id, so drafts are deterministic.
 #pragma once
 
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <mutex>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -53,16 +57,22 @@ struct DrafterConfig {
 class Drafter {
  public:
   explicit Drafter(const DrafterConfig& config);
+  ~Drafter();
+  Drafter(const Drafter&) = delete;
+  Drafter& operator=(const Drafter&) = delete;
+
+  // Starts a thread that indexes pending outputs a little at a time, at the lowest scheduling
+  // priority (SCHED_IDLE: only on an otherwise idle core). Every method stays safe to call from
+  // one other thread.
+  void start_background_indexing();
 
   // A finished request's output joins the store, pending until indexed.
   void add_output(const int32_t* output, int n);
 
   // Indexes up to max_tokens tokens (windows starting at them) of pending outputs, oldest first.
-  // The scheduler calls it in proportion to the drafts it takes, so that keeping the store costs
-  // nothing while nothing is drafted.
   void index(size_t max_tokens);
   void flush() { index(SIZE_MAX); }
-  size_t num_pending_tokens() const { return pending_tokens_; }
+  size_t num_pending_tokens() const;
 
   // Proposes a draft after context[0, n) from the context's own earlier occurrences and the
   // indexed store. Returns the match length used (0: no draft). search_context false: the store
@@ -70,14 +80,23 @@ class Drafter {
   int propose(const int32_t* context, int n, int max_nodes, int max_depth, DraftTree* out, bool search_context = true);
 
   // Bytes of the store (nodes and stored outputs, pending ones included); never above the bound.
-  size_t global_bytes() const { return global_bytes_; }
-  size_t num_global_sequences() const { return stored_.size(); }  // pending ones included
+  size_t global_bytes() const;
+  size_t num_global_sequences() const;  // pending ones included
 
  private:
+  static constexpr size_t kBackgroundChunk = 32;  // tokens the background thread indexes per lock
+  // Under mu_.
+  size_t index_locked(size_t max_tokens);
   void evict_until_within_bound();
+  void background_loop();
 
   DrafterConfig config_;
   int window_;
+  // The store (global_, stored_ and their counters) is shared with the background thread.
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::thread background_;
+  bool stop_ = false;
   TokenTrie global_;
   // Global outputs, oldest first. The first num_indexed_ are in global_, the next one may be in
   // part (the windows starting before its `indexed`), the rest are pending.

@@ -61,7 +61,15 @@ void TokenTrie::unlink(int32_t c) {
   }
   if (n.next_sibling != kNone) nodes_[n.next_sibling].prev_sibling = n.prev_sibling;
   --p.num_children;
-  if (p.hashed) wide_.erase(key(n.parent, n.token));
+  if (p.hashed) {
+    wide_.erase(key(n.parent, n.token));
+    // Back to a plain list at kWide children, so that the memory (and with it the store's
+    // eviction) depends on the trie's contents only, not on its history.
+    if (p.num_children <= kWide) {
+      for (int32_t s = p.first_child; s != kNone; s = nodes_[s].next_sibling) wide_.erase(key(n.parent, nodes_[s].token));
+      p.hashed = false;
+    }
+  }
   n = Node();
   free_.push_back(c);
 }

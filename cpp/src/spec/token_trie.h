@@ -58,7 +58,7 @@ class TokenTrie {
     int32_t token = -1, count = 0, parent = kNone;
     int32_t first_child = kNone, next_sibling = kNone, prev_sibling = kNone;
     int32_t num_children = 0;
-    bool hashed = false;  // its children are in wide_ (once it had more than kWide)
+    bool hashed = false;  // its children are in wide_ (it has more than kWide)
   };
   static uint64_t key(int32_t parent, int32_t token) {
     return (static_cast<uint64_t>(static_cast<uint32_t>(parent)) << 32) | static_cast<uint32_t>(token);
