@@ -88,9 +88,14 @@ struct Engine::Impl {
   std::atomic<RequestId> next_id{1};
   int num_active = 0;  // requests the scheduler holds (snapshot, under intake_mu)
   EngineStats counters;
-  // When the last step ended (under step_mu): a step starting more than kIdleGap later follows
-  // an idle engine.
-  Clock::time_point last_step_end;
+  // The step-time model learns from whole step cycles: from one step's start to the next's, so
+  // that the caller's own work per step (a Python loop handling the outputs) counts, as it does
+  // for latency. A cycle whose caller left the engine idle for more than kIdleGap (no request,
+  // or a paused client) is not observed; neither is the step after it, on cold caches and
+  // sleeping cores. Under step_mu.
+  Clock::time_point last_step_start, last_step_end;
+  StepFeatures last_step_features;
+  bool last_step_observable = false;
   static constexpr std::chrono::microseconds kIdleGap{1000};
 
   // Per-step scratch (under step_mu).
@@ -483,13 +488,18 @@ std::vector<RequestOutput> Engine::step() {
   }
   if (m.plan.num_tokens() > 0) {
     const double step_s = std::chrono::duration<double>(Clock::now() - t0).count();
-    // A step right after the engine sat idle runs on cold caches and sleeping cores (several
-    // times slower): it says nothing about the marginal cost of tokens, so the model skips it.
-    if (t0 - m.last_step_end < Impl::kIdleGap) m.scheduler->observe_step(step_features(m.plan), step_s);
+    const bool after_idle = t0 - m.last_step_end >= Impl::kIdleGap;
+    if (m.last_step_observable && !after_idle)
+      m.scheduler->observe_step(m.last_step_features, std::chrono::duration<double>(t0 - m.last_step_start).count());
+    m.last_step_features = step_features(m.plan);
+    m.last_step_start = t0;
+    m.last_step_observable = !after_idle;
     ++m.counters.num_steps;
     m.counters.step_time_s += step_s;
     m.counters.forward_time_s += forward_s;
     m.counters.schedule_time_s += schedule_s;
+  } else {
+    m.last_step_observable = false;
   }
   for (const auto& o : outs) m.counters.num_generated_tokens += o.new_token_ids.size();
   m.last_step_end = Clock::now();
