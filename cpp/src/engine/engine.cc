@@ -205,7 +205,7 @@ void Engine::Impl::profile_step_time() {
   };
   const Shape shapes[] = {{1, 1, 16},  {1, 1, 256}, {1, 4, 64},  {1, 16, 128}, {1, 64, 0},  {4, 1, 64},
                           {8, 1, 256}, {8, 2, 32},  {16, 1, 64}, {2, 8, 512},  {1, 1, 128, 1}, {1, 1, 128, 4},
-                          {4, 1, 64, 2}};
+                          {4, 1, 64, 2}, {32, 1, 64}, {32, 1, 64, 1}};
   for (const Shape& sh : shapes) {
     const int per_seq = std::min(sh.context + sh.tokens + sh.draft, info.max_model_len);
     const int blocks_per_seq = (per_seq + bs - 1) / bs;

@@ -291,6 +291,17 @@ void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
   }
   if (cands.empty()) return;
   allocate_drafts(model, base, samples, budget, &cands);
+  // Now and then a step drafts one node for some requests whose drafts are likely accepted even
+  // where the model says it does not pay: without such steps a steady load never varies the
+  // step's shape, and the model's marginal costs rest on the start-up profile, measured at small
+  // batches (rows cost less in large ones).
+  if (++steps_since_cost_probe_ >= kCostProbeInterval) {
+    steps_since_cost_probe_ = 0;
+    int left = std::max<int>(1, static_cast<int>(picks_.size()) / 8);
+    for (const DraftCandidate& c : cands) budget -= c.chosen;
+    for (DraftCandidate& c : cands)
+      if (left > 0 && budget > 0 && c.chosen == 0 && c.probs[0] >= 0.5f) c.chosen = 1, --left, --budget;
+  }
   for (size_t j = 0; j < cands.size(); ++j) {
     if (cands[j].chosen == 0) {
       spec_->relax(picks_[cand_pick[j]].req);

@@ -137,6 +137,9 @@ class Scheduler {
   };
   std::vector<Pick> picks_;  // scratch: the sequences of the step being planned
   int last_draft_tokens_ = 0, last_drafted_seqs_ = 0;
+  // SmartSpec: steps between the steps that vary their shape for the step-time model.
+  static constexpr int kCostProbeInterval = 32;
+  int steps_since_cost_probe_ = 0;
   // Finished outputs waiting for the draft store beyond which each step indexes some itself.
   static constexpr size_t kMaxIndexBacklog = 4096, kIndexTokensPerStep = 256;
 };
