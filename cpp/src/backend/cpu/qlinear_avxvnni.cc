@@ -1,0 +1,38 @@
+// W4A8 kernel with AVX-VNNI (compiled with -mavxvnni -mavx2 -mfma): vpdpbusd on 256 bits.
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "backend/cpu/ops.h"
+
+namespace accelcore::cpu {
+namespace {
+
+inline __m256i unpack32(const uint8_t* packed) {
+  const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), mask), _mm_and_si128(p, mask));
+}
+
+inline int32_t hsum(__m256i v) {
+  const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i t = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1))));
+}
+
+struct AvxVnniDot {
+  static int32_t dot(const uint8_t* packed, const int8_t* x, int64_t len) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t c = 0; c < len; c += 32, packed += 16, x += 32)
+      acc = _mm256_dpbusd_avx_epi32(acc, unpack32(packed), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+    return hsum(acc);
+  }
+};
+
+#include "backend/cpu/qlinear_impl.h"
+
+}  // namespace
+
+void qlinear_w4a8_avxvnni(const QLinearParams& p, int64_t n0, int64_t n1) { qlinear_rows<AvxVnniDot>(p, n0, n1); }
+
+}  // namespace accelcore::cpu

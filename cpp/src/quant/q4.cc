@@ -1,0 +1,135 @@
+#include "quant/q4.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "util/check.h"
+
+namespace accelcore {
+
+namespace {
+
+void check_group(int64_t group) {
+  ACCEL_CHECK(group >= 32 && group % 32 == 0, InvalidArgument)
+      << "quantization group size must be a positive multiple of 32, got " << group;
+}
+
+// Scale and zero point mapping [lo, hi] (which holds 0) onto [0, 15].
+void range_to_scale(float lo, float hi, float* scale, uint8_t* zero) {
+  lo = std::min(lo, 0.0f);
+  hi = std::max(hi, 0.0f);
+  const float s = (hi - lo) / 15.0f;
+  if (s <= 0.0f || !std::isfinite(s)) {
+    *scale = 1.0f;
+    *zero = 0;
+    return;
+  }
+  *scale = s;
+  *zero = static_cast<uint8_t>(std::clamp(std::nearbyint(-lo / s), 0.0f, 15.0f));
+}
+
+uint8_t quantize_one(float x, float scale, uint8_t zero) {
+  return static_cast<uint8_t>(std::clamp(std::nearbyint(x / scale) + zero, 0.0f, 15.0f));
+}
+
+}  // namespace
+
+uint8_t q4_at(const Q4Weight& w, int64_t row, int64_t i) {
+  const int64_t g = i / w.group, j = i % w.group, chunk = j / 32, lane = j % 32;
+  const uint8_t byte = w.packed[((row * w.groups() + g) * w.group + chunk * 32) / 2 + lane % 16];
+  return lane < 16 ? byte & 0x0F : byte >> 4;
+}
+
+void q4_pack(const uint8_t* q, Q4Weight* w) {
+  const int64_t kp = w->padded_k();
+  w->packed.assign(static_cast<size_t>(w->n * kp / 2), 0);
+  for (int64_t r = 0; r < w->n; ++r)
+    for (int64_t c = 0; c < kp; c += 32) {
+      uint8_t* out = w->packed.data() + (r * kp + c) / 2;
+      const uint8_t* in = q + r * kp + c;
+      for (int j = 0; j < 16; ++j) {
+        ACCEL_DCHECK(in[j] < 16 && in[j + 16] < 16);
+        out[j] = static_cast<uint8_t>(in[j] | (in[j + 16] << 4));
+      }
+    }
+}
+
+Q4Weight q4_quantize_rtn(const float* w, int64_t n, int64_t k, int64_t group, bool clip_search) {
+  check_group(group);
+  ACCEL_CHECK(n > 0 && k > 0, InvalidArgument) << "cannot quantize a " << n << " x " << k << " matrix";
+  Q4Weight out;
+  out.n = n;
+  out.k = k;
+  out.group = group;
+  const int64_t G = out.groups(), kp = out.padded_k();
+  out.scales.resize(n * G);
+  out.zeros.resize(n * G);
+  std::vector<uint8_t> q(static_cast<size_t>(n * kp), 0);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* x = w + r * k + g * group;
+      const int64_t len = std::min(group, k - g * group);
+      float lo = x[0], hi = x[0];
+      for (int64_t i = 1; i < len; ++i) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
+      float best_err = INFINITY, best_scale = 1.0f;
+      uint8_t best_zero = 0;
+      for (int step = 0; step <= (clip_search ? 5 : 0); ++step) {
+        const float ratio = 1.0f - 0.05f * step;
+        float scale;
+        uint8_t zero;
+        range_to_scale(lo * ratio, hi * ratio, &scale, &zero);
+        float err = 0;
+        for (int64_t i = 0; i < len; ++i) {
+          const float d = scale * (static_cast<float>(quantize_one(x[i], scale, zero)) - zero) - x[i];
+          err += d * d;
+        }
+        if (err < best_err) best_err = err, best_scale = scale, best_zero = zero;
+      }
+      out.scales[r * G + g] = best_scale;
+      out.zeros[r * G + g] = best_zero;
+      for (int64_t i = 0; i < len; ++i) q[r * kp + g * group + i] = quantize_one(x[i], best_scale, best_zero);
+    }
+  q4_pack(q.data(), &out);
+  return out;
+}
+
+std::vector<float> q4_dequantize(const Q4Weight& w) {
+  std::vector<float> out(static_cast<size_t>(w.n * w.k));
+  const int64_t G = w.groups();
+  for (int64_t r = 0; r < w.n; ++r)
+    for (int64_t i = 0; i < w.k; ++i) {
+      const int64_t g = i / w.group;
+      out[r * w.k + i] = w.scales[r * G + g] * (static_cast<float>(q4_at(w, r, i)) - w.zeros[r * G + g]);
+    }
+  return out;
+}
+
+void a8_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t group, A8Activations* a) {
+  check_group(group);
+  a->m = m;
+  a->k = k;
+  a->group = group;
+  const int64_t G = a->groups(), kp = a->padded_k();
+  a->q.assign(static_cast<size_t>(m * kp), 0);
+  a->scales.resize(m * G);
+  a->sums.resize(m * G);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xs = x + r * ldx + g * group;
+      const int64_t len = std::min(group, k - g * group);
+      float amax = 0;
+      for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(xs[i]));
+      const float scale = amax > 0 ? amax / 127.0f : 1.0f;
+      const float inv = 1.0f / scale;
+      int8_t* q = a->q.data() + r * kp + g * group;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < len; ++i) {
+        q[i] = static_cast<int8_t>(std::clamp(std::nearbyint(xs[i] * inv), -127.0f, 127.0f));
+        sum += q[i];
+      }
+      a->scales[r * G + g] = scale;
+      a->sums[r * G + g] = sum;
+    }
+}
+
+}  // namespace accelcore

@@ -1,0 +1,58 @@
+// The 4-bit weight and 8-bit activation formats of the quantized linear layers (COMET's W4Ax):
+//
+//  - Weights W [n, k]: asymmetric 4-bit groups of `group` input channels (a multiple of 32) along
+//    k; each (row, group) has a float scale s and an integer zero point z in [0, 15], and
+//    w ~= s * (q - z) with q in [0, 15]. k need not be a multiple of the group: the last group is
+//    partial and the padding holds q = 0 (the activations' padding is 0, so it adds nothing).
+//    Packing, per row and group, in chunks of 32 weights held in 16 bytes: byte j of a chunk has
+//    weight j in its low nibble and weight j + 16 in its high nibble, so that one mask and one
+//    shift give the chunk's 32 weights in order as bytes (what integer dot products consume).
+//  - Activations X [m, k]: symmetric int8 per token and group of the same channels, scale
+//    max|x| / 127, with each group's sum of q kept for the weights' zero points.
+//
+// The product of a row x and a weight row is, in this exact order (every kernel computes it so,
+// whatever the instruction set and batch size):
+//   y = bias; for each group g: y = fma(s_w[g] * s_x[g], float(dot_g - z[g] * sum_x[g]), y)
+// with dot_g the int32 sum of q_w * q_x over the group.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace accelcore {
+
+struct Q4Weight {
+  int64_t n = 0, k = 0, group = 0;
+  int64_t groups() const { return (k + group - 1) / group; }
+  int64_t padded_k() const { return groups() * group; }
+  std::vector<uint8_t> packed;  // [n][groups][group / 2]
+  std::vector<float> scales;    // [n][groups]
+  std::vector<uint8_t> zeros;   // [n][groups], each in [0, 15]
+};
+
+// The 4-bit value of weight (row, i), unpacked.
+uint8_t q4_at(const Q4Weight& w, int64_t row, int64_t i);
+
+// Packs q (values in [0, 15], [n, padded_k]) into w.packed.
+void q4_pack(const uint8_t* q, Q4Weight* w);
+
+// Round to nearest per group: scale and zero point from each group's range, searched over
+// shrinking clip ratios (1, 0.95, ... 0.75) for the least squared error when clip_search is set.
+Q4Weight q4_quantize_rtn(const float* w, int64_t n, int64_t k, int64_t group, bool clip_search);
+
+// W as floats, [n, k].
+std::vector<float> q4_dequantize(const Q4Weight& w);
+
+struct A8Activations {
+  int64_t m = 0, k = 0, group = 0;
+  int64_t groups() const { return (k + group - 1) / group; }
+  int64_t padded_k() const { return groups() * group; }
+  std::vector<int8_t> q;      // [m][padded_k], zero past k
+  std::vector<float> scales;  // [m][groups]
+  std::vector<int32_t> sums;  // [m][groups]: sum of q over the group
+};
+
+// Quantizes rows x[i * ldx, + k) (i < m) into a (buffers reused).
+void a8_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t group, A8Activations* a);
+
+}  // namespace accelcore

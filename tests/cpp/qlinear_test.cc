@@ -1,0 +1,275 @@
+// The 4-bit weight / 8-bit activation formats and the W4A8 linear kernels:
+//  - packing round-trips, and quantize/dequantize stay within half a step (a clipped value within
+//    its clip) for group sizes that do and do not divide k;
+//  - every kernel path the machine has is bit-exact against a naive reference that unpacks the
+//    nibbles and sums in int64, for odd shapes and several group sizes, with poisoned outputs;
+//  - a row's result does not depend on the rest of the batch.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <iostream>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <accelcore/errors.h>
+
+#include "backend/cpu/cpu_features.h"
+#include "backend/cpu/ops.h"
+#include "quant/q4.h"
+#include "util/thread_pool.h"
+
+namespace accelcore::cpu {
+namespace {
+
+std::vector<float> random_floats(std::mt19937& rng, size_t n, float scale = 1.0f) {
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+TEST(Q4Format, PackUnpackRoundTrip) {
+  std::mt19937 rng(1);
+  for (int64_t group : {32, 64, 128}) {
+    Q4Weight w;
+    w.n = 5;
+    w.k = 3 * group - 7;
+    w.group = group;
+    std::vector<uint8_t> q(w.n * w.padded_k());
+    for (auto& x : q) x = static_cast<uint8_t>(rng() % 16);
+    q4_pack(q.data(), &w);
+    ASSERT_EQ(w.packed.size(), static_cast<size_t>(w.n * w.padded_k() / 2));
+    for (int64_t r = 0; r < w.n; ++r)
+      for (int64_t i = 0; i < w.padded_k(); ++i) ASSERT_EQ(q4_at(w, r, i), q[r * w.padded_k() + i]) << r << " " << i;
+  }
+}
+
+TEST(Q4Format, QuantizeDequantizeWithinHalfAStep) {
+  std::mt19937 rng(2);
+  for (int64_t group : {32, 64, 128}) {
+    for (int64_t k : {int64_t{1}, int64_t{17}, group, group + 5, 3 * group}) {
+      const int64_t n = 7;
+      auto w = random_floats(rng, n * k);
+      w[0] = 4.0f;  // an outlier in one group
+      for (bool clip : {false, true}) {
+        const Q4Weight q = q4_quantize_rtn(w.data(), n, k, group, clip);
+        ASSERT_EQ(q.groups(), (k + group - 1) / group);
+        const std::vector<float> back = q4_dequantize(q);
+        for (int64_t r = 0; r < n; ++r)
+          for (int64_t i = 0; i < k; ++i) {
+            const int64_t g = i / group;
+            const float s = q.scales[r * q.groups() + g];
+            ASSERT_LE(q.zeros[r * q.groups() + g], 15);
+            const float x = w[r * k + i], y = back[r * k + i];
+            // Without clipping, within half a step (the zero point's rounding shifts the range by
+            // at most that); with it, within half a step of the value clipped to the range.
+            const float lo = s * (0.0f - q.zeros[r * q.groups() + g]), hi = s * (15.0f - q.zeros[r * q.groups() + g]);
+            const float target = clip ? std::min(std::max(x, lo), hi) : x;
+            ASSERT_LE(std::fabs(y - target), 0.5f * s * (1 + 1e-5f)) << "group " << group << " k " << k << " clip " << clip;
+          }
+      }
+    }
+  }
+  // The clip search never does worse than plain round-to-nearest.
+  auto w = random_floats(rng, 64 * 256);
+  for (int i = 0; i < 64; ++i) w[i * 256 + i] = 6.0f;
+  double err[2] = {0, 0};
+  for (bool clip : {false, true}) {
+    const auto back = q4_dequantize(q4_quantize_rtn(w.data(), 64, 256, 128, clip));
+    for (size_t i = 0; i < w.size(); ++i) err[clip] += (back[i] - w[i]) * (back[i] - w[i]);
+  }
+  EXPECT_LE(err[1], err[0]);
+}
+
+TEST(Q4Format, BadGroupSizesAreRefused) {
+  const std::vector<float> w(64, 1.0f);
+  EXPECT_THROW(q4_quantize_rtn(w.data(), 1, 64, 48, false), InvalidArgument);
+  EXPECT_THROW(q4_quantize_rtn(w.data(), 1, 64, 0, false), InvalidArgument);
+  A8Activations a;
+  EXPECT_THROW(a8_quantize(w.data(), 1, 64, 64, 16, &a), InvalidArgument);
+}
+
+TEST(A8Format, QuantizesPerTokenAndGroup) {
+  std::mt19937 rng(3);
+  const int64_t m = 3, k = 100, group = 32;
+  auto x = random_floats(rng, m * k);
+  x[5] = 30.0f;  // one large value: only its own group's scale grows
+  A8Activations a;
+  a8_quantize(x.data(), m, k, k, group, &a);
+  ASSERT_EQ(a.groups(), 4);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t g = 0; g < a.groups(); ++g) {
+      int32_t sum = 0;
+      float amax = 0;
+      for (int64_t i = g * group; i < std::min(k, (g + 1) * group); ++i) amax = std::max(amax, std::fabs(x[r * k + i]));
+      EXPECT_FLOAT_EQ(a.scales[r * 4 + g], amax / 127.0f);
+      for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+        const int8_t q = a.q[r * a.padded_k() + i];
+        sum += q;
+        if (i >= k) {
+          ASSERT_EQ(q, 0);  // padding
+        } else {
+          ASSERT_LE(std::fabs(q * a.scales[r * 4 + g] - x[r * k + i]), 0.5f * a.scales[r * 4 + g] * (1 + 1e-5f));
+        }
+      }
+      EXPECT_EQ(a.sums[r * 4 + g], sum);
+    }
+  EXPECT_GT(a.scales[0], 10 * a.scales[1]);
+}
+
+// ---- the kernels against a naive reference ----
+
+struct DotPath {
+  DotIsa isa;
+  void (*kernel)(const QLinearParams&, int64_t, int64_t);
+};
+
+std::vector<DotPath> supported_paths() {
+  std::vector<DotPath> out;
+  const DotPath all[] = {{DotIsa::kScalar, qlinear_w4a8_scalar},
+                         {DotIsa::kAvx2, qlinear_w4a8_avx2},
+                         {DotIsa::kAvxVnni, qlinear_w4a8_avxvnni},
+                         {DotIsa::kAvx512Vnni, qlinear_w4a8_avx512vnni}};
+  for (const DotPath& p : all)
+    if (dot_isa_supported(p.isa)) out.push_back(p);
+  return out;
+}
+
+// Unpacks every nibble with q4_at and sums products in int64; the float steps as documented.
+std::vector<float> reference(const Q4Weight& w, const A8Activations& a, const std::vector<float>& bias) {
+  const int64_t G = w.groups();
+  std::vector<float> y(a.m * w.n);
+  for (int64_t m = 0; m < a.m; ++m)
+    for (int64_t n = 0; n < w.n; ++n) {
+      float acc = bias.empty() ? 0.0f : bias[n];
+      for (int64_t g = 0; g < G; ++g) {
+        int64_t dot = 0, xsum = 0;
+        for (int64_t i = g * w.group; i < (g + 1) * w.group; ++i) {
+          const int64_t q = a.q[m * a.padded_k() + i];
+          dot += static_cast<int64_t>(q4_at(w, n, i)) * q;
+          xsum += q;
+        }
+        EXPECT_EQ(xsum, a.sums[m * G + g]);
+        const int64_t t = dot - static_cast<int64_t>(w.zeros[n * G + g]) * xsum;
+        acc = std::fma(w.scales[n * G + g] * a.scales[m * G + g], static_cast<float>(t), acc);
+      }
+      y[m * w.n + n] = acc;
+    }
+  return y;
+}
+
+QLinearParams params(const Q4Weight& w, const A8Activations& a, const std::vector<float>& bias, float* y) {
+  QLinearParams p;
+  p.xq = a.q.data();
+  p.x_scales = a.scales.data();
+  p.x_sums = a.sums.data();
+  p.w = w.packed.data();
+  p.w_scales = w.scales.data();
+  p.w_zeros = w.zeros.data();
+  p.bias = bias.empty() ? nullptr : bias.data();
+  p.y = y;
+  p.m = a.m;
+  p.n = w.n;
+  p.groups = w.groups();
+  p.group = w.group;
+  p.ldy = w.n;
+  return p;
+}
+
+TEST(QLinearW4A8, EveryPathIsBitExactAgainstTheReference) {
+  std::string names;
+  for (const DotPath& p : supported_paths()) names += std::string(dot_isa_name(p.isa)) + " ";
+  std::cout << "[ INFO     ] W4A8 paths tested: " << names << "(active: " << dot_isa_name(active_dot_isa()) << ")\n";
+  std::mt19937 rng(4);
+  int cases = 0;
+  for (int64_t group : {32, 64, 128, 256})
+    for (int64_t m : {1, 3, 16, 17})
+      for (int64_t n : {1, 7, 33})
+        for (int64_t k : {int64_t{5}, group - 1, group, 3 * group + 9}) {
+          const auto wf = random_floats(rng, n * k, 0.1f);
+          auto xf = random_floats(rng, m * k);
+          if (k > 3) xf[2] = 50.0f;  // saturating magnitudes in the first group
+          const Q4Weight w = q4_quantize_rtn(wf.data(), n, k, group, rng() % 2);
+          A8Activations a;
+          a8_quantize(xf.data(), m, k, k, group, &a);
+          const std::vector<float> bias = rng() % 2 ? random_floats(rng, n) : std::vector<float>();
+          const std::vector<float> want = reference(w, a, bias);
+          for (const DotPath& path : supported_paths()) {
+            std::vector<float> y(m * n, std::numeric_limits<float>::quiet_NaN());  // poison
+            // Split the columns in two calls, as the thread pool does.
+            const QLinearParams p = params(w, a, bias, y.data());
+            path.kernel(p, 0, n / 2);
+            path.kernel(p, n / 2, n);
+            ASSERT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)))
+                << dot_isa_name(path.isa) << " group " << group << " m " << m << " n " << n << " k " << k;
+            ++cases;
+          }
+        }
+  EXPECT_GT(cases, 100);
+}
+
+TEST(QLinearW4A8, DispatchAndThreadsGiveTheSameBitsAndRowsDoNotDependOnTheBatch) {
+  std::mt19937 rng(5);
+  const int64_t n = 300, k = 700, group = 128;
+  const auto wf = random_floats(rng, n * k, 0.05f);
+  const Q4Weight w = q4_quantize_rtn(wf.data(), n, k, group, true);
+  const auto xf = random_floats(rng, 9 * k);
+  A8Activations batch, one;
+  a8_quantize(xf.data(), 9, k, k, group, &batch);
+  ThreadPool pool(3);
+  const DotIsa saved = active_dot_isa();
+  for (const DotPath& path : supported_paths()) {
+    set_active_dot_isa(path.isa);
+    std::vector<float> y(9 * n);
+    qlinear_w4a8(params(w, batch, {}, y.data()), pool);
+    for (int64_t r = 0; r < 9; ++r) {
+      a8_quantize(xf.data() + r * k, 1, k, k, group, &one);
+      std::vector<float> y1(n);
+      qlinear_w4a8(params(w, one, {}, y1.data()), pool);
+      ASSERT_EQ(0, std::memcmp(y1.data(), y.data() + r * n, n * sizeof(float))) << dot_isa_name(path.isa) << " row " << r;
+    }
+  }
+  set_active_dot_isa(saved);
+}
+
+TEST(QLinearW4A8, CloseToTheFloatProduct) {
+  // Not exactness (quantization loses information) but sanity: the relative error of the
+  // quantized product is that of 4-bit weights, a few percent.
+  std::mt19937 rng(6);
+  const int64_t m = 4, n = 64, k = 512, group = 64;
+  const auto wf = random_floats(rng, n * k, 0.05f);
+  const auto xf = random_floats(rng, m * k);
+  const Q4Weight w = q4_quantize_rtn(wf.data(), n, k, group, true);
+  A8Activations a;
+  a8_quantize(xf.data(), m, k, k, group, &a);
+  std::vector<float> y(m * n);
+  ThreadPool pool(1);
+  qlinear_w4a8(params(w, a, {}, y.data()), pool);
+  double err = 0, ref = 0;
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t c = 0; c < n; ++c) {
+      double exact = 0;
+      for (int64_t i = 0; i < k; ++i) exact += double(xf[r * k + i]) * wf[c * k + i];
+      err += (y[r * n + c] - exact) * (y[r * n + c] - exact);
+      ref += exact * exact;
+    }
+  EXPECT_LT(std::sqrt(err / ref), 0.12);
+}
+
+TEST(QLinearW4A8, ForcingAnUnsupportedPathIsAnError) {
+  const DotIsa saved = active_dot_isa();
+  EXPECT_THROW(set_active_dot_isa(static_cast<DotIsa>(7)), InvalidArgument);
+  for (DotIsa isa : {DotIsa::kAvx2, DotIsa::kAvxVnni, DotIsa::kAvx512Vnni}) {
+    if (!dot_isa_supported(isa)) {
+      EXPECT_THROW(set_active_dot_isa(isa), InvalidArgument);
+    }
+  }
+  EXPECT_EQ(active_dot_isa(), saved);  // a refused request changes nothing
+  EXPECT_TRUE(dot_isa_supported(DotIsa::kScalar));
+}
+
+}  // namespace
+}  // namespace accelcore::cpu
