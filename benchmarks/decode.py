@@ -3,7 +3,8 @@
 
 Default: a random model of TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads,
 intermediate 5632, vocab 32000), float32, built once with transformers and cached on disk.
-Reports decode tokens/s (prefill excluded) at batch 1 and 16, and the ratios.
+Reports decode tokens/s (prefill excluded) at batch 1 and 16, and the ratios; `--scheme
+float32,w4a8` measures each weight scheme in the same run.
 
     python benchmarks/decode.py --threads 2
     python benchmarks/decode.py --model ../shared/models/stories260K --batch-sizes 1 --new-tokens 256
@@ -92,6 +93,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="best of N runs per configuration")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--scheme", default="float32",
+                    help="comma list of weight schemes, each measured in the same run: float32, w4a8 "
+                         "(4-bit weights quantized at load, 8-bit activations)")
+    ap.add_argument("--group-size", type=int, default=128, help="quantization group size (w4a8)")
     args = ap.parse_args()
 
     import torch
@@ -101,8 +106,10 @@ def main() -> int:
 
     from accelcore import Engine, cpu_isa
 
-    engine = Engine(model_dir, num_threads=args.threads, max_num_seqs=max(args.batch_sizes))
-    vocab = engine.model_info.vocab_size
+    schemes = args.scheme.split(",")
+    for scheme in schemes:
+        if scheme not in ("float32", "w4a8"):
+            raise SystemExit(f"--scheme: expected float32 or w4a8, got {scheme!r}")
     hf = None
     if not args.skip_transformers:
         from transformers import AutoModelForCausalLM
@@ -110,29 +117,36 @@ def main() -> int:
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
 
     rows = []
-    for bs in args.batch_sizes:
-        prompts = prompts_for(bs, args.prompt_len, vocab)
-        ours = max(time_accelcore(engine, prompts, args.new_tokens) for _ in range(args.repeats))
-        theirs = max(time_transformers(hf, prompts, args.new_tokens) for _ in range(args.repeats)) if hf else None
-        rows.append({"batch": bs, "accelcore_tok_s": ours, "transformers_tok_s": theirs})
-        print(f"batch {bs:3d}: accelcore {ours:9.2f} tok/s" + (f"   transformers {theirs:9.2f} tok/s   ratio {ours / theirs:5.2f}x" if theirs else ""), flush=True)
+    for scheme in schemes:
+        quant = {} if scheme == "float32" else {"quantization": scheme, "quant_group_size": args.group_size}
+        engine = Engine(model_dir, num_threads=args.threads, max_num_seqs=max(args.batch_sizes), **quant)
+        vocab = engine.model_info.vocab_size
+        for bs in args.batch_sizes:
+            prompts = prompts_for(bs, args.prompt_len, vocab)
+            ours = max(time_accelcore(engine, prompts, args.new_tokens) for _ in range(args.repeats))
+            theirs = None
+            if hf is not None and scheme == schemes[0]:
+                theirs = max(time_transformers(hf, prompts, args.new_tokens) for _ in range(args.repeats))
+            rows.append({"scheme": scheme, "batch": bs, "accelcore_tok_s": ours, "transformers_tok_s": theirs})
+            print(f"{scheme} batch {bs:3d}: accelcore {ours:9.2f} tok/s"
+                  + (f"   transformers {theirs:9.2f} tok/s   ratio {ours / theirs:5.2f}x" if theirs else ""), flush=True)
+        del engine
 
-    base = next((r for r in rows if r["batch"] == 1), None)
     print()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, threads={args.threads}, accelcore ISA={cpu_isa()}")
     print(f"model: {model_dir}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.repeats}")
-    print("| batch | accelcore tok/s | transformers tok/s | vs transformers | vs accelcore batch 1 |")
-    print("|---|---|---|---|---|")
+    print("| scheme | batch | accelcore tok/s | transformers float32 tok/s | vs transformers | vs own batch 1 | vs float32 |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["transformers_tok_s"]
-        print(
-            f"| {r['batch']} | {r['accelcore_tok_s']:.2f} | {t:.2f} | {r['accelcore_tok_s'] / t:.2f}x |" if t else f"| {r['batch']} | {r['accelcore_tok_s']:.2f} | - | - |",
-            end="",
-        )
-        print(f" {r['accelcore_tok_s'] / base['accelcore_tok_s']:.2f}x |" if base else " - |")
-    if base and base["transformers_tok_s"]:
-        for r in rows:
-            r["vs_transformers_batch1"] = r["accelcore_tok_s"] / base["transformers_tok_s"]
+        base = next(b for b in rows if b["scheme"] == r["scheme"] and b["batch"] == min(args.batch_sizes))
+        f32 = next((b for b in rows if b["scheme"] == "float32" and b["batch"] == r["batch"]), None)
+        r["vs_own_first_batch"] = r["accelcore_tok_s"] / base["accelcore_tok_s"]
+        if f32:
+            r["vs_float32"] = r["accelcore_tok_s"] / f32["accelcore_tok_s"]
+        print(f"| {r['scheme']} | {r['batch']} | {r['accelcore_tok_s']:.2f} | "
+              + (f"{t:.2f} | {r['accelcore_tok_s'] / t:.2f}x | " if t else "- | - | ")
+              + f"{r['vs_own_first_batch']:.2f}x | " + (f"{r['vs_float32']:.2f}x |" if f32 else "- |"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": model_dir, "threads": args.threads, "isa": cpu_isa(), "rows": rows}, f, indent=2)

@@ -17,6 +17,7 @@ def _generate(args: argparse.Namespace) -> int:
         speculation=args.speculation,
         spec_policy=args.spec_policy,
         enable_prefix_caching=args.enable_prefix_caching,
+        quantization=args.quantization,
     )
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -62,6 +63,8 @@ def main(argv=None) -> int:
     g.add_argument("--spec-policy", choices=["smartspec", "fixed", "off"], default="smartspec",
                    help="draft sizes: smartspec (per request, where they pay), fixed (always the maximum) or off")
     g.add_argument("--enable-prefix-caching", action="store_true")
+    g.add_argument("--quantization", choices=["none", "w4a8"], default="none",
+                   help="w4a8: linear weights quantized to 4 bits at load, activations to 8 bits")
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":

@@ -95,6 +95,8 @@ NB_MODULE(_core, m) {
       .def_rw("spec_max_depth", &EngineConfig::spec_max_depth)
       .def_rw("spec_max_match", &EngineConfig::spec_max_match)
       .def_rw("spec_memory_mb", &EngineConfig::spec_memory_mb)
+      .def_rw("quantization", &EngineConfig::quantization)
+      .def_rw("quant_group_size", &EngineConfig::quant_group_size)
       .def_rw("seed", &EngineConfig::seed);
 
   nb::class_<RequestMetrics>(m, "RequestMetrics")

@@ -33,6 +33,12 @@ struct EngineConfig {
   // stories260K (3.43 tokens per pass at 32, 3.46 at 8: benchmarks/speculation.py).
   int spec_max_match = 8;
   int spec_memory_mb = 64;   // bound on the global draft store
+  // Weight quantization applied at load: "none", or "w4a8" (the linear layers' weights to 4 bits,
+  // asymmetric groups of quant_group_size input channels, round to nearest with a clip search;
+  // their input activations to 8 bits per token and group at run time; the embedding, the head
+  // and the KV cache stay in float32).
+  std::string quantization = "none";
+  int quant_group_size = 128;  // a multiple of 32
 
   void validate() const;  // throws InvalidArgument
 };

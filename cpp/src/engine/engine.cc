@@ -52,6 +52,10 @@ void EngineConfig::validate() const {
   ACCEL_CHECK(spec_max_match >= 1 && spec_max_match <= 128, InvalidArgument)
       << "spec_max_match must be in [1, 128], got " << spec_max_match;
   ACCEL_CHECK(spec_memory_mb >= 1, InvalidArgument) << "spec_memory_mb must be >= 1, got " << spec_memory_mb;
+  ACCEL_CHECK(quantization == "none" || quantization == "w4a8", InvalidArgument)
+      << "quantization must be 'none' or 'w4a8', got '" << quantization << "'";
+  ACCEL_CHECK(quant_group_size >= 32 && quant_group_size % 32 == 0 && quant_group_size <= 4096, InvalidArgument)
+      << "quant_group_size must be a multiple of 32 in [32, 4096], got " << quant_group_size;
 }
 
 namespace {
@@ -135,6 +139,7 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   ACCEL_CHECK(max_len <= mc.max_position_embeddings, InvalidArgument)
       << "max_model_len " << max_len << " exceeds the model's max_position_embeddings " << mc.max_position_embeddings;
   ModelWeights weights = load_weights(mc, config.model_path);
+  if (config.quantization == "w4a8") quantize_weights_w4(&weights, config.quant_group_size);
 
   m.info.architecture = mc.architecture;
   m.info.vocab_size = mc.vocab_size;

@@ -119,6 +119,24 @@ ModelWeights load_weights(const ModelConfig& c, const std::string& model_dir) {
   return w;
 }
 
+void quantize_weights_w4(ModelWeights* w, int group_size) {
+  auto quantize = [&](FloatBuffer* f, int64_t rows, Q4Weight* q) {
+    const int64_t cols = static_cast<int64_t>(f->size()) / rows;
+    *q = q4_quantize_rtn(f->data(), rows, cols, group_size, /*clip_search=*/true);
+    *f = FloatBuffer();
+  };
+  for (LayerWeights& L : w->layers) {
+    // Output rows of each matrix: its bias length, or derived from the neighbouring shapes.
+    const int64_t H = static_cast<int64_t>(L.input_norm.size());
+    const int64_t QKV = static_cast<int64_t>(L.qkv_w.size()) / H;
+    const int64_t I2 = static_cast<int64_t>(L.gate_up_w.size()) / H;
+    quantize(&L.qkv_w, QKV, &L.qkv_q);
+    quantize(&L.o_w, H, &L.o_q);
+    quantize(&L.gate_up_w, I2, &L.gate_up_q);
+    quantize(&L.down_w, H, &L.down_q);
+  }
+}
+
 LlamaModel::LlamaModel(ModelConfig config, ModelWeights weights)
     : config_(std::move(config)), w_(std::move(weights)) {
   inv_freq_ = rope_inv_freq(config_.rope, config_.head_dim);
@@ -139,6 +157,31 @@ void LlamaModel::compute_rope(const BatchPlan& plan) {
 }
 
 static const float* opt(const FloatBuffer& b) { return b.empty() ? nullptr : b.data(); }
+
+void LlamaModel::linear(const float* x, int64_t T, int64_t k, const FloatBuffer& w, const Q4Weight& q,
+                        const FloatBuffer& b, float* y, int64_t n, ThreadPool& pool) {
+  if (q.n == 0) {
+    cpu::linear({x, w.data(), opt(b), y, T, n, k, k, n}, pool);
+    return;
+  }
+  ACCEL_DCHECK(q.n == n && q.k == k);
+  a8_quantize(x, T, k, k, q.group, &xq_);
+  cpu::QLinearParams p;
+  p.xq = xq_.q.data();
+  p.x_scales = xq_.scales.data();
+  p.x_sums = xq_.sums.data();
+  p.w = q.packed.data();
+  p.w_scales = q.scales.data();
+  p.w_zeros = q.zeros.data();
+  p.bias = opt(b);
+  p.y = y;
+  p.m = T;
+  p.n = n;
+  p.groups = q.groups();
+  p.group = q.group;
+  p.ldy = n;
+  cpu::qlinear_w4a8(p, pool);
+}
 
 void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool, FloatBuffer* logits) {
   const ModelConfig& c = config_;
@@ -165,7 +208,7 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = w_.layers[l];
     cpu::rms_norm({x_.data(), L.input_norm.data(), h_.data(), T, H, c.rms_norm_eps});
-    cpu::linear({h_.data(), L.qkv_w.data(), opt(L.qkv_b), qkv_.data(), T, QKV, H, H, QKV}, pool);
+    linear(h_.data(), T, H, L.qkv_w, L.qkv_q, L.qkv_b, qkv_.data(), QKV, pool);
     cpu::apply_rope({qkv_.data(), T, c.num_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
     cpu::apply_rope({qkv_.data() + Q, T, c.num_kv_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
     cpu::write_kv({qkv_.data() + Q, qkv_.data() + Q + KV, QKV, cache.k(l), cache.v(l), plan.slots.data(), T,
@@ -192,12 +235,12 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
       ap.extra_slots = plan.extra_slots.data();
     }
     cpu::paged_attention(ap, pool);
-    cpu::linear({attn_.data(), L.o_w.data(), opt(L.o_b), h_.data(), T, H, Q, Q, H}, pool);
+    linear(attn_.data(), T, Q, L.o_w, L.o_q, L.o_b, h_.data(), H, pool);
     cpu::add_inplace(x_.data(), h_.data(), T * H);
     cpu::rms_norm({x_.data(), L.post_norm.data(), h_.data(), T, H, c.rms_norm_eps});
-    cpu::linear({h_.data(), L.gate_up_w.data(), opt(L.gate_up_b), mlp_.data(), T, 2 * I, H, H, 2 * I}, pool);
+    linear(h_.data(), T, H, L.gate_up_w, L.gate_up_q, L.gate_up_b, mlp_.data(), 2 * I, pool);
     cpu::silu_mul(mlp_.data(), act_.data(), T, I);
-    cpu::linear({act_.data(), L.down_w.data(), opt(L.down_b), h_.data(), T, H, I, I, H}, pool);
+    linear(act_.data(), T, I, L.down_w, L.down_q, L.down_b, h_.data(), H, pool);
     cpu::add_inplace(x_.data(), h_.data(), T * H);
   }
 

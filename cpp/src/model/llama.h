@@ -8,6 +8,7 @@
 
 #include "kv/kv_cache.h"
 #include "model/model_config.h"
+#include "quant/q4.h"
 #include "sched/batch_plan.h"
 #include "util/buffer.h"
 #include "util/thread_pool.h"
@@ -20,6 +21,8 @@ struct LayerWeights {
   FloatBuffer o_w, o_b;          // [hidden, q]
   FloatBuffer gate_up_w, gate_up_b;  // [2 * intermediate, hidden]: gate then up
   FloatBuffer down_w, down_b;    // [hidden, intermediate]
+  // The same four matrices in 4 bits (quantization "w4a8"); the float ones are then empty.
+  Q4Weight qkv_q, o_q, gate_up_q, down_q;
 };
 
 struct ModelWeights {
@@ -33,6 +36,10 @@ struct ModelWeights {
 // Loads and checks every tensor's shape against the config. Throws FormatError naming the tensor.
 ModelWeights load_weights(const ModelConfig& config, const std::string& model_dir);
 
+// Replaces every layer's four linear weight matrices by 4-bit ones (quant/q4.h, round to nearest
+// with a clip search), freeing the float ones.
+void quantize_weights_w4(ModelWeights* w, int group_size);
+
 class LlamaModel {
  public:
   LlamaModel(ModelConfig config, ModelWeights weights);
@@ -45,12 +52,16 @@ class LlamaModel {
 
  private:
   void compute_rope(const BatchPlan& plan);
+  // y[T, n] = x[T, k] W^T + b, through the float or the 4-bit weights, whichever the layer has.
+  void linear(const float* x, int64_t T, int64_t k, const FloatBuffer& w, const Q4Weight& q, const FloatBuffer& b,
+              float* y, int64_t n, ThreadPool& pool);
 
   ModelConfig config_;
   ModelWeights w_;
   std::vector<float> inv_freq_;
   // Scratch, grown to the largest step seen.
   FloatBuffer x_, h_, qkv_, attn_, mlp_, act_, cos_, sin_, rows_;
+  A8Activations xq_;
 };
 
 // RoPE inverse frequencies as transformers computes them (float32), for each rope type.

@@ -129,6 +129,10 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
   seqs->clear();
   picks_.clear();
   int budget = config_.max_num_batched_tokens;
+  // Starting from an idle engine, every finished output is in the draft store first (the
+  // background thread has usually indexed them all by then): a request arriving after others
+  // finished drafts from them, whatever the timing.
+  if (drafter_ && running_.empty() && drafter_->num_pending_tokens() > 0) drafter_->flush();
 
   // Running requests first, in admission order. One that cannot get a block preempts the most
   // recently admitted request (possibly itself), which comes later in the order: nothing picked
