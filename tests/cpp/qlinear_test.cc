@@ -47,6 +47,31 @@ TEST(Q4Format, PackUnpackRoundTrip) {
   }
 }
 
+TEST(Q4Format, TiledLayoutHoldsEveryWeightAndPadsWithZeros) {
+  std::mt19937 rng(7);
+  for (int64_t group : {32, 64})
+    for (int64_t n : {1, 16, 17, 40}) {
+      const int64_t k = 2 * group + 5;
+      const auto wf = random_floats(rng, n * k);
+      const Q4Weight w = q4_quantize_rtn(wf.data(), n, k, group, false);
+      const Q4Tiled t = q4_tile(w);
+      ASSERT_EQ(t.groups, w.groups());
+      ASSERT_EQ(t.data.size(), static_cast<size_t>(t.blocks() * t.groups * group / 8 * 64));
+      for (int64_t r = 0; r < t.blocks() * Q4Tiled::kRows; ++r)
+        for (int64_t i = 0; i < w.padded_k(); ++i) {
+          const uint8_t want = r < n ? q4_at(w, r, i) : 0;
+          ASSERT_EQ(q4_tiled_at(t, r, i), want) << "row " << r << " channel " << i;
+        }
+      for (int64_t b = 0; b < t.blocks(); ++b)
+        for (int64_t g = 0; g < t.groups; ++g)
+          for (int64_t r = 0; r < Q4Tiled::kRows; ++r) {
+            const int64_t row = b * Q4Tiled::kRows + r;
+            ASSERT_EQ(t.scales[(b * t.groups + g) * 16 + r], row < n ? w.scales[row * t.groups + g] : 0.0f);
+            ASSERT_EQ(t.zeros[(b * t.groups + g) * 16 + r], row < n ? w.zeros[row * t.groups + g] : 0);
+          }
+    }
+}
+
 TEST(Q4Format, QuantizeDequantizeWithinHalfAStep) {
   std::mt19937 rng(2);
   for (int64_t group : {32, 64, 128}) {
@@ -161,19 +186,19 @@ std::vector<float> reference(const Q4Weight& w, const A8Activations& a, const st
   return y;
 }
 
-QLinearParams params(const Q4Weight& w, const A8Activations& a, const std::vector<float>& bias, float* y) {
+QLinearParams params(const Q4Tiled& w, const A8Activations& a, const std::vector<float>& bias, float* y) {
   QLinearParams p;
   p.xq = a.q.data();
   p.x_scales = a.scales.data();
   p.x_sums = a.sums.data();
-  p.w = w.packed.data();
+  p.w = w.data.data();
   p.w_scales = w.scales.data();
   p.w_zeros = w.zeros.data();
   p.bias = bias.empty() ? nullptr : bias.data();
   p.y = y;
   p.m = a.m;
   p.n = w.n;
-  p.groups = w.groups();
+  p.groups = w.groups;
   p.group = w.group;
   p.ldy = w.n;
   return p;
@@ -187,7 +212,7 @@ TEST(QLinearW4A8, EveryPathIsBitExactAgainstTheReference) {
   int cases = 0;
   for (int64_t group : {32, 64, 128, 256})
     for (int64_t m : {1, 3, 16, 17})
-      for (int64_t n : {1, 7, 33})
+      for (int64_t n : {1, 7, 33, 48})
         for (int64_t k : {int64_t{5}, group - 1, group, 3 * group + 9}) {
           const auto wf = random_floats(rng, n * k, 0.1f);
           auto xf = random_floats(rng, m * k);
@@ -197,12 +222,14 @@ TEST(QLinearW4A8, EveryPathIsBitExactAgainstTheReference) {
           a8_quantize(xf.data(), m, k, k, group, &a);
           const std::vector<float> bias = rng() % 2 ? random_floats(rng, n) : std::vector<float>();
           const std::vector<float> want = reference(w, a, bias);
+          const Q4Tiled tiled = q4_tile(w);
           for (const DotPath& path : supported_paths()) {
             std::vector<float> y(m * n, std::numeric_limits<float>::quiet_NaN());  // poison
-            // Split the columns in two calls, as the thread pool does.
-            const QLinearParams p = params(w, a, bias, y.data());
-            path.kernel(p, 0, n / 2);
-            path.kernel(p, n / 2, n);
+            // Split the columns in two calls at a block boundary, as the thread pool does.
+            const QLinearParams p = params(tiled, a, bias, y.data());
+            const int64_t split = n / 2 / Q4Tiled::kRows * Q4Tiled::kRows;
+            path.kernel(p, 0, split);
+            path.kernel(p, split, n);
             ASSERT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)))
                 << dot_isa_name(path.isa) << " group " << group << " m " << m << " n " << n << " k " << k;
             ++cases;
@@ -215,7 +242,7 @@ TEST(QLinearW4A8, DispatchAndThreadsGiveTheSameBitsAndRowsDoNotDependOnTheBatch)
   std::mt19937 rng(5);
   const int64_t n = 300, k = 700, group = 128;
   const auto wf = random_floats(rng, n * k, 0.05f);
-  const Q4Weight w = q4_quantize_rtn(wf.data(), n, k, group, true);
+  const Q4Tiled w = q4_tile(q4_quantize_rtn(wf.data(), n, k, group, true));
   const auto xf = random_floats(rng, 9 * k);
   A8Activations batch, one;
   a8_quantize(xf.data(), 9, k, k, group, &batch);
@@ -242,7 +269,7 @@ TEST(QLinearW4A8, CloseToTheFloatProduct) {
   const int64_t m = 4, n = 64, k = 512, group = 64;
   const auto wf = random_floats(rng, n * k, 0.05f);
   const auto xf = random_floats(rng, m * k);
-  const Q4Weight w = q4_quantize_rtn(wf.data(), n, k, group, true);
+  const Q4Tiled w = q4_tile(q4_quantize_rtn(wf.data(), n, k, group, true));
   A8Activations a;
   a8_quantize(xf.data(), m, k, k, group, &a);
   std::vector<float> y(m * n);

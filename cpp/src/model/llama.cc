@@ -120,9 +120,9 @@ ModelWeights load_weights(const ModelConfig& c, const std::string& model_dir) {
 }
 
 void quantize_weights_w4(ModelWeights* w, int group_size) {
-  auto quantize = [&](FloatBuffer* f, int64_t rows, Q4Weight* q) {
+  auto quantize = [&](FloatBuffer* f, int64_t rows, Q4Tiled* q) {
     const int64_t cols = static_cast<int64_t>(f->size()) / rows;
-    *q = q4_quantize_rtn(f->data(), rows, cols, group_size, /*clip_search=*/true);
+    *q = q4_tile(q4_quantize_rtn(f->data(), rows, cols, group_size, /*clip_search=*/true));
     *f = FloatBuffer();
   };
   for (LayerWeights& L : w->layers) {
@@ -158,7 +158,7 @@ void LlamaModel::compute_rope(const BatchPlan& plan) {
 
 static const float* opt(const FloatBuffer& b) { return b.empty() ? nullptr : b.data(); }
 
-void LlamaModel::linear(const float* x, int64_t T, int64_t k, const FloatBuffer& w, const Q4Weight& q,
+void LlamaModel::linear(const float* x, int64_t T, int64_t k, const FloatBuffer& w, const Q4Tiled& q,
                         const FloatBuffer& b, float* y, int64_t n, ThreadPool& pool) {
   if (q.n == 0) {
     cpu::linear({x, w.data(), opt(b), y, T, n, k, k, n}, pool);
@@ -170,14 +170,14 @@ void LlamaModel::linear(const float* x, int64_t T, int64_t k, const FloatBuffer&
   p.xq = xq_.q.data();
   p.x_scales = xq_.scales.data();
   p.x_sums = xq_.sums.data();
-  p.w = q.packed.data();
+  p.w = q.data.data();
   p.w_scales = q.scales.data();
   p.w_zeros = q.zeros.data();
   p.bias = opt(b);
   p.y = y;
   p.m = T;
   p.n = n;
-  p.groups = q.groups();
+  p.groups = q.groups;
   p.group = q.group;
   p.ldy = n;
   cpu::qlinear_w4a8(p, pool);

@@ -21,8 +21,9 @@ struct LayerWeights {
   FloatBuffer o_w, o_b;          // [hidden, q]
   FloatBuffer gate_up_w, gate_up_b;  // [2 * intermediate, hidden]: gate then up
   FloatBuffer down_w, down_b;    // [hidden, intermediate]
-  // The same four matrices in 4 bits (quantization "w4a8"); the float ones are then empty.
-  Q4Weight qkv_q, o_q, gate_up_q, down_q;
+  // The same four matrices in 4 bits (quantization "w4a8"), in the kernels' tiled layout; the
+  // float ones are then empty.
+  Q4Tiled qkv_q, o_q, gate_up_q, down_q;
 };
 
 struct ModelWeights {
@@ -53,7 +54,7 @@ class LlamaModel {
  private:
   void compute_rope(const BatchPlan& plan);
   // y[T, n] = x[T, k] W^T + b, through the float or the 4-bit weights, whichever the layer has.
-  void linear(const float* x, int64_t T, int64_t k, const FloatBuffer& w, const Q4Weight& q, const FloatBuffer& b,
+  void linear(const float* x, int64_t T, int64_t k, const FloatBuffer& w, const Q4Tiled& q, const FloatBuffer& b,
               float* y, int64_t n, ThreadPool& pool);
 
   ModelConfig config_;

@@ -104,6 +104,41 @@ std::vector<float> q4_dequantize(const Q4Weight& w) {
   return out;
 }
 
+Q4Tiled q4_tile(const Q4Weight& w) {
+  Q4Tiled t;
+  t.n = w.n;
+  t.k = w.k;
+  t.group = w.group;
+  t.groups = w.groups();
+  const int64_t B = t.blocks(), G = t.groups, R = Q4Tiled::kRows, steps = w.group / 8;
+  t.data.assign(static_cast<size_t>(B * G * steps * 64), 0);
+  t.scales.assign(static_cast<size_t>(B * G * R), 0.0f);
+  t.zeros.assign(static_cast<size_t>(B * G * R), 0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t r = 0; r < R && b * R + r < w.n; ++r) {
+      const int64_t row = b * R + r;
+      for (int64_t g = 0; g < G; ++g) {
+        t.scales[(b * G + g) * R + r] = w.scales[row * G + g];
+        t.zeros[(b * G + g) * R + r] = w.zeros[row * G + g];
+        for (int64_t j = 0; j < steps; ++j) {
+          uint8_t* out = t.data.data() + ((b * G + g) * steps + j) * 64 + 4 * r;
+          for (int c = 0; c < 4; ++c) {
+            const int64_t i = g * w.group + 8 * j + c;
+            out[c] = static_cast<uint8_t>(q4_at(w, row, i) | (q4_at(w, row, i + 4) << 4));
+          }
+        }
+      }
+    }
+  return t;
+}
+
+uint8_t q4_tiled_at(const Q4Tiled& t, int64_t row, int64_t i) {
+  const int64_t b = row / Q4Tiled::kRows, r = row % Q4Tiled::kRows, g = i / t.group, j = (i % t.group) / 8,
+                c = i % 8;
+  const uint8_t byte = t.data[((b * t.groups + g) * (t.group / 8) + j) * 64 + 4 * r + c % 4];
+  return c < 4 ? byte & 0x0F : byte >> 4;
+}
+
 void a8_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t group, A8Activations* a) {
   check_group(group);
   a->m = m;

@@ -43,6 +43,25 @@ Q4Weight q4_quantize_rtn(const float* w, int64_t n, int64_t k, int64_t group, bo
 // W as floats, [n, k].
 std::vector<float> q4_dequantize(const Q4Weight& w);
 
+// The CPU kernels' layout of a Q4Weight, built once at load: rows in blocks of 16 (the last block
+// padded with zero rows), and within a block, group and step of 8 input channels, 64 bytes: byte
+// 4 * r + c holds weight (row r, channel 8 j + c) in its low nibble and (r, 8 j + 4 + c) in its
+// high one (c < 4). A mask or a shift then gives 16 rows x 4 consecutive channels as the 32-bit
+// lanes that an integer dot-product instruction multiplies by 4 broadcast activations, so the
+// lanes are output rows and no horizontal sum is needed. Scales and zero points per block and
+// group, 16 rows contiguous.
+struct Q4Tiled {
+  static constexpr int64_t kRows = 16;
+  int64_t n = 0, k = 0, group = 0, groups = 0;
+  int64_t blocks() const { return (n + kRows - 1) / kRows; }
+  std::vector<uint8_t> data;    // [blocks][groups][group / 8][64]
+  std::vector<float> scales;    // [blocks][groups][16]
+  std::vector<uint8_t> zeros;   // [blocks][groups][16]
+};
+Q4Tiled q4_tile(const Q4Weight& w);
+// The 4-bit value of weight (row, i) in the tiled layout.
+uint8_t q4_tiled_at(const Q4Tiled& t, int64_t row, int64_t i);
+
 struct A8Activations {
   int64_t m = 0, k = 0, group = 0;
   int64_t groups() const { return (k + group - 1) / group; }

@@ -26,20 +26,22 @@ void linear_avx2(const LinearParams& p, int64_t n0, int64_t n1);
 void linear_avx512(const LinearParams& p, int64_t n0, int64_t n1);
 
 // Quantized linear, 4-bit weights by 8-bit activations (formats and exact arithmetic in
-// quant/q4.h): y[m, n] = sum over groups of the int32 group products, scaled in float.
+// quant/q4.h; the weights in its tiled layout, Q4Tiled): y[m, n] = sum over groups of the int32
+// group products, scaled in float.
 struct QLinearParams {
   const int8_t* xq = nullptr;        // [m][groups * group], zero past k
   const float* x_scales = nullptr;   // [m][groups]
   const int32_t* x_sums = nullptr;   // [m][groups]
-  const uint8_t* w = nullptr;        // [n][groups][group / 2], packed 4-bit
-  const float* w_scales = nullptr;   // [n][groups]
-  const uint8_t* w_zeros = nullptr;  // [n][groups]
+  const uint8_t* w = nullptr;        // Q4Tiled::data
+  const float* w_scales = nullptr;   // Q4Tiled::scales
+  const uint8_t* w_zeros = nullptr;  // Q4Tiled::zeros
   const float* bias = nullptr;       // [n] or null
   float* y = nullptr;
   int64_t m = 0, n = 0, groups = 0, group = 0, ldy = 0;
 };
 void qlinear_w4a8(const QLinearParams& p, ThreadPool& pool);
-// The single-ISA kernels behind qlinear_w4a8(), over output columns [n0, n1); exposed for tests.
+// The single-ISA kernels behind qlinear_w4a8(), over output columns [n0, n1) (n0 a multiple of
+// 16); exposed for tests.
 void qlinear_w4a8_scalar(const QLinearParams& p, int64_t n0, int64_t n1);
 void qlinear_w4a8_avx2(const QLinearParams& p, int64_t n0, int64_t n1);
 void qlinear_w4a8_avxvnni(const QLinearParams& p, int64_t n0, int64_t n1);

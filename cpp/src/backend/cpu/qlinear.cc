@@ -1,7 +1,10 @@
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "backend/cpu/cpu_features.h"
 #include "backend/cpu/ops.h"
+#include "quant/q4.h"
 #include "util/check.h"
 
 namespace accelcore::cpu {
@@ -9,11 +12,19 @@ namespace {
 
 // The obviously right path: each byte's two nibbles, one product at a time.
 struct ScalarDot {
-  static int32_t dot(const uint8_t* packed, const int8_t* x, int64_t len) {
-    int32_t acc = 0;
-    for (int64_t c = 0; c < len; c += 32, packed += 16, x += 32)
-      for (int j = 0; j < 16; ++j) acc += (packed[j] & 0x0F) * x[j] + (packed[j] >> 4) * x[j + 16];
-    return acc;
+  struct Acc {
+    int32_t v[16];
+  };
+  using W = const uint8_t*;
+  static Acc zero() { return Acc{}; }
+  static W unpack(const uint8_t* w64) { return w64; }
+  static void dot(Acc& acc, W w, const int8_t* x) {
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < 4; ++c) acc.v[r] += (w[4 * r + c] & 0x0F) * x[c] + (w[4 * r + c] >> 4) * x[4 + c];
+  }
+  static void finish(const Acc& acc, const float* sw, const uint8_t* z, float sx, int32_t xsum, float* y) {
+    for (int r = 0; r < 16; ++r)
+      y[r] = std::fma(sw[r] * sx, static_cast<float>(acc.v[r] - static_cast<int32_t>(z[r]) * xsum), y[r]);
   }
 };
 
@@ -39,7 +50,7 @@ void qlinear_w4a8(const QLinearParams& p, ThreadPool& pool) {
     kernel(p, 0, p.n);
     return;
   }
-  pool.parallel_for(p.n, 16, [&](int64_t b, int64_t e) { kernel(p, b, e); });
+  pool.parallel_for(p.n, Q4Tiled::kRows, [&](int64_t b, int64_t e) { kernel(p, b, e); });
 }
 
 }  // namespace accelcore::cpu

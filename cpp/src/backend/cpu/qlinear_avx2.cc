@@ -1,35 +1,58 @@
 // W4A8 kernel with AVX2 integer dot products (compiled with -mavx2 -mfma): u8 x s8 pairs summed
-// to int16 (at most 2 * 15 * 127, no saturation), then to int32.
+// to int16 (at most 2 * 15 * 127, no saturation), then to int32. A 16-row block is two 8-lane
+// halves.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "backend/cpu/ops.h"
+#include "quant/q4.h"
 
 namespace accelcore::cpu {
 namespace {
 
-inline __m256i unpack32(const uint8_t* packed) {
-  const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), mask), _mm_and_si128(p, mask));
-}
-
-inline int32_t hsum(__m256i v) {
-  const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  const __m128i t = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1))));
+inline __m256i broadcast4(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm256_set1_epi32(v);
 }
 
 struct Avx2Dot {
-  static int32_t dot(const uint8_t* packed, const int8_t* x, int64_t len) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc = _mm256_setzero_si256();
-    for (int64_t c = 0; c < len; c += 32, packed += 16, x += 32) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(unpack32(packed), xv), ones));
+  struct Acc {
+    __m256i h[2];
+  };
+  struct W {
+    __m256i lo[2], hi[2];
+  };
+  static Acc zero() { return {{_mm256_setzero_si256(), _mm256_setzero_si256()}}; }
+  static W unpack(const uint8_t* w64) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    W w;
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w64 + 32 * h));
+      w.lo[h] = _mm256_and_si256(v, mask);
+      w.hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
     }
-    return hsum(acc);
+    return w;
+  }
+  static void dot(Acc& acc, const W& w, const int8_t* x) {
+    const __m256i ones = _mm256_set1_epi16(1), xa = broadcast4(x), xb = broadcast4(x + 4);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(w.lo[h], xa), _mm256_maddubs_epi16(w.hi[h], xb));
+      acc.h[h] = _mm256_add_epi32(acc.h[h], _mm256_madd_epi16(s, ones));
+    }
+  }
+  static void finish(const Acc& acc, const float* sw, const uint8_t* z, float sx, int32_t xsum, float* y) {
+    const __m256 vsx = _mm256_set1_ps(sx);
+    const __m256i vxsum = _mm256_set1_epi32(xsum);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i z32 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + 8 * h)));
+      const __m256 t = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc.h[h], _mm256_mullo_epi32(z32, vxsum)));
+      const __m256 c = _mm256_mul_ps(_mm256_loadu_ps(sw + 8 * h), vsx);
+      _mm256_storeu_ps(y + 8 * h, _mm256_fmadd_ps(c, t, _mm256_loadu_ps(y + 8 * h)));
+    }
   }
 };
 

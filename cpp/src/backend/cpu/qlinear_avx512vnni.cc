@@ -1,37 +1,42 @@
 // W4A8 kernel with AVX-512 VNNI (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni
-// -mfma): vpdpbusd on 512 bits, two 32-weight chunks at a time.
+// -mfma): one vpdpbusd per 4 channels of a 16-row block.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "backend/cpu/ops.h"
+#include "quant/q4.h"
 
 namespace accelcore::cpu {
 namespace {
 
+inline __m512i broadcast4(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm512_set1_epi32(v);
+}
+
 struct Avx512VnniDot {
-  static int32_t dot(const uint8_t* packed, const int8_t* x, int64_t len) {
+  using Acc = __m512i;
+  struct W {
+    __m512i lo, hi;
+  };
+  static Acc zero() { return _mm512_setzero_si512(); }
+  static W unpack(const uint8_t* w64) {
     const __m512i mask = _mm512_set1_epi8(0x0F);
-    __m512i acc = _mm512_setzero_si512();
-    int64_t c = 0;
-    for (; c + 64 <= len; c += 64, packed += 32, x += 64) {
-      // 32 bytes = two chunks (a, b): nibbles [lo_a lo_b | hi_a hi_b] -> [lo_a hi_a lo_b hi_b].
-      const __m512i p = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed)));
-      const __m512i both = _mm512_inserti64x4(p, _mm512_castsi512_si256(_mm512_srli_epi16(p, 4)), 1);
-      const __m512i w = _mm512_and_si512(_mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0)), mask);
-      acc = _mm512_dpbusd_epi32(acc, w, _mm512_loadu_si512(x));
-    }
-    int32_t total = _mm512_reduce_add_epi32(acc);
-    if (c < len) {  // an odd last chunk
-      const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
-      const __m128i m4 = _mm_set1_epi8(0x0F);
-      const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), m4), _mm_and_si128(p, m4));
-      const __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-      const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-      const __m128i t = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-      total += _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1))));
-    }
-    return total;
+    const __m512i v = _mm512_loadu_si512(w64);
+    return {_mm512_and_si512(v, mask), _mm512_and_si512(_mm512_srli_epi16(v, 4), mask)};
+  }
+  static void dot(Acc& acc, const W& w, const int8_t* x) {
+    acc = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, w.lo, broadcast4(x)), w.hi, broadcast4(x + 4));
+  }
+  static void finish(const Acc& acc, const float* sw, const uint8_t* z, float sx, int32_t xsum, float* y) {
+    const __m512i z32 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z)));
+    const __m512 t = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_mullo_epi32(z32, _mm512_set1_epi32(xsum))));
+    const __m512 c = _mm512_mul_ps(_mm512_loadu_ps(sw), _mm512_set1_ps(sx));
+    _mm512_storeu_ps(y, _mm512_fmadd_ps(c, t, _mm512_loadu_ps(y)));
   }
 };
 

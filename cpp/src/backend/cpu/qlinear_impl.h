@@ -1,30 +1,54 @@
-// The W4A8 linear kernel body (see quant/q4.h for the formats and the exact arithmetic), compiled
-// once per dot-product instruction set: qlinear_*.cc define a struct with
-//   static int32_t dot(const uint8_t* packed, const int8_t* x, int64_t len)
-// (the int32 sum over len weights, a multiple of 32, packed in 32-weight chunks) and include this.
-// The integer sum is exact whatever the instructions; the float steps below are the same scalar
-// operations on every path, so all paths give the same bits, and a row's result does not depend
-// on the batch.
+// The W4A8 linear kernel body over the tiled weight layout (quant/q4.h, Q4Tiled), compiled once
+// per dot-product instruction set: qlinear_*.cc define a struct D with
+//   Acc                   16 int32 lanes, one per output row of a 16-row block
+//   W unpack(w64)         the 64 bytes of one 8-channel step as two sets of 4-bit lanes
+//   dot(acc, w, x8)       acc[r] += sum over c < 8 of weight(r, c) * x8[c]
+//   finish(acc, sw, z, sx, xsum, y16)
+//                         y16[r] = fma(sw[r] * sx, float(acc[r] - z[r] * xsum), y16[r])
+// and include this. The integer sums are exact whatever the instructions, and finish is the same
+// lane-wise float arithmetic on every path, so all paths give the same bits, and a row's result
+// does not depend on the batch (each row of x runs the same instruction sequence).
 //
 // Not a standalone header: the including file defines the namespace.
 
-template <class Dot>
+template <class D, int MB>
+void qlinear_block(const QLinearParams& p, int64_t b, int64_t m0) {
+  constexpr int64_t R = Q4Tiled::kRows;
+  const int64_t G = p.groups, gs = p.group, steps = gs / 8, kp = G * gs;
+  const int64_t rows = std::min<int64_t>(R, p.n - b * R);
+  alignas(64) float y[MB][R];
+  for (int i = 0; i < MB; ++i)
+    for (int64_t r = 0; r < R; ++r) y[i][r] = p.bias && r < rows ? p.bias[b * R + r] : 0.0f;
+  const uint8_t* wb = p.w + b * G * steps * 64;
+  const int8_t* x[MB];
+  for (int i = 0; i < MB; ++i) x[i] = p.xq + (m0 + i) * kp;
+  for (int64_t g = 0; g < G; ++g) {
+    typename D::Acc acc[MB];
+    for (int i = 0; i < MB; ++i) acc[i] = D::zero();
+    const uint8_t* wg = wb + g * steps * 64;
+    for (int64_t j = 0; j < steps; ++j) {
+      const typename D::W w = D::unpack(wg + j * 64);
+      for (int i = 0; i < MB; ++i) D::dot(acc[i], w, x[i] + g * gs + 8 * j);
+    }
+    const float* sw = p.w_scales + (b * G + g) * R;
+    const uint8_t* z = p.w_zeros + (b * G + g) * R;
+    for (int i = 0; i < MB; ++i) D::finish(acc[i], sw, z, p.x_scales[(m0 + i) * G + g], p.x_sums[(m0 + i) * G + g], y[i]);
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int64_t r = 0; r < rows; ++r) p.y[(m0 + i) * p.ldy + b * R + r] = y[i][r];
+}
+
+template <class D>
 void qlinear_rows(const QLinearParams& p, int64_t n0, int64_t n1) {
-  const int64_t G = p.groups, gs = p.group, kp = G * gs;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = p.w + n * kp / 2;
-    const float* ws = p.w_scales + n * G;
-    const uint8_t* wz = p.w_zeros + n * G;
-    for (int64_t m = 0; m < p.m; ++m) {
-      const int8_t* xr = p.xq + m * kp;
-      const float* xs = p.x_scales + m * G;
-      const int32_t* xsum = p.x_sums + m * G;
-      float y = p.bias ? p.bias[n] : 0.0f;
-      for (int64_t g = 0; g < G; ++g) {
-        const int32_t dot = Dot::dot(wr + g * gs / 2, xr + g * gs, gs);
-        y = std::fma(ws[g] * xs[g], static_cast<float>(dot - static_cast<int32_t>(wz[g]) * xsum[g]), y);
-      }
-      p.y[m * p.ldy + n] = y;
+  constexpr int64_t R = Q4Tiled::kRows;
+  for (int64_t b = n0 / R; b * R < n1; ++b) {
+    int64_t m = 0;
+    for (; m + 4 <= p.m; m += 4) qlinear_block<D, 4>(p, b, m);
+    switch (p.m - m) {
+      case 3: qlinear_block<D, 3>(p, b, m); break;
+      case 2: qlinear_block<D, 2>(p, b, m); break;
+      case 1: qlinear_block<D, 1>(p, b, m); break;
+      default: break;
     }
   }
 }
