@@ -50,7 +50,7 @@ struct DraftTree {
 
 struct DrafterConfig {
   int max_match = 8;        // longest context suffix matched
-  int max_depth = 8;        // deepest draft the tries can serve (window = max_match + max_depth)
+  int max_depth = 8;        // deepest draft the store can serve (window = max_match + max_depth)
   size_t memory_bytes = 64ull << 20;  // bound on the global store (nodes and stored outputs)
 };
 
@@ -62,8 +62,8 @@ class Drafter {
   Drafter& operator=(const Drafter&) = delete;
 
   // Starts a thread that indexes pending outputs a little at a time, at the lowest scheduling
-  // priority (SCHED_IDLE: only on an otherwise idle core). Every method stays safe to call from
-  // one other thread.
+  // priority (SCHED_IDLE: only on an otherwise idle core). The other methods stay safe to call
+  // meanwhile, from one thread (the engine's stepping thread; propose's scratch is not shared).
   void start_background_indexing();
 
   // A finished request's output joins the store, pending until indexed.
