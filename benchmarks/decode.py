@@ -64,6 +64,16 @@ def time_accelcore(engine, prompts, new_tokens: int) -> float:
     return len(prompts) * (new_tokens - 1) / (t_end - t_first)
 
 
+def time_prefill(engine, prompt_len: int, vocab: int) -> float:
+    """Prefill tokens/s: one prompt of prompt_len tokens, to its first generated token."""
+    from accelcore import SamplingParams
+
+    prompt = prompts_for(1, prompt_len, vocab, seed=2)[0]
+    t0 = time.perf_counter()
+    engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))
+    return prompt_len / (time.perf_counter() - t0)
+
+
 def time_transformers(model, prompts, new_tokens: int) -> float:
     """Decode tokens/s of a manual greedy loop with the KV cache (prefill excluded)."""
     import torch
@@ -97,6 +107,7 @@ def main() -> int:
                     help="comma list of weight schemes, each measured in the same run: float32, w4a8 "
                          "(4-bit weights quantized at load, 8-bit activations)")
     ap.add_argument("--group-size", type=int, default=128, help="quantization group size (w4a8)")
+    ap.add_argument("--prefill-len", type=int, default=512, help="prompt length of the prefill measurement (0: skip)")
     args = ap.parse_args()
 
     import torch
@@ -117,6 +128,7 @@ def main() -> int:
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
 
     rows = []
+    prefill = {}
     for scheme in schemes:
         quant = {} if scheme == "float32" else {"quantization": scheme, "quant_group_size": args.group_size}
         engine = Engine(model_dir, num_threads=args.threads, max_num_seqs=max(args.batch_sizes), **quant)
@@ -130,6 +142,10 @@ def main() -> int:
             rows.append({"scheme": scheme, "batch": bs, "accelcore_tok_s": ours, "transformers_tok_s": theirs})
             print(f"{scheme} batch {bs:3d}: accelcore {ours:9.2f} tok/s"
                   + (f"   transformers {theirs:9.2f} tok/s   ratio {ours / theirs:5.2f}x" if theirs else ""), flush=True)
+        if args.prefill_len:
+            pre = max(time_prefill(engine, args.prefill_len, vocab) for _ in range(args.repeats))
+            prefill[scheme] = pre
+            print(f"{scheme} prefill of {args.prefill_len} tokens: {pre:.1f} tok/s", flush=True)
         del engine
 
     print()
@@ -147,9 +163,12 @@ def main() -> int:
         print(f"| {r['scheme']} | {r['batch']} | {r['accelcore_tok_s']:.2f} | "
               + (f"{t:.2f} | {r['accelcore_tok_s'] / t:.2f}x | " if t else "- | - | ")
               + f"{r['vs_own_first_batch']:.2f}x | " + (f"{r['vs_float32']:.2f}x |" if f32 else "- |"))
+    for scheme, pre in prefill.items():
+        print(f"prefill, {args.prefill_len}-token prompt, {scheme}: {pre:.1f} tok/s"
+              + (f" ({pre / prefill['float32']:.2f}x float32)" if "float32" in prefill and scheme != "float32" else ""))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": model_dir, "threads": args.threads, "isa": cpu_isa(), "rows": rows}, f, indent=2)
+            json.dump({"model": model_dir, "threads": args.threads, "isa": cpu_isa(), "rows": rows, "prefill_tok_s": prefill}, f, indent=2)
     return 0
 
 
