@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/install_system_deps.sh
 python3 -m pip install -q -r requirements-test.txt
 jobs=$(nproc)
-cmake -S . -B build/ctest -G Ninja -DACCELCORE_CUDA="${ACCELCORE_CUDA:-AUTO}" -DACCELCORE_BUILD_TESTS=ON
+# The kernel benchmarks are built (not run) so that they keep compiling.
+cmake -S . -B build/ctest -G Ninja -DACCELCORE_CUDA="${ACCELCORE_CUDA:-AUTO}" -DACCELCORE_BUILD_TESTS=ON -DACCELCORE_BUILD_BENCHMARKS=ON
 cmake --build build/ctest -j "$jobs"
 ctest --test-dir build/ctest --output-on-failure -j "$jobs"
 # The same library and tests with CUDA off: the build a machine without nvcc gets.

@@ -1,0 +1,105 @@
+// The W4A8 linear kernel alone: microseconds and GMAC/s for the four linears of one
+// TinyLlama-1.1B layer (qkv 2560x2048, o 2048x2048, gate_up 11264x2048, down 2048x5632) at
+// M = 1, 4, 16, 64 activation rows, on every dot-product path the machine has, against the float32
+// linear kernel in the same run. Weights are random, group 128; each timing is the best of 5
+// after a warm-up call, so the weights sit in the caches as much as they fit.
+//
+//   cmake -S . -B build-bench -DACCELCORE_BUILD_BENCHMARKS=ON -DCMAKE_BUILD_TYPE=Release
+//   cmake --build build-bench --target qlinear_bench && build-bench/benchmarks/cpp/qlinear_bench [threads]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "backend/cpu/cpu_features.h"
+#include "backend/cpu/ops.h"
+#include "quant/q4.h"
+#include "util/thread_pool.h"
+
+using namespace accelcore;
+
+namespace {
+
+template <class F>
+double best_of(F&& f) {
+  f();
+  double best = 1e30;
+  for (int r = 0; r < 5; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int threads = argc > 1 ? std::atoi(argv[1]) : default_num_threads();
+  ThreadPool pool(threads);
+  struct Shape {
+    int n, k;
+  } shapes[] = {{2560, 2048}, {2048, 2048}, {11264, 2048}, {2048, 5632}};
+  const int group = 128;
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal;
+  std::vector<Q4Tiled> q;
+  std::vector<std::vector<float>> f;
+  for (const Shape& s : shapes) {
+    std::vector<float> w(static_cast<size_t>(s.n) * s.k);
+    for (float& v : w) v = 0.05f * normal(rng);
+    q.push_back(q4_tile(q4_quantize_rtn(w.data(), s.n, s.k, group, false)));
+    f.push_back(std::move(w));
+  }
+  std::printf("threads %d; one TinyLlama layer's four linears, group %d\n", threads, group);
+  std::printf("| M | path | us | GMAC/s | vs float32 |\n|---|---|---|---|---|\n");
+  for (int m : {1, 4, 16, 64}) {
+    double macs = 0;
+    for (const Shape& s : shapes) macs += double(m) * s.n * s.k;
+    std::vector<std::vector<float>> x;
+    for (const Shape& s : shapes) {
+      std::vector<float> v(static_cast<size_t>(m) * s.k);
+      for (float& e : v) e = normal(rng);
+      x.push_back(std::move(v));
+    }
+    std::vector<float> y(static_cast<size_t>(m) * 11264);
+    const double t_float = best_of([&] {
+      for (size_t i = 0; i < q.size(); ++i) {
+        const Shape& s = shapes[i];
+        cpu::linear({x[i].data(), f[i].data(), nullptr, y.data(), m, s.n, s.k, s.k, s.n}, pool);
+      }
+    });
+    std::printf("| %d | float32 | %.0f | %.1f | 1.00x |\n", m, 1e6 * t_float, macs / t_float / 1e9);
+    const cpu::DotIsa saved = cpu::active_dot_isa();
+    for (cpu::DotIsa isa : {cpu::DotIsa::kScalar, cpu::DotIsa::kAvx2, cpu::DotIsa::kAvxVnni, cpu::DotIsa::kAvx512Vnni}) {
+      if (!cpu::dot_isa_supported(isa) || (isa == cpu::DotIsa::kScalar && m > 4)) continue;
+      cpu::set_active_dot_isa(isa);
+      A8Activations a;
+      const double t = best_of([&] {
+        for (size_t i = 0; i < q.size(); ++i) {
+          const Shape& s = shapes[i];
+          a8_quantize(x[i].data(), m, s.k, s.k, group, &a);
+          cpu::QLinearParams p;
+          p.xq = a.q.data();
+          p.x_scales = a.scales.data();
+          p.x_sums = a.sums.data();
+          p.w = q[i].data.data();
+          p.w_scales = q[i].scales.data();
+          p.w_zeros = q[i].zeros.data();
+          p.y = y.data();
+          p.m = m;
+          p.n = s.n;
+          p.groups = q[i].groups;
+          p.group = group;
+          p.ldy = s.n;
+          cpu::qlinear_w4a8(p, pool);
+        }
+      });
+      std::printf("| %d | w4a8 %s | %.0f | %.1f | %.2fx |\n", m, cpu::dot_isa_name(isa), 1e6 * t, macs / t / 1e9, t_float / t);
+    }
+    cpu::set_active_dot_isa(saved);
+  }
+  return 0;
+}
