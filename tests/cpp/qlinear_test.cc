@@ -109,6 +109,69 @@ TEST(Q4Format, QuantizeDequantizeWithinHalfAStep) {
   EXPECT_LE(err[1], err[0]);
 }
 
+// ||X (W - W_q)^T||^2 over the rows of X: the error GPTQ minimises.
+double output_error(const std::vector<float>& x, int64_t tokens, const std::vector<float>& w,
+                    const std::vector<float>& wq, int64_t n, int64_t k) {
+  double e = 0;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t r = 0; r < n; ++r) {
+      double d = 0;
+      for (int64_t i = 0; i < k; ++i) d += double(x[t * k + i]) * (double(w[r * k + i]) - wq[r * k + i]);
+      e += d * d;
+    }
+  return e;
+}
+
+TEST(Q4Gptq, LowersTheOutputErrorOnCorrelatedInputs) {
+  std::mt19937 rng(8);
+  const int64_t tokens = 400, k = 96, n = 24, group = 32;
+  // Inputs with correlated channels and a few large ones, as a model's activations have.
+  const auto z = random_floats(rng, tokens * k);
+  std::vector<float> x(tokens * k, 0.0f);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t i = 0; i < k; ++i) {
+      x[t * k + i] = z[t * k + i] + 0.8f * z[t * k + (i + 1) % k] + (i % 17 == 0 ? 4.0f * z[t * k + (i + 5) % k] : 0.0f);
+    }
+  std::vector<double> h(k * k, 0.0);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j) h[i * k + j] += double(x[t * k + i]) * x[t * k + j];
+  const auto w = random_floats(rng, n * k, 0.1f);
+  const double rtn = output_error(x, tokens, w, q4_dequantize(q4_quantize_rtn(w.data(), n, k, group, false)), n, k);
+  const double rtn_clip = output_error(x, tokens, w, q4_dequantize(q4_quantize_rtn(w.data(), n, k, group, true)), n, k);
+  const Q4Weight g = q4_quantize_gptq(w.data(), n, k, group, h.data());
+  const double gptq = output_error(x, tokens, w, q4_dequantize(g), n, k);
+  std::cout << "[ INFO     ] output error: round to nearest " << rtn << ", with clip search " << rtn_clip << ", GPTQ " << gptq
+            << "\n";
+  EXPECT_LT(gptq, 0.8 * std::min(rtn, rtn_clip));
+  for (uint8_t zp : g.zeros) ASSERT_LE(zp, 15);
+}
+
+TEST(Q4Gptq, WithUncorrelatedInputsItIsRoundToNearest) {
+  // H a multiple of the identity: nothing to compensate, so GPTQ rounds as RTN does (no clipping).
+  std::mt19937 rng(9);
+  const int64_t k = 70, n = 5, group = 32;
+  std::vector<double> h(k * k, 0.0);
+  for (int64_t i = 0; i < k; ++i) h[i * k + i] = 3.0;
+  const auto w = random_floats(rng, n * k);
+  const Q4Weight a = q4_quantize_gptq(w.data(), n, k, group, h.data()), b = q4_quantize_rtn(w.data(), n, k, group, false);
+  EXPECT_EQ(a.packed, b.packed);
+  EXPECT_EQ(a.scales, b.scales);
+  EXPECT_EQ(a.zeros, b.zeros);
+}
+
+TEST(Q4Gptq, DeadChannelsAndBadArguments) {
+  const int64_t k = 32, n = 2;
+  std::vector<double> h(k * k, 0.0);
+  for (int64_t i = 1; i < k; ++i) h[i * k + i] = 1.0;  // channel 0 never used
+  std::vector<float> w(n * k, 0.5f);
+  w[0] = 100.0f;  // would dominate the group's range if it counted
+  const Q4Weight q = q4_quantize_gptq(w.data(), n, k, 32, h.data());
+  EXPECT_LT(q.scales[0], 1.0f);
+  EXPECT_THROW(q4_quantize_gptq(w.data(), n, k, 32, h.data(), 0.0), InvalidArgument);
+  EXPECT_THROW(q4_quantize_gptq(w.data(), n, k, 48, h.data()), InvalidArgument);
+}
+
 TEST(Q4Format, BadGroupSizesAreRefused) {
   const std::vector<float> w(64, 1.0f);
   EXPECT_THROW(q4_quantize_rtn(w.data(), 1, 64, 48, false), InvalidArgument);

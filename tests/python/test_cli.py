@@ -51,6 +51,24 @@ def test_cli_speculation_gives_the_same_text(stories_dir, golden, tmp_path):
     assert "1.00 tokens per forward pass" not in spec.stderr
 
 
+def test_cli_quantization_matches_the_python_engine(stories_dir, tmp_path):
+    from accelcore import Engine, SamplingParams
+
+    prompt = "Once upon a time"
+    args = ["generate", "--model", str(stories_dir), prompt, "--max-tokens", "40", "--quantization", "w4a8"]
+    out = _run_cli(args, tmp_path)
+    assert out.returncode == 0, out.stderr
+    # The CLI's default group (128) through the Python API gives the same greedy text, and it is
+    # not the float model's.
+    greedy = SamplingParams(max_tokens=40, temperature=0.0)
+    want = Engine(str(stories_dir), quantization="w4a8").generate([prompt], greedy)[0]
+    plain = Engine(str(stories_dir)).generate([prompt], greedy)[0]
+    assert want.text != plain.text
+    assert prompt + want.text in out.stdout
+    bad = _run_cli(args[:-1] + ["w2"], tmp_path)
+    assert bad.returncode != 0 and "--quantization" in bad.stderr
+
+
 def test_cli_seeded_sampling_is_reproducible(stories_dir, tmp_path):
     args = ["generate", "--model", str(stories_dir), "Once upon a time", "--max-tokens", "24",
             "--temperature", "1.0", "--seed", "7", "--num-threads", "1"]

@@ -98,6 +98,101 @@ Q4Weight q4_quantize_rtn(const float* w, int64_t n, int64_t k, int64_t group, bo
   return out;
 }
 
+namespace {
+
+// In place: a = L with L L^T = a (lower triangle; the upper is left as it was). False if a is not
+// positive definite.
+bool cholesky_lower(std::vector<double>* a, int64_t k) {
+  double* m = a->data();
+  for (int64_t j = 0; j < k; ++j) {
+    double d = m[j * k + j];
+    for (int64_t p = 0; p < j; ++p) d -= m[j * k + p] * m[j * k + p];
+    if (!(d > 0)) return false;
+    d = std::sqrt(d);
+    m[j * k + j] = d;
+    for (int64_t i = j + 1; i < k; ++i) {
+      double v = m[i * k + j];
+      for (int64_t p = 0; p < j; ++p) v -= m[i * k + p] * m[j * k + p];
+      m[i * k + j] = v / d;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+Q4Weight q4_quantize_gptq(const float* w, int64_t n, int64_t k, int64_t group, const double* h, double damp) {
+  check_group(group);
+  ACCEL_CHECK(n > 0 && k > 0, InvalidArgument) << "cannot quantize a " << n << " x " << k << " matrix";
+  ACCEL_CHECK(damp > 0, InvalidArgument) << "GPTQ damping must be positive, got " << damp;
+  std::vector<double> H(h, h + k * k), W(w, w + n * k);
+  double mean_diag = 0;
+  for (int64_t i = 0; i < k; ++i) mean_diag += H[i * k + i];
+  mean_diag /= static_cast<double>(k);
+  for (int64_t i = 0; i < k; ++i) {
+    if (H[i * k + i] <= 0) {  // a channel no input ever used: its weights cannot matter
+      H[i * k + i] = 1;
+      for (int64_t r = 0; r < n; ++r) W[r * k + i] = 0;
+    }
+    H[i * k + i] += damp * (mean_diag > 0 ? mean_diag : 1.0);
+  }
+  // U upper with U^T U = H^-1: invert H through its Cholesky factor, then factor the inverse.
+  ACCEL_CHECK(cholesky_lower(&H, k), InvalidArgument) << "GPTQ: the Hessian is not positive definite";
+  std::vector<double> Linv(k * k, 0.0);  // L^-1, lower
+  for (int64_t j = 0; j < k; ++j) {
+    Linv[j * k + j] = 1.0 / H[j * k + j];
+    for (int64_t i = j + 1; i < k; ++i) {
+      double v = 0;
+      for (int64_t p = j; p < i; ++p) v -= H[i * k + p] * Linv[p * k + j];
+      Linv[i * k + j] = v / H[i * k + i];
+    }
+  }
+  std::vector<double> Hinv(k * k, 0.0);  // L^-T L^-1
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j <= i; ++j) {
+      double v = 0;
+      for (int64_t p = i; p < k; ++p) v += Linv[p * k + i] * Linv[p * k + j];
+      Hinv[i * k + j] = Hinv[j * k + i] = v;
+    }
+  ACCEL_CHECK(cholesky_lower(&Hinv, k), InvalidArgument) << "GPTQ: the inverse Hessian is not positive definite";
+  // U = L'^T where L' L'^T = H^-1.
+  auto U = [&](int64_t i, int64_t j) { return Hinv[j * k + i]; };
+
+  Q4Weight out;
+  out.n = n;
+  out.k = k;
+  out.group = group;
+  const int64_t G = out.groups(), kp = out.padded_k();
+  out.scales.resize(n * G);
+  out.zeros.resize(n * G);
+  std::vector<uint8_t> q(static_cast<size_t>(n * kp), 0);
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t g = i / group;
+    if (i % group == 0) {
+      const int64_t len = std::min(group, k - i);
+      for (int64_t r = 0; r < n; ++r) {
+        float lo = static_cast<float>(W[r * k + i]), hi = lo;
+        for (int64_t c = 1; c < len; ++c) {
+          lo = std::min(lo, static_cast<float>(W[r * k + i + c]));
+          hi = std::max(hi, static_cast<float>(W[r * k + i + c]));
+        }
+        range_to_scale(lo, hi, &out.scales[r * G + g], &out.zeros[r * G + g]);
+      }
+    }
+    const double d = U(i, i);
+    for (int64_t r = 0; r < n; ++r) {
+      const float s = out.scales[r * G + g];
+      const uint8_t z = out.zeros[r * G + g];
+      const uint8_t qv = quantize_one(static_cast<float>(W[r * k + i]), s, z);
+      q[r * kp + i] = qv;
+      const double err = (W[r * k + i] - static_cast<double>(s) * (static_cast<double>(qv) - z)) / d;
+      for (int64_t j = i + 1; j < k; ++j) W[r * k + j] -= err * U(i, j);
+    }
+  }
+  q4_pack(q.data(), &out);
+  return out;
+}
+
 std::vector<float> q4_dequantize(const Q4Weight& w) {
   std::vector<float> out(static_cast<size_t>(w.n * w.k));
   const int64_t G = w.groups();
