@@ -144,13 +144,17 @@ class Engine:
         config.model_path = self.model_path
         config.dtype = dtype
         config.device = device
+        self.tokenizer = self._load_tokenizer(self.model_path)
+        calibration = options.pop("quant_calibration", None)
         for key, value in options.items():
             if key == "model_path" or not hasattr(config, key):
                 raise ValueError(f"unknown Engine option {key!r}")
             if value is not None:
                 setattr(config, key, value)
+        if calibration is not None:
+            # Texts or token id lists; texts are tokenized like prompts.
+            config.quant_calibration = [self._prompt_ids(c) for c in calibration]
         self._engine = _core.Engine(config)
-        self.tokenizer = self._load_tokenizer(self.model_path)
         # Outputs a step produced for requests the stepping caller does not own, by request id.
         self._inbox: Dict[int, list] = {}
         self._inbox_lock = threading.Lock()
@@ -210,9 +214,8 @@ class Engine:
             raise ValueError("token ids must be integers, not booleans")
         for i, t in enumerate(ids):
             if not -(2**31) <= t < 2**31:  # would not even reach the C++ range check (int32)
-                raise ValueError(
-                    f"prompt token id {t} at index {i} is out of range [0, {self.model_info.vocab_size})"
-                )
+                vocab = self.model_info.vocab_size if hasattr(self, "_engine") else "the vocabulary size"
+                raise ValueError(f"prompt token id {t} at index {i} is out of range [0, {vocab})")
         return ids
 
     # ---- low level: the step loop ----

@@ -1,10 +1,13 @@
 """On-the-fly W4A8 quantization (quantization="w4a8": the linear layers' weights in 4 bits, their
 inputs in 8 bits per token and group). The quantized engine keeps the exactness properties of the
 float one (float32 CPU): a request's output is the same alone or batched, with speculation on or
-off, with or without preemption. Its predictions stay close to the float model's (a sanity bound
-here: the issue's accuracy figures are for the calibrated quantizer, which is not built yet).
+off, with or without preemption. Its predictions stay close to the float model's: teacher-forced
+on stories sampled from the float model, GPTQ with calibration meets the issue's w4a8 accuracy
+bar, and beats round to nearest.
 """
 from __future__ import annotations
+
+import math
 
 import pytest
 
@@ -56,24 +59,50 @@ def test_speculation_and_preemption_do_not_change_outputs(stories_dir, workload)
     assert tight.stats()["num_preemptions"] > 0
 
 
-def test_predictions_stay_close_to_float(stories_dir, golden):
-    # Teacher-forced on the golden stories: the next-token argmax of the quantized model against
-    # the float model's, position by position.
-    texts = [e["full_text"] for e in golden["max_new_tokens_256"]]
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+def _sampled_stories(engine, count, seed):
+    bos = engine.model_info.bos_token_id or 1
+    params = [SamplingParams(max_tokens=255, temperature=1.0, seed=seed + i, ignore_eos=True) for i in range(count)]
+    return [[bos] + o.token_ids for o in engine.generate([[bos]] * count, params)]
 
-    def top1(engine):
-        out = []
-        for o in engine.generate(texts, params):
-            out += [max(lp, key=lp.get) for lp in o.prompt_logprobs[1:]]
-        return out
 
-    f = top1(Engine(str(stories_dir), num_threads=2))
-    q = top1(Engine(str(stories_dir), num_threads=2, **QUANT))
-    agree = sum(a == b for a, b in zip(f, q)) / len(f)
-    assert len(f) > 500
-    # Measured 0.887 (group 32, round to nearest); a broken kernel or format lands far below.
-    assert agree >= 0.80, f"top-1 agreement {agree:.3f}"
+def _teacher_forced(engine, stories):
+    # Every position's full next-token distribution (prompt_logprobs over the whole vocabulary).
+    vocab = engine.model_info.vocab_size
+    outs = engine.generate(stories, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=vocab))
+    return [lp for o in outs for lp in o.prompt_logprobs[1:]]
+
+
+def _agreement_and_kl(ref, got):
+    agree = sum(max(a, key=a.get) == max(b, key=b.get) for a, b in zip(ref, got)) / len(ref)
+    kl = sum(sum(math.exp(a[t]) * (a[t] - b[t]) for t in a) for a, b in zip(ref, got)) / len(ref)
+    return agree, kl
+
+
+def test_gptq_accuracy_on_sampled_stories(stories_dir):
+    # The issue's protocol: 64 stories of 256 tokens sampled from the float model (temperature 1,
+    # from BOS), 16 to calibrate, 48 to evaluate; top-1 agreement of the next-token argmax and
+    # mean KL(float || quantized) per position.
+    base = Engine(str(stories_dir), num_threads=2)
+    stories = _sampled_stories(base, 64, seed=500)
+    calibration, evaluation = stories[:16], stories[16:]
+    ref = _teacher_forced(base, evaluation)
+    assert len(ref) == 48 * 255
+    gptq = Engine(str(stories_dir), num_threads=2, quant_calibration=calibration, **QUANT)
+    rtn = Engine(str(stories_dir), num_threads=2, **QUANT)
+    g_agree, g_kl = _agreement_and_kl(ref, _teacher_forced(gptq, evaluation))
+    r_agree, r_kl = _agreement_and_kl(ref, _teacher_forced(rtn, evaluation))
+    # Measured: GPTQ 0.883 / 0.0595, round to nearest 0.860 / 0.0861. The bar is the issue's for
+    # w4a8kv8 (>= 87.0%, <= 0.065); the KV cache here is still float32.
+    assert g_agree >= 0.870 and g_kl <= 0.065, (g_agree, g_kl)
+    assert g_agree > r_agree and g_kl < r_kl, ((g_agree, g_kl), (r_agree, r_kl))
+
+
+def test_bad_calibration_is_refused(stories_dir):
+    vocab = Engine(str(stories_dir)).model_info.vocab_size
+    with pytest.raises(ValueError, match="quant_calibration sequence 1"):
+        Engine(str(stories_dir), quant_calibration=[[1, 2, 3], [1, vocab]], **QUANT)
+    with pytest.raises(ValueError, match="prompt"):
+        Engine(str(stories_dir), quant_calibration=[[1, "x"]], **QUANT)
 
 
 def test_bad_quantization_options(stories_dir):

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace accelcore {
 
@@ -39,6 +40,10 @@ struct EngineConfig {
   // and the KV cache stay in float32).
   std::string quantization = "none";
   int quant_group_size = 128;  // a multiple of 32
+  // Calibration token sequences for "w4a8": when given, the weights are rounded by GPTQ against
+  // the Hessians of the layers' inputs on these sequences (the float model runs them at load);
+  // otherwise by round to nearest with a clip search.
+  std::vector<std::vector<int32_t>> quant_calibration;
 
   void validate() const;  // throws InvalidArgument
 };

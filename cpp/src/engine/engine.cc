@@ -116,6 +116,7 @@ struct Engine::Impl {
   uint64_t total_draft_tokens = 0, total_accepted_draft_tokens = 0;
 
   void profile_step_time();
+  void quantize_w4(const EngineConfig& config);
   void apply_intake();  // needs step_mu
   void publish();       // needs step_mu
   void sample_all();    // fills `samples` (sampling and draft verification), in parallel
@@ -139,7 +140,6 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   ACCEL_CHECK(max_len <= mc.max_position_embeddings, InvalidArgument)
       << "max_model_len " << max_len << " exceeds the model's max_position_embeddings " << mc.max_position_embeddings;
   ModelWeights weights = load_weights(mc, config.model_path);
-  if (config.quantization == "w4a8") quantize_weights_w4(&weights, config.quant_group_size);
 
   m.info.architecture = mc.architecture;
   m.info.vocab_size = mc.vocab_size;
@@ -193,10 +193,56 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   m.num_total_blocks = shape.num_blocks;
   m.publish();
   m.pool = std::make_unique<ThreadPool>(config.num_threads > 0 ? config.num_threads : default_num_threads());
+  if (config.quantization == "w4a8") m.quantize_w4(config);  // before the profile: it times this model
   if (sc.spec_max_draft > 0 && sc.spec_policy == SpecPolicy::kSmart) {
     m.profile_step_time();
     m.publish();
   }
+}
+
+// Quantizes the model's linears to 4 bits: with calibration sequences, GPTQ against the Hessians
+// of the layers' inputs, gathered by running the float model over them (the KV pool is idle:
+// nothing is allocated yet); without, round to nearest.
+void Engine::Impl::quantize_w4(const EngineConfig& config) {
+  if (config.quant_calibration.empty()) {
+    model->quantize_weights_w4(config.quant_group_size, nullptr);
+    return;
+  }
+  const ModelConfig& mc = model->config();
+  const int64_t ks[4] = {mc.hidden_size, mc.q_size(), mc.hidden_size, mc.intermediate_size};
+  double bytes = 0;
+  for (int64_t k : ks) bytes += 8.0 * k * k * mc.num_layers;
+  ACCEL_CHECK(bytes <= 4e9, InvalidArgument)
+      << "GPTQ calibration keeps every layer's input Hessians: " << bytes / 1e9
+      << " GB for this model, more than the 4 GB allowed; quantize without quant_calibration (round to nearest)";
+  LayerHessians h;
+  model->collect_hessians(&h);
+  const int bs = config.block_size, max_len = std::min(info.max_model_len, num_total_blocks * bs);
+  for (size_t s = 0; s < config.quant_calibration.size(); ++s) {
+    const std::vector<int32_t>& seq = config.quant_calibration[s];
+    const int n = std::min<int>(static_cast<int>(seq.size()), max_len);
+    for (int i = 0; i < n; ++i)
+      ACCEL_CHECK(seq[i] >= 0 && seq[i] < info.vocab_size, InvalidArgument)
+          << "quant_calibration sequence " << s << " has token id " << seq[i] << " at index " << i
+          << ", out of range [0, " << info.vocab_size << ")";
+    // One sequence in prompt-sized chunks, its K/V in blocks 0, 1, ... of the idle pool.
+    for (int a = 0; a < n; a += config.max_num_batched_tokens) {
+      const int b = std::min(n, a + config.max_num_batched_tokens);
+      plan.clear();
+      plan.block_table_offset.push_back(0);
+      for (int blk = 0; blk < (b + bs - 1) / bs; ++blk) plan.block_tables.push_back(blk);
+      for (int i = a; i < b; ++i) {
+        plan.token_ids.push_back(seq[i]);
+        plan.positions.push_back(i);
+        plan.slots.push_back(i);
+        plan.seq_of_token.push_back(0);
+      }
+      model->forward(plan, *cache, *pool, &logits);
+    }
+  }
+  plan.clear();
+  model->collect_hessians(nullptr);
+  model->quantize_weights_w4(config.quant_group_size, &h);
 }
 
 // Seeds SmartSpec's step-time model: forward passes over made-up batches that vary the token

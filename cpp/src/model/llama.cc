@@ -119,24 +119,6 @@ ModelWeights load_weights(const ModelConfig& c, const std::string& model_dir) {
   return w;
 }
 
-void quantize_weights_w4(ModelWeights* w, int group_size) {
-  auto quantize = [&](FloatBuffer* f, int64_t rows, Q4Tiled* q) {
-    const int64_t cols = static_cast<int64_t>(f->size()) / rows;
-    *q = q4_tile(q4_quantize_rtn(f->data(), rows, cols, group_size, /*clip_search=*/true));
-    *f = FloatBuffer();
-  };
-  for (LayerWeights& L : w->layers) {
-    // Output rows of each matrix: its bias length, or derived from the neighbouring shapes.
-    const int64_t H = static_cast<int64_t>(L.input_norm.size());
-    const int64_t QKV = static_cast<int64_t>(L.qkv_w.size()) / H;
-    const int64_t I2 = static_cast<int64_t>(L.gate_up_w.size()) / H;
-    quantize(&L.qkv_w, QKV, &L.qkv_q);
-    quantize(&L.o_w, H, &L.o_q);
-    quantize(&L.gate_up_w, I2, &L.gate_up_q);
-    quantize(&L.down_w, H, &L.down_q);
-  }
-}
-
 LlamaModel::LlamaModel(ModelConfig config, ModelWeights weights)
     : config_(std::move(config)), w_(std::move(weights)) {
   inv_freq_ = rope_inv_freq(config_.rope, config_.head_dim);
@@ -157,6 +139,47 @@ void LlamaModel::compute_rope(const BatchPlan& plan) {
 }
 
 static const float* opt(const FloatBuffer& b) { return b.empty() ? nullptr : b.data(); }
+
+void LlamaModel::collect_hessians(LayerHessians* h) {
+  hessians_ = h;
+  if (!h) return;
+  const ModelConfig& c = config_;
+  const int64_t ks[4] = {c.hidden_size, c.q_size(), c.hidden_size, c.intermediate_size};
+  h->assign(c.num_layers, {});
+  for (auto& layer : *h)
+    for (int i = 0; i < 4; ++i) layer[i].assign(static_cast<size_t>(ks[i] * ks[i]), 0.0);
+}
+
+static void add_gram(std::vector<double>* h, const float* x, int64_t T, int64_t k) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* r = x + t * k;
+    for (int64_t i = 0; i < k; ++i) {
+      const double xi = r[i];
+      double* row = h->data() + i * k;
+      for (int64_t j = 0; j < k; ++j) row[j] += xi * r[j];
+    }
+  }
+}
+
+void LlamaModel::quantize_weights_w4(int group_size, const LayerHessians* h) {
+  ACCEL_CHECK(!h || static_cast<int>(h->size()) == config_.num_layers, InvalidArgument)
+      << "calibration Hessians for " << (h ? h->size() : 0) << " layers, the model has " << config_.num_layers;
+  auto quantize = [&](FloatBuffer* f, int64_t rows, const std::vector<double>* hess, Q4Tiled* q) {
+    const int64_t cols = static_cast<int64_t>(f->size()) / rows;
+    *q = q4_tile(hess ? q4_quantize_gptq(f->data(), rows, cols, group_size, hess->data())
+                      : q4_quantize_rtn(f->data(), rows, cols, group_size, /*clip_search=*/true));
+    *f = FloatBuffer();
+  };
+  const ModelConfig& c = config_;
+  for (int l = 0; l < c.num_layers; ++l) {
+    LayerWeights& L = w_.layers[l];
+    const auto* H = h ? &(*h)[l] : nullptr;
+    quantize(&L.qkv_w, c.q_size() + 2 * c.kv_size(), H ? &(*H)[0] : nullptr, &L.qkv_q);
+    quantize(&L.o_w, c.hidden_size, H ? &(*H)[1] : nullptr, &L.o_q);
+    quantize(&L.gate_up_w, 2 * c.intermediate_size, H ? &(*H)[2] : nullptr, &L.gate_up_q);
+    quantize(&L.down_w, c.hidden_size, H ? &(*H)[3] : nullptr, &L.down_q);
+  }
+}
 
 void LlamaModel::linear(const float* x, int64_t T, int64_t k, const FloatBuffer& w, const Q4Tiled& q,
                         const FloatBuffer& b, float* y, int64_t n, ThreadPool& pool) {
@@ -208,6 +231,7 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = w_.layers[l];
     cpu::rms_norm({x_.data(), L.input_norm.data(), h_.data(), T, H, c.rms_norm_eps});
+    if (hessians_) add_gram(&(*hessians_)[l][0], h_.data(), T, H);
     linear(h_.data(), T, H, L.qkv_w, L.qkv_q, L.qkv_b, qkv_.data(), QKV, pool);
     cpu::apply_rope({qkv_.data(), T, c.num_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
     cpu::apply_rope({qkv_.data() + Q, T, c.num_kv_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
@@ -235,11 +259,14 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
       ap.extra_slots = plan.extra_slots.data();
     }
     cpu::paged_attention(ap, pool);
+    if (hessians_) add_gram(&(*hessians_)[l][1], attn_.data(), T, Q);
     linear(attn_.data(), T, Q, L.o_w, L.o_q, L.o_b, h_.data(), H, pool);
     cpu::add_inplace(x_.data(), h_.data(), T * H);
     cpu::rms_norm({x_.data(), L.post_norm.data(), h_.data(), T, H, c.rms_norm_eps});
+    if (hessians_) add_gram(&(*hessians_)[l][2], h_.data(), T, H);
     linear(h_.data(), T, H, L.gate_up_w, L.gate_up_q, L.gate_up_b, mlp_.data(), 2 * I, pool);
     cpu::silu_mul(mlp_.data(), act_.data(), T, I);
+    if (hessians_) add_gram(&(*hessians_)[l][3], act_.data(), T, I);
     linear(act_.data(), T, I, L.down_w, L.down_q, L.down_b, h_.data(), H, pool);
     cpu::add_inplace(x_.data(), h_.data(), T * H);
   }

@@ -2,6 +2,7 @@
 // BatchPlan against a paged KV cache.
 #pragma once
 
+#include <array>
 #include <memory>
 #include <string>
 #include <vector>
@@ -37,9 +38,9 @@ struct ModelWeights {
 // Loads and checks every tensor's shape against the config. Throws FormatError naming the tensor.
 ModelWeights load_weights(const ModelConfig& config, const std::string& model_dir);
 
-// Replaces every layer's four linear weight matrices by 4-bit ones (quant/q4.h, round to nearest
-// with a clip search), freeing the float ones.
-void quantize_weights_w4(ModelWeights* w, int group_size);
+// Per layer, the Gram matrices (sum of x x^T, [k, k]) of the inputs of its four linears, in the
+// order qkv, o, gate_up, down: what GPTQ needs.
+using LayerHessians = std::vector<std::array<std::vector<double>, 4>>;
 
 class LlamaModel {
  public:
@@ -50,6 +51,12 @@ class LlamaModel {
   // Runs the plan: writes each token's K/V to its slot, and the logits of plan.logit_rows
   // (in that order) to `logits` ([logit_rows.size(), vocab]).
   void forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool, FloatBuffer* logits);
+
+  // Calibration: while set, forward adds each linear's input Gram matrix into *h (sized here).
+  void collect_hessians(LayerHessians* h);
+  // Replaces the four linear weight matrices of every layer by 4-bit ones (quant/q4.h): GPTQ
+  // against h when given, else round to nearest with a clip search. Frees the float ones.
+  void quantize_weights_w4(int group_size, const LayerHessians* h);
 
  private:
   void compute_rope(const BatchPlan& plan);
@@ -63,6 +70,7 @@ class LlamaModel {
   // Scratch, grown to the largest step seen.
   FloatBuffer x_, h_, qkv_, attn_, mlp_, act_, cos_, sin_, rows_;
   A8Activations xq_;
+  LayerHessians* hessians_ = nullptr;  // collect_hessians
 };
 
 // RoPE inverse frequencies as transformers computes them (float32), for each rope type.
