@@ -19,6 +19,7 @@ inline __m256i broadcast4(const int8_t* x) {
 }
 
 struct AvxVnniDot {
+  static constexpr int kBlocks = 1;  // 16-row blocks per pass
   struct Acc {
     __m256i h[2];
   };

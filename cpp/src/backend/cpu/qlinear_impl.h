@@ -11,44 +11,66 @@
 //
 // Not a standalone header: the including file defines the namespace.
 
-template <class D, int MB>
-void qlinear_block(const QLinearParams& p, int64_t b, int64_t m0) {
+// NB consecutive 16-row blocks by MB activation rows: each broadcast activation feeds NB weight
+// vectors, each unpacked weight vector MB activation rows.
+template <class D, int NB, int MB>
+void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
   constexpr int64_t R = Q4Tiled::kRows;
   const int64_t G = p.groups, gs = p.group, steps = gs / 8, kp = G * gs;
-  const int64_t rows = std::min<int64_t>(R, p.n - b * R);
-  alignas(64) float y[MB][R];
-  for (int i = 0; i < MB; ++i)
-    for (int64_t r = 0; r < R; ++r) y[i][r] = p.bias && r < rows ? p.bias[b * R + r] : 0.0f;
-  const uint8_t* wb = p.w + b * G * steps * 64;
+  alignas(64) float y[NB][MB][R];
+  for (int nb = 0; nb < NB; ++nb) {
+    const int64_t rows = std::min<int64_t>(R, p.n - (b0 + nb) * R);
+    for (int i = 0; i < MB; ++i)
+      for (int64_t r = 0; r < R; ++r) y[nb][i][r] = p.bias && r < rows ? p.bias[(b0 + nb) * R + r] : 0.0f;
+  }
   const int8_t* x[MB];
   for (int i = 0; i < MB; ++i) x[i] = p.xq + (m0 + i) * kp;
   for (int64_t g = 0; g < G; ++g) {
-    typename D::Acc acc[MB];
-    for (int i = 0; i < MB; ++i) acc[i] = D::zero();
-    const uint8_t* wg = wb + g * steps * 64;
+    typename D::Acc acc[NB][MB];
+    for (int nb = 0; nb < NB; ++nb)
+      for (int i = 0; i < MB; ++i) acc[nb][i] = D::zero();
+    const uint8_t* wg[NB];
+    for (int nb = 0; nb < NB; ++nb) wg[nb] = p.w + ((b0 + nb) * G + g) * steps * 64;
     for (int64_t j = 0; j < steps; ++j) {
-      const typename D::W w = D::unpack(wg + j * 64);
-      for (int i = 0; i < MB; ++i) D::dot(acc[i], w, x[i] + g * gs + 8 * j);
+      typename D::W w[NB];
+      for (int nb = 0; nb < NB; ++nb) w[nb] = D::unpack(wg[nb] + j * 64);
+      for (int i = 0; i < MB; ++i) {
+        const int8_t* xi = x[i] + g * gs + 8 * j;
+        for (int nb = 0; nb < NB; ++nb) D::dot(acc[nb][i], w[nb], xi);
+      }
     }
-    const float* sw = p.w_scales + (b * G + g) * R;
-    const uint8_t* z = p.w_zeros + (b * G + g) * R;
-    for (int i = 0; i < MB; ++i) D::finish(acc[i], sw, z, p.x_scales[(m0 + i) * G + g], p.x_sums[(m0 + i) * G + g], y[i]);
+    for (int nb = 0; nb < NB; ++nb) {
+      const float* sw = p.w_scales + ((b0 + nb) * G + g) * R;
+      const uint8_t* z = p.w_zeros + ((b0 + nb) * G + g) * R;
+      for (int i = 0; i < MB; ++i)
+        D::finish(acc[nb][i], sw, z, p.x_scales[(m0 + i) * G + g], p.x_sums[(m0 + i) * G + g], y[nb][i]);
+    }
   }
-  for (int i = 0; i < MB; ++i)
-    for (int64_t r = 0; r < rows; ++r) p.y[(m0 + i) * p.ldy + b * R + r] = y[i][r];
+  for (int nb = 0; nb < NB; ++nb) {
+    const int64_t rows = std::min<int64_t>(R, p.n - (b0 + nb) * R);
+    for (int i = 0; i < MB; ++i)
+      for (int64_t r = 0; r < rows; ++r) p.y[(m0 + i) * p.ldy + (b0 + nb) * R + r] = y[nb][i][r];
+  }
 }
 
+template <class D, int NB>
+void qlinear_blocks(const QLinearParams& p, int64_t b) {
+  int64_t m = 0;
+  for (; m + 4 <= p.m; m += 4) qlinear_block<D, NB, 4>(p, b, m);
+  switch (p.m - m) {
+    case 3: qlinear_block<D, NB, 3>(p, b, m); break;
+    case 2: qlinear_block<D, NB, 2>(p, b, m); break;
+    case 1: qlinear_block<D, NB, 1>(p, b, m); break;
+    default: break;
+  }
+}
+
+// D::kBlocks row blocks per pass where they fit, then one at a time.
 template <class D>
 void qlinear_rows(const QLinearParams& p, int64_t n0, int64_t n1) {
   constexpr int64_t R = Q4Tiled::kRows;
-  for (int64_t b = n0 / R; b * R < n1; ++b) {
-    int64_t m = 0;
-    for (; m + 4 <= p.m; m += 4) qlinear_block<D, 4>(p, b, m);
-    switch (p.m - m) {
-      case 3: qlinear_block<D, 3>(p, b, m); break;
-      case 2: qlinear_block<D, 2>(p, b, m); break;
-      case 1: qlinear_block<D, 1>(p, b, m); break;
-      default: break;
-    }
-  }
+  const int64_t end = (n1 + R - 1) / R;
+  int64_t b = n0 / R;
+  for (; b + D::kBlocks <= end; b += D::kBlocks) qlinear_blocks<D, D::kBlocks>(p, b);
+  for (; b < end; ++b) qlinear_blocks<D, 1>(p, b);
 }
