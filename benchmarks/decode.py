@@ -4,7 +4,7 @@
 Default: a random model of TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads,
 intermediate 5632, vocab 32000), float32, built once with transformers and cached on disk.
 Reports decode tokens/s (prefill excluded) at batch 1 and 16, and the ratios; `--scheme
-float32,w4a8` measures each weight scheme in the same run.
+float32,w4a8,w4a16` measures each weight scheme in the same run.
 
     python benchmarks/decode.py --threads 2
     python benchmarks/decode.py --model ../shared/models/stories260K --batch-sizes 1 --new-tokens 256
@@ -105,7 +105,7 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--scheme", default="float32",
                     help="comma list of weight schemes, each measured in the same run: float32, w4a8 "
-                         "(4-bit weights quantized at load, 8-bit activations)")
+                         "(4-bit weights quantized at load, 8-bit activations), w4a16 (float activations)")
     ap.add_argument("--group-size", type=int, default=128, help="quantization group size (w4a8)")
     ap.add_argument("--prefill-len", type=int, default=512, help="prompt length of the prefill measurement (0: skip)")
     args = ap.parse_args()
@@ -119,8 +119,8 @@ def main() -> int:
 
     schemes = args.scheme.split(",")
     for scheme in schemes:
-        if scheme not in ("float32", "w4a8"):
-            raise SystemExit(f"--scheme: expected float32 or w4a8, got {scheme!r}")
+        if scheme not in ("float32", "w4a8", "w4a16"):
+            raise SystemExit(f"--scheme: expected float32, w4a8 or w4a16, got {scheme!r}")
     hf = None
     if not args.skip_transformers:
         from transformers import AutoModelForCausalLM

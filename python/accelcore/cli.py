@@ -63,8 +63,8 @@ def main(argv=None) -> int:
     g.add_argument("--spec-policy", choices=["smartspec", "fixed", "off"], default="smartspec",
                    help="draft sizes: smartspec (per request, where they pay), fixed (always the maximum) or off")
     g.add_argument("--enable-prefix-caching", action="store_true")
-    g.add_argument("--quantization", choices=["none", "w4a8"], default="none",
-                   help="w4a8: linear weights quantized to 4 bits at load, activations to 8 bits")
+    g.add_argument("--quantization", choices=["none", "w4a8", "w4a16"], default="none",
+                   help="linear weights quantized to 4 bits at load; activations in 8 bits (w4a8) or float (w4a16)")
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":

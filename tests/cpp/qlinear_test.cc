@@ -349,6 +349,71 @@ TEST(QLinearW4A8, CloseToTheFloatProduct) {
   EXPECT_LT(std::sqrt(err / ref), 0.12);
 }
 
+// ---- W4A16: float activations ----
+
+std::vector<float> reference16(const Q4Weight& w, const std::vector<float>& x, int64_t m, const std::vector<float>& bias) {
+  const int64_t G = w.groups();
+  std::vector<float> y(m * w.n);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t n = 0; n < w.n; ++n) {
+      float acc = bias.empty() ? 0.0f : bias[n];
+      for (int64_t i = 0; i < w.k; ++i) {
+        const int64_t g = i / w.group;
+        const float wq = (static_cast<float>(q4_at(w, n, i)) - static_cast<float>(w.zeros[n * G + g])) * w.scales[n * G + g];
+        acc = std::fma(wq, x[r * w.k + i], acc);
+      }
+      y[r * w.n + n] = acc;
+    }
+  return y;
+}
+
+TEST(QLinearW4A16, EveryPathIsBitExactAgainstTheReference) {
+  struct Path {
+    Isa isa;
+    void (*kernel)(const QLinear16Params&, int64_t, int64_t);
+  };
+  std::vector<Path> paths = {{Isa::kScalar, qlinear_w4a16_scalar}};
+  if (static_cast<int>(detected_isa()) >= static_cast<int>(Isa::kAvx2)) paths.push_back({Isa::kAvx2, qlinear_w4a16_avx2});
+  if (static_cast<int>(detected_isa()) >= static_cast<int>(Isa::kAvx512)) paths.push_back({Isa::kAvx512, qlinear_w4a16_avx512});
+  std::mt19937 rng(10);
+  int cases = 0;
+  for (int64_t group : {32, 64, 128})
+    for (int64_t m : {1, 3, 5})
+      for (int64_t n : {1, 17, 48})
+        for (int64_t k : {int64_t{7}, group, 2 * group + 13}) {
+          const auto wf = random_floats(rng, n * k, 0.1f);
+          const auto x = random_floats(rng, m * k);
+          const Q4Weight w = q4_quantize_rtn(wf.data(), n, k, group, true);
+          const Q4Tiled t = q4_tile(w);
+          const std::vector<float> bias = rng() % 2 ? random_floats(rng, n) : std::vector<float>();
+          const std::vector<float> want = reference16(w, x, m, bias);
+          for (const Path& path : paths) {
+            std::vector<float> y(m * n, std::numeric_limits<float>::quiet_NaN());
+            QLinear16Params p;
+            p.x = x.data();
+            p.w = t.data.data();
+            p.w_scales = t.scales.data();
+            p.w_zeros = t.zeros.data();
+            p.bias = bias.empty() ? nullptr : bias.data();
+            p.y = y.data();
+            p.m = m;
+            p.n = n;
+            p.k = k;
+            p.groups = t.groups;
+            p.group = group;
+            p.ldx = k;
+            p.ldy = n;
+            const int64_t split = n / 2 / Q4Tiled::kRows * Q4Tiled::kRows;
+            path.kernel(p, 0, split);
+            path.kernel(p, split, n);
+            ASSERT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)))
+                << isa_name(path.isa) << " group " << group << " m " << m << " n " << n << " k " << k;
+            ++cases;
+          }
+        }
+  EXPECT_GT(cases, 80);
+}
+
 TEST(QLinearW4A8, ForcingAnUnsupportedPathIsAnError) {
   const DotIsa saved = active_dot_isa();
   EXPECT_THROW(set_active_dot_isa(static_cast<DotIsa>(7)), InvalidArgument);

@@ -1,9 +1,9 @@
-"""On-the-fly W4A8 quantization (quantization="w4a8": the linear layers' weights in 4 bits, their
-inputs in 8 bits per token and group). The quantized engine keeps the exactness properties of the
+"""On-the-fly 4-bit weight quantization (quantization="w4a8": the linear layers' weights in 4 bits,
+their inputs in 8 bits per token and group; "w4a16": the same weights, float inputs). The quantized engine keeps the exactness properties of the
 float one (float32 CPU): a request's output is the same alone or batched, with speculation on or
 off, with or without preemption. Its predictions stay close to the float model's: teacher-forced
-on stories sampled from the float model, GPTQ with calibration meets the issue's w4a8 accuracy
-bar, and beats round to nearest.
+on stories sampled from the float model, GPTQ with calibration meets the issue's accuracy bars
+for w4a16 and w4a8, and beats round to nearest.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import accel_testutil as tu
 from accelcore import Engine, SamplingParams
 
 QUANT = {"quantization": "w4a8", "quant_group_size": 32}
+SCHEMES = [{"quantization": q, "quant_group_size": 32} for q in ("w4a8", "w4a16")]
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +36,10 @@ def _same(got, want, what):
         assert g.logprobs == w.logprobs, f"{what}: request {i}"  # exact floats
 
 
-def test_alone_equals_batched(stories_dir, workload):
+@pytest.mark.parametrize("quant", SCHEMES, ids=lambda q: q["quantization"])
+def test_alone_equals_batched(stories_dir, workload, quant):
     prompts, params = workload
-    engine = Engine(str(stories_dir), num_threads=2, **QUANT)
+    engine = Engine(str(stories_dir), num_threads=2, **quant)
     batched = engine.generate(prompts, params)
     alone = [engine.generate([p], sp)[0] for p, sp in zip(prompts, params)]
     _same(alone, batched, "alone vs batched")
@@ -47,14 +49,15 @@ def test_alone_equals_batched(stories_dir, workload):
     assert any(q.token_ids != f.token_ids or q.logprobs != f.logprobs for q, f in zip(batched, floats))
 
 
-def test_speculation_and_preemption_do_not_change_outputs(stories_dir, workload):
+@pytest.mark.parametrize("quant", SCHEMES, ids=lambda q: q["quantization"])
+def test_speculation_and_preemption_do_not_change_outputs(stories_dir, workload, quant):
     prompts, params = workload
-    ref = Engine(str(stories_dir), num_threads=2, **QUANT).generate(prompts, params)
-    spec_engine = Engine(str(stories_dir), num_threads=2, speculation="lookahead", spec_policy="fixed", **QUANT)
+    ref = Engine(str(stories_dir), num_threads=2, **quant).generate(prompts, params)
+    spec_engine = Engine(str(stories_dir), num_threads=2, speculation="lookahead", spec_policy="fixed", **quant)
     spec = spec_engine.generate(prompts, params)
     _same(spec, ref, "speculation")
     assert sum(o.num_accepted_draft_tokens for o in spec) > 0
-    tight = Engine(str(stories_dir), num_threads=2, block_size=4, num_kv_blocks=90, **QUANT)
+    tight = Engine(str(stories_dir), num_threads=2, block_size=4, num_kv_blocks=90, **quant)
     _same(tight.generate(prompts, params), ref, "preemption")
     assert tight.stats()["num_preemptions"] > 0
 
@@ -78,22 +81,29 @@ def _agreement_and_kl(ref, got):
     return agree, kl
 
 
-def test_gptq_accuracy_on_sampled_stories(stories_dir):
+@pytest.fixture(scope="module")
+def sampled(stories_dir):
     # The issue's protocol: 64 stories of 256 tokens sampled from the float model (temperature 1,
-    # from BOS), 16 to calibrate, 48 to evaluate; top-1 agreement of the next-token argmax and
-    # mean KL(float || quantized) per position.
+    # from BOS), 16 to calibrate, 48 to evaluate; the float model's distributions on the latter.
     base = Engine(str(stories_dir), num_threads=2)
     stories = _sampled_stories(base, 64, seed=500)
-    calibration, evaluation = stories[:16], stories[16:]
-    ref = _teacher_forced(base, evaluation)
+    ref = _teacher_forced(base, stories[16:])
     assert len(ref) == 48 * 255
-    gptq = Engine(str(stories_dir), num_threads=2, quant_calibration=calibration, **QUANT)
-    rtn = Engine(str(stories_dir), num_threads=2, **QUANT)
+    return stories[:16], stories[16:], ref
+
+
+# The issue's bars (top-1 agreement at least, mean KL at most): w4a16kv16 87.5% / 0.060, w4a8kv8
+# 87.0% / 0.065 (the KV cache here is still float32). Measured with GPTQ: w4a16 0.882 / 0.0590,
+# w4a8 0.883 / 0.0595; round to nearest: 0.860 / 0.086 for both.
+@pytest.mark.parametrize("scheme, min_agree, max_kl", [("w4a16", 0.875, 0.060), ("w4a8", 0.870, 0.065)])
+def test_gptq_accuracy_on_sampled_stories(stories_dir, sampled, scheme, min_agree, max_kl):
+    calibration, evaluation, ref = sampled
+    options = {"quantization": scheme, "quant_group_size": 32}
+    gptq = Engine(str(stories_dir), num_threads=2, quant_calibration=calibration, **options)
+    rtn = Engine(str(stories_dir), num_threads=2, **options)
     g_agree, g_kl = _agreement_and_kl(ref, _teacher_forced(gptq, evaluation))
     r_agree, r_kl = _agreement_and_kl(ref, _teacher_forced(rtn, evaluation))
-    # Measured: GPTQ 0.883 / 0.0595, round to nearest 0.860 / 0.0861. The bar is the issue's for
-    # w4a8kv8 (>= 87.0%, <= 0.065); the KV cache here is still float32.
-    assert g_agree >= 0.870 and g_kl <= 0.065, (g_agree, g_kl)
+    assert g_agree >= min_agree and g_kl <= max_kl, (g_agree, g_kl)
     assert g_agree > r_agree and g_kl < r_kl, ((g_agree, g_kl), (r_agree, r_kl))
 
 

@@ -34,13 +34,13 @@ struct EngineConfig {
   // stories260K (3.43 tokens per pass at 32, 3.46 at 8: benchmarks/speculation.py).
   int spec_max_match = 8;
   int spec_memory_mb = 64;   // bound on the global draft store
-  // Weight quantization applied at load: "none", or "w4a8" (the linear layers' weights to 4 bits,
-  // asymmetric groups of quant_group_size input channels, round to nearest with a clip search;
-  // their input activations to 8 bits per token and group at run time; the embedding, the head
-  // and the KV cache stay in float32).
+  // Weight quantization applied at load: "none", "w4a8" (the linear layers' weights to 4 bits,
+  // asymmetric groups of quant_group_size input channels; their input activations to 8 bits per
+  // token and group at run time) or "w4a16" (the same weights, float activations). The
+  // embedding, the head and the KV cache stay in float32.
   std::string quantization = "none";
   int quant_group_size = 128;  // a multiple of 32
-  // Calibration token sequences for "w4a8": when given, the weights are rounded by GPTQ against
+  // Calibration token sequences for the 4-bit schemes: when given, the weights are rounded by GPTQ against
   // the Hessians of the layers' inputs on these sequences (the float model runs them at load);
   // otherwise by round to nearest with a clip search.
   std::vector<std::vector<int32_t>> quant_calibration;

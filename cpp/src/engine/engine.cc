@@ -52,8 +52,8 @@ void EngineConfig::validate() const {
   ACCEL_CHECK(spec_max_match >= 1 && spec_max_match <= 128, InvalidArgument)
       << "spec_max_match must be in [1, 128], got " << spec_max_match;
   ACCEL_CHECK(spec_memory_mb >= 1, InvalidArgument) << "spec_memory_mb must be >= 1, got " << spec_memory_mb;
-  ACCEL_CHECK(quantization == "none" || quantization == "w4a8", InvalidArgument)
-      << "quantization must be 'none' or 'w4a8', got '" << quantization << "'";
+  ACCEL_CHECK(quantization == "none" || quantization == "w4a8" || quantization == "w4a16", InvalidArgument)
+      << "quantization must be 'none', 'w4a8' or 'w4a16', got '" << quantization << "'";
   ACCEL_CHECK(quant_group_size >= 32 && quant_group_size % 32 == 0 && quant_group_size <= 4096, InvalidArgument)
       << "quant_group_size must be a multiple of 32 in [32, 4096], got " << quant_group_size;
 }
@@ -193,7 +193,7 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   m.num_total_blocks = shape.num_blocks;
   m.publish();
   m.pool = std::make_unique<ThreadPool>(config.num_threads > 0 ? config.num_threads : default_num_threads());
-  if (config.quantization == "w4a8") m.quantize_w4(config);  // before the profile: it times this model
+  if (config.quantization != "none") m.quantize_w4(config);  // before the profile: it times this model
   if (sc.spec_max_draft > 0 && sc.spec_policy == SpecPolicy::kSmart) {
     m.profile_step_time();
     m.publish();
@@ -204,8 +204,9 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
 // of the layers' inputs, gathered by running the float model over them (the KV pool is idle:
 // nothing is allocated yet); without, round to nearest.
 void Engine::Impl::quantize_w4(const EngineConfig& config) {
+  const bool float_activations = config.quantization == "w4a16";
   if (config.quant_calibration.empty()) {
-    model->quantize_weights_w4(config.quant_group_size, nullptr);
+    model->quantize_weights_w4(config.quant_group_size, nullptr, float_activations);
     return;
   }
   const ModelConfig& mc = model->config();
@@ -242,7 +243,7 @@ void Engine::Impl::quantize_w4(const EngineConfig& config) {
   }
   plan.clear();
   model->collect_hessians(nullptr);
-  model->quantize_weights_w4(config.quant_group_size, &h);
+  model->quantize_weights_w4(config.quant_group_size, &h, float_activations);
 }
 
 // Seeds SmartSpec's step-time model: forward passes over made-up batches that vary the token

@@ -161,7 +161,8 @@ static void add_gram(std::vector<double>* h, const float* x, int64_t T, int64_t 
   }
 }
 
-void LlamaModel::quantize_weights_w4(int group_size, const LayerHessians* h) {
+void LlamaModel::quantize_weights_w4(int group_size, const LayerHessians* h, bool float_activations) {
+  float_activations_ = float_activations;
   ACCEL_CHECK(!h || static_cast<int>(h->size()) == config_.num_layers, InvalidArgument)
       << "calibration Hessians for " << (h ? h->size() : 0) << " layers, the model has " << config_.num_layers;
   auto quantize = [&](FloatBuffer* f, int64_t rows, const std::vector<double>* hess, Q4Tiled* q) {
@@ -188,6 +189,24 @@ void LlamaModel::linear(const float* x, int64_t T, int64_t k, const FloatBuffer&
     return;
   }
   ACCEL_DCHECK(q.n == n && q.k == k);
+  if (float_activations_) {
+    cpu::QLinear16Params p;
+    p.x = x;
+    p.w = q.data.data();
+    p.w_scales = q.scales.data();
+    p.w_zeros = q.zeros.data();
+    p.bias = opt(b);
+    p.y = y;
+    p.m = T;
+    p.n = n;
+    p.k = k;
+    p.groups = q.groups;
+    p.group = q.group;
+    p.ldx = k;
+    p.ldy = n;
+    cpu::qlinear_w4a16(p, pool);
+    return;
+  }
   a8_quantize(x, T, k, k, q.group, &xq_);
   cpu::QLinearParams p;
   p.xq = xq_.q.data();

@@ -22,8 +22,8 @@ struct LayerWeights {
   FloatBuffer o_w, o_b;          // [hidden, q]
   FloatBuffer gate_up_w, gate_up_b;  // [2 * intermediate, hidden]: gate then up
   FloatBuffer down_w, down_b;    // [hidden, intermediate]
-  // The same four matrices in 4 bits (quantization "w4a8"), in the kernels' tiled layout; the
-  // float ones are then empty.
+  // The same four matrices in 4 bits (quantization "w4a8" or "w4a16"), in the kernels' tiled
+  // layout; the float ones are then empty.
   Q4Tiled qkv_q, o_q, gate_up_q, down_q;
 };
 
@@ -55,8 +55,9 @@ class LlamaModel {
   // Calibration: while set, forward adds each linear's input Gram matrix into *h (sized here).
   void collect_hessians(LayerHessians* h);
   // Replaces the four linear weight matrices of every layer by 4-bit ones (quant/q4.h): GPTQ
-  // against h when given, else round to nearest with a clip search. Frees the float ones.
-  void quantize_weights_w4(int group_size, const LayerHessians* h);
+  // against h when given, else round to nearest with a clip search. Frees the float ones. Their
+  // inputs then go in 8 bits per token and group (w4a8), or stay float (float_activations: w4a16).
+  void quantize_weights_w4(int group_size, const LayerHessians* h, bool float_activations);
 
  private:
   void compute_rope(const BatchPlan& plan);
@@ -71,6 +72,7 @@ class LlamaModel {
   FloatBuffer x_, h_, qkv_, attn_, mlp_, act_, cos_, sin_, rows_;
   A8Activations xq_;
   LayerHessians* hessians_ = nullptr;  // collect_hessians
+  bool float_activations_ = false;     // quantized linears take float inputs (w4a16)
 };
 
 // RoPE inverse frequencies as transformers computes them (float32), for each rope type.

@@ -1,5 +1,9 @@
+#include <algorithm>
+#include <cmath>
+
 #include "backend/cpu/cpu_features.h"
 #include "backend/cpu/ops.h"
+#include "quant/q4.h"
 #include "util/check.h"
 
 namespace accelcore::cpu {
@@ -36,6 +40,62 @@ void linear(const LinearParams& p, ThreadPool& pool) {
   }
   const int64_t grain = 24;  // a multiple of every kernel's column block (4 and 6)
   pool.parallel_for(p.n, grain, [&](int64_t b, int64_t e) { kernel(p, b, e); });
+}
+
+namespace {
+
+struct ScalarF16 {
+  struct Vec {
+    float v[16];
+  };
+  static Vec load(const float* p) {
+    Vec r;
+    for (int i = 0; i < 16; ++i) r.v[i] = p[i];
+    return r;
+  }
+  static void store(float* p, const Vec& a) {
+    for (int i = 0; i < 16; ++i) p[i] = a.v[i];
+  }
+  static Vec set1(float x) {
+    Vec r;
+    for (float& e : r.v) e = x;
+    return r;
+  }
+  static Vec fma(const Vec& a, const Vec& b, const Vec& c) {
+    Vec r;
+    for (int i = 0; i < 16; ++i) r.v[i] = std::fma(a.v[i], b.v[i], c.v[i]);
+    return r;
+  }
+  static Vec weights(const uint8_t* w64, int c, bool high, const Vec& z, const Vec& s) {
+    Vec r;
+    for (int i = 0; i < 16; ++i) {
+      const uint8_t byte = w64[4 * i + c];
+      r.v[i] = (static_cast<float>(high ? byte >> 4 : byte & 0x0F) - z.v[i]) * s.v[i];
+    }
+    return r;
+  }
+};
+
+#include "backend/cpu/qlinear_w4a16_impl.h"
+
+}  // namespace
+
+void qlinear_w4a16_scalar(const QLinear16Params& p, int64_t n0, int64_t n1) { qlinear16_rows<ScalarF16>(p, n0, n1); }
+
+void qlinear_w4a16(const QLinear16Params& p, ThreadPool& pool) {
+  ACCEL_DCHECK(p.x && p.w && p.w_scales && p.w_zeros && p.y && p.ldx >= p.k && p.ldy >= p.n);
+  if (p.m == 0 || p.n == 0) return;
+  void (*kernel)(const QLinear16Params&, int64_t, int64_t) = qlinear_w4a16_scalar;
+  switch (active_isa()) {
+    case Isa::kAvx512: kernel = qlinear_w4a16_avx512; break;
+    case Isa::kAvx2: kernel = qlinear_w4a16_avx2; break;
+    case Isa::kScalar: break;
+  }
+  if (p.m * p.n * p.k < (1 << 17) || pool.num_threads() == 1) {
+    kernel(p, 0, p.n);
+    return;
+  }
+  pool.parallel_for(p.n, Q4Tiled::kRows, [&](int64_t b, int64_t e) { kernel(p, b, e); });
 }
 
 }  // namespace accelcore::cpu

@@ -1,7 +1,11 @@
 // AVX2 linear kernel (this file is compiled with -mavx2 -mfma).
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cstdint>
+
 #include "backend/cpu/ops.h"
+#include "quant/q4.h"
 
 namespace accelcore::cpu {
 namespace {
@@ -31,5 +35,39 @@ struct Avx2 {
 }  // namespace
 
 void linear_avx2(const LinearParams& p, int64_t n0, int64_t n1) { linear_blocks<Avx2, 4>(p, n0, n1); }
+
+namespace {
+
+// 16 rows as two 8-lane halves.
+struct Avx2F16 {
+  struct Vec {
+    __m256 h[2];
+  };
+  static Vec load(const float* p) { return {{_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}}; }
+  static void store(float* p, const Vec& a) {
+    _mm256_storeu_ps(p, a.h[0]);
+    _mm256_storeu_ps(p + 8, a.h[1]);
+  }
+  static Vec set1(float x) { return {{_mm256_set1_ps(x), _mm256_set1_ps(x)}}; }
+  static Vec fma(const Vec& a, const Vec& b, const Vec& c) {
+    return {{_mm256_fmadd_ps(a.h[0], b.h[0], c.h[0]), _mm256_fmadd_ps(a.h[1], b.h[1], c.h[1])}};
+  }
+  static Vec weights(const uint8_t* w64, int c, bool high, const Vec& z, const Vec& s) {
+    const __m128i shift = _mm_cvtsi32_si128(8 * c + (high ? 4 : 0));
+    Vec r;
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w64 + 32 * h));
+      const __m256i q = _mm256_and_si256(_mm256_srl_epi32(v, shift), _mm256_set1_epi32(0x0F));
+      r.h[h] = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), z.h[h]), s.h[h]);
+    }
+    return r;
+  }
+};
+
+#include "backend/cpu/qlinear_w4a16_impl.h"
+
+}  // namespace
+
+void qlinear_w4a16_avx2(const QLinear16Params& p, int64_t n0, int64_t n1) { qlinear16_rows<Avx2F16>(p, n0, n1); }
 
 }  // namespace accelcore::cpu

@@ -47,6 +47,24 @@ void qlinear_w4a8_avx2(const QLinearParams& p, int64_t n0, int64_t n1);
 void qlinear_w4a8_avxvnni(const QLinearParams& p, int64_t n0, int64_t n1);
 void qlinear_w4a8_avx512vnni(const QLinearParams& p, int64_t n0, int64_t n1);
 
+// Quantized linear, 4-bit weights (Q4Tiled) by float activations: per output, in channel order,
+// y = fma(s * float(q - z), x, y) starting from the bias (qlinear_w4a16_impl.h).
+struct QLinear16Params {
+  const float* x = nullptr;  // [m, k], row stride ldx
+  const uint8_t* w = nullptr;        // Q4Tiled::data
+  const float* w_scales = nullptr;   // Q4Tiled::scales
+  const uint8_t* w_zeros = nullptr;  // Q4Tiled::zeros
+  const float* bias = nullptr;
+  float* y = nullptr;
+  int64_t m = 0, n = 0, k = 0, groups = 0, group = 0, ldx = 0, ldy = 0;
+};
+void qlinear_w4a16(const QLinear16Params& p, ThreadPool& pool);
+// The single-ISA kernels behind it (the float ISA, Isa), over output columns [n0, n1), n0 a
+// multiple of 16; exposed for tests.
+void qlinear_w4a16_scalar(const QLinear16Params& p, int64_t n0, int64_t n1);
+void qlinear_w4a16_avx2(const QLinear16Params& p, int64_t n0, int64_t n1);
+void qlinear_w4a16_avx512(const QLinear16Params& p, int64_t n0, int64_t n1);
+
 // out[m, :] = x[m, :] / rms(x[m, :]) * weight; x and out may alias.
 struct RmsNormParams {
   const float* x = nullptr;
