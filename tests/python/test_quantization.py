@@ -113,6 +113,8 @@ def test_bad_calibration_is_refused(stories_dir):
         Engine(str(stories_dir), quant_calibration=[[1, 2, 3], [1, vocab]], **QUANT)
     with pytest.raises(ValueError, match="prompt"):
         Engine(str(stories_dir), quant_calibration=[[1, "x"]], **QUANT)
+    with pytest.raises(ValueError, match="quantization is 'none'"):
+        Engine(str(stories_dir), quant_calibration=[[1, 2, 3]])
 
 
 def test_bad_quantization_options(stories_dir):

@@ -56,6 +56,8 @@ void EngineConfig::validate() const {
       << "quantization must be 'none', 'w4a8' or 'w4a16', got '" << quantization << "'";
   ACCEL_CHECK(quant_group_size >= 32 && quant_group_size % 32 == 0 && quant_group_size <= 4096, InvalidArgument)
       << "quant_group_size must be a multiple of 32 in [32, 4096], got " << quant_group_size;
+  ACCEL_CHECK(quant_calibration.empty() || quantization != "none", InvalidArgument)
+      << "quant_calibration was given but quantization is 'none': it calibrates a 4-bit scheme";
 }
 
 namespace {
