@@ -82,7 +82,7 @@ void Drafter::index(size_t max_tokens) {
   index_locked(max_tokens);
 }
 
-size_t Drafter::index_locked(size_t max_tokens) {
+void Drafter::index_locked(size_t max_tokens) {
   // In parts, evicting after each as an eager insertion would: the bound holds throughout, and
   // the outputs kept once all is indexed do not depend on when or in what parts it happened.
   size_t done = 0;
@@ -99,7 +99,6 @@ size_t Drafter::index_locked(size_t max_tokens) {
     if (end == n) ++num_indexed_;
     evict_until_within_bound();  // may drop s
   }
-  return done;
 }
 
 void Drafter::evict_until_within_bound() {

@@ -86,7 +86,7 @@ class Drafter {
  private:
   static constexpr size_t kBackgroundChunk = 32;  // tokens the background thread indexes per lock
   // Under mu_.
-  size_t index_locked(size_t max_tokens);
+  void index_locked(size_t max_tokens);
   void evict_until_within_bound();
   void background_loop();
 
