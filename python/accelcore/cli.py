@@ -18,6 +18,7 @@ def _generate(args: argparse.Namespace) -> int:
         spec_policy=args.spec_policy,
         enable_prefix_caching=args.enable_prefix_caching,
         quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -65,6 +66,8 @@ def main(argv=None) -> int:
     g.add_argument("--enable-prefix-caching", action="store_true")
     g.add_argument("--quantization", choices=["none", "w4a8", "w4a16"], default="none",
                    help="linear weights quantized to 4 bits at load; activations in 8 bits (w4a8) or float (w4a16)")
+    g.add_argument("--kv-cache-dtype", choices=["float32", "int8", "int4"], default="float32",
+                   help="KV cache storage: keys per channel over each full block, values per token and head")
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":

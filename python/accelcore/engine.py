@@ -131,7 +131,8 @@ class Engine:
 
     Keyword options map to the C++ EngineConfig: num_threads, block_size, num_kv_blocks,
     kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, max_model_len,
-    enable_prefix_caching, seed.
+    enable_prefix_caching, seed, speculation options, quantization, quant_group_size,
+    quant_calibration (texts or token id lists), kv_cache_dtype.
 
     Threads: add_request, abort and stats may be called from any thread while one thread drives
     step() (or generate/generate_stream, which drive step() themselves). Outputs that a step

@@ -98,6 +98,7 @@ NB_MODULE(_core, m) {
       .def_rw("quantization", &EngineConfig::quantization)
       .def_rw("quant_group_size", &EngineConfig::quant_group_size)
       .def_rw("quant_calibration", &EngineConfig::quant_calibration)
+      .def_rw("kv_cache_dtype", &EngineConfig::kv_cache_dtype)
       .def_rw("seed", &EngineConfig::seed);
 
   nb::class_<RequestMetrics>(m, "RequestMetrics")
@@ -138,6 +139,9 @@ NB_MODULE(_core, m) {
       .def_ro("num_free_blocks", &EngineStats::num_free_blocks)
       .def_ro("num_total_blocks", &EngineStats::num_total_blocks)
       .def_ro("num_cached_blocks", &EngineStats::num_cached_blocks)
+      .def_ro("kv_block_bytes", &EngineStats::kv_block_bytes)
+      .def_ro("kv_cache_bytes", &EngineStats::kv_cache_bytes)
+      .def_ro("num_staged_blocks", &EngineStats::num_staged_blocks)
       .def_ro("block_size", &EngineStats::block_size)
       .def_ro("num_steps", &EngineStats::num_steps)
       .def_ro("num_generated_tokens", &EngineStats::num_generated_tokens)

@@ -822,7 +822,7 @@ TEST(CopyKvSlot, KvCacheMovesTheTokenInEveryLayer) {
   shape.block_size = 4;
   shape.head_dim = 8;
   KvCache cache(shape);
-  const size_t n = shape.floats_per_layer();
+  const size_t n = shape.num_blocks * shape.floats_per_block();
   std::vector<std::vector<float>> k(3), v(3);
   for (int l = 0; l < 3; ++l) {
     k[l] = testing::random_floats(rng, n);

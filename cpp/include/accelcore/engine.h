@@ -69,6 +69,11 @@ struct EngineStats {
   int num_total_blocks = 0;
   int num_cached_blocks = 0;  // blocks registered in the prefix cache
   int block_size = 0;
+  // KV memory: one block across all layers (K and V, scales included), and the whole cache
+  // (a quantized one's float staging included: the blocks being filled, num_staged_blocks).
+  uint64_t kv_block_bytes = 0;
+  uint64_t kv_cache_bytes = 0;
+  int num_staged_blocks = 0;
   uint64_t num_steps = 0;
   uint64_t num_generated_tokens = 0;
   uint64_t num_prompt_tokens = 0;

@@ -56,6 +56,8 @@ void EngineConfig::validate() const {
       << "quantization must be 'none', 'w4a8' or 'w4a16', got '" << quantization << "'";
   ACCEL_CHECK(quant_group_size >= 32 && quant_group_size % 32 == 0 && quant_group_size <= 4096, InvalidArgument)
       << "quant_group_size must be a multiple of 32 in [32, 4096], got " << quant_group_size;
+  ACCEL_CHECK(kv_cache_dtype == "float32" || kv_cache_dtype == "int8" || kv_cache_dtype == "int4", InvalidArgument)
+      << "kv_cache_dtype must be 'float32', 'int8' or 'int4', got '" << kv_cache_dtype << "'";
   ACCEL_CHECK(quant_calibration.empty() || quantization != "none", InvalidArgument)
       << "quant_calibration was given but quantization is 'none': it calibrates a 4-bit scheme";
 }
@@ -107,6 +109,13 @@ struct Engine::Impl {
   // Per-step scratch (under step_mu).
   BatchPlan plan;
   std::vector<ScheduledSeq> seqs;
+  std::vector<int32_t> released_blocks;  // scratch: release_kv
+  std::vector<uint8_t> released_full;
+  // Hands the blocks requests let go of to the KV cache (a quantized one drops their float forms).
+  void release_kv() {
+    scheduler->take_released(&released_blocks, &released_full);
+    cache->release(released_blocks, released_full, *pool);
+  }
   std::vector<std::unique_ptr<Request>> failed;
   FloatBuffer logits;
   // Per scheduled sequence: the tokens drawn this step (one, or more through an accepted draft
@@ -156,6 +165,7 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   shape.num_kv_heads = mc.num_kv_heads;
   shape.head_dim = mc.head_dim;
   shape.block_size = config.block_size;
+  shape.kv_bits = config.kv_cache_dtype == "int8" ? 8 : config.kv_cache_dtype == "int4" ? 4 : 0;
   const int64_t blocks_per_seq = (max_len + config.block_size - 1) / config.block_size;
   if (config.num_kv_blocks > 0) {
     shape.num_blocks = config.num_kv_blocks;
@@ -183,6 +193,7 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   sc.block_size = config.block_size;
   sc.num_blocks = shape.num_blocks;
   sc.enable_prefix_caching = config.enable_prefix_caching;
+  sc.kv_quantized = shape.kv_bits != 0;
   if (config.speculation == "lookahead" && config.spec_policy != "off") {
     sc.spec_policy = config.spec_policy == "fixed" ? SpecPolicy::kFixed : SpecPolicy::kSmart;
     sc.spec_max_draft = config.spec_max_draft;
@@ -198,6 +209,7 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   if (config.quantization != "none") m.quantize_w4(config);  // before the profile: it times this model
   if (sc.spec_max_draft > 0 && sc.spec_policy == SpecPolicy::kSmart) {
     m.profile_step_time();
+    m.cache->reset();  // the profile wrote blocks nothing holds
     m.publish();
   }
 }
@@ -218,9 +230,14 @@ void Engine::Impl::quantize_w4(const EngineConfig& config) {
   ACCEL_CHECK(bytes <= 4e9, InvalidArgument)
       << "GPTQ calibration keeps every layer's input Hessians: " << bytes / 1e9
       << " GB for this model, more than the 4 GB allowed; quantize without quant_calibration (round to nearest)";
+  // The float model: a float32 KV cache of one sequence's length (the engine's may be quantized).
+  KvCacheShape calib_shape = cache->shape();
+  calib_shape.kv_bits = 0;
+  calib_shape.num_blocks = std::min(calib_shape.num_blocks, (info.max_model_len + config.block_size - 1) / config.block_size);
+  KvCache calib_cache(calib_shape);
   LayerHessians h;
   model->collect_hessians(&h);
-  const int bs = config.block_size, max_len = std::min(info.max_model_len, num_total_blocks * bs);
+  const int bs = config.block_size, max_len = std::min(info.max_model_len, calib_shape.num_blocks * bs);
   for (size_t s = 0; s < config.quant_calibration.size(); ++s) {
     const std::vector<int32_t>& seq = config.quant_calibration[s];
     const int n = std::min<int>(static_cast<int>(seq.size()), max_len);
@@ -240,7 +257,7 @@ void Engine::Impl::quantize_w4(const EngineConfig& config) {
         plan.slots.push_back(i);
         plan.seq_of_token.push_back(0);
       }
-      model->forward(plan, *cache, *pool, &logits);
+      model->forward(plan, calib_cache, *pool, &logits);
     }
   }
   plan.clear();
@@ -360,6 +377,9 @@ void Engine::Impl::publish() {
   counters.num_free_blocks = scheduler->num_free_blocks();
   counters.num_total_blocks = scheduler->num_total_blocks();
   counters.num_cached_blocks = scheduler->num_cached_blocks();
+  counters.kv_block_bytes = cache->shape().bytes_per_block();
+  counters.kv_cache_bytes = cache->bytes();
+  counters.num_staged_blocks = cache->num_staged_blocks();
   counters.num_preemptions = scheduler->counters().num_preemptions;
   counters.prefix_cache_hit_tokens = scheduler->counters().prefix_cache_hit_tokens;
   counters.prefix_cache_query_tokens = scheduler->counters().prefix_cache_query_tokens;
@@ -525,6 +545,7 @@ std::vector<RequestOutput> Engine::step() {
   const double schedule_s = std::chrono::duration<double>(Clock::now() - s0).count();
   for (auto& r : m.failed) outs.push_back(m.finished_output(std::move(r)));
   m.failed.clear();
+  m.release_kv();  // before the pass: it may write blocks preempted requests held
   double forward_s = 0;
   if (m.plan.num_tokens() > 0) {
     const auto f0 = Clock::now();
@@ -534,6 +555,7 @@ std::vector<RequestOutput> Engine::step() {
     for (size_t i = 0; i < m.seqs.size(); ++i) m.process(i, &outs);
   }
   m.apply_intake();  // aborts that arrived during the forward pass
+  m.release_kv();
   m.publish();
   std::lock_guard<std::mutex> lock(m.intake_mu);
   if (!m.pending.empty()) {

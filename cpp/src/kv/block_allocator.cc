@@ -92,6 +92,7 @@ void BlockAllocator::release(int32_t block) {
   ACCEL_CHECK(block >= 0 && block < num_total(), InternalError) << "release of block id " << block << " out of range";
   ACCEL_CHECK(ref_[block] > 0, InternalError) << "double free of KV block " << block;
   if (--ref_[block] > 0) return;
+  released_.push_back(block);
   if (meta_[block].cached) lru_push_back(block);
   else free_.push_back(block);
 }

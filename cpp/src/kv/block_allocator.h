@@ -46,6 +46,12 @@ class BlockAllocator {
   // block is already cached.
   bool register_block(int32_t block, uint64_t hash, uint64_t parent_hash, const int32_t* tokens, int n);
   bool is_cached(int32_t block) const { return meta_[block].cached; }
+  // Appends the blocks whose reference count fell to zero since the last call, in that order,
+  // and forgets them (what a quantized KV cache needs to know to drop their float forms).
+  void take_released(std::vector<int32_t>* out) {
+    out->insert(out->end(), released_.begin(), released_.end());
+    released_.clear();
+  }
 
  private:
   struct Meta {
@@ -60,6 +66,7 @@ class BlockAllocator {
 
   std::vector<int32_t> free_;  // never-registered free blocks: a stack (recently freed reused first)
   std::vector<int32_t> ref_;
+  std::vector<int32_t> released_;
   std::vector<Meta> meta_;
   std::unordered_map<uint64_t, int32_t> cache_;
   int32_t lru_head_ = -1, lru_tail_ = -1;  // cached free blocks, least recently released first

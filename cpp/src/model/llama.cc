@@ -246,17 +246,26 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
   }
   compute_rope(plan);
   const KvCacheShape& ks = cache.shape();
+  const bool kvq = cache.quantized();
+  if (kvq) cache.begin_step(plan);
+  const int64_t* slots = cache.slots(plan);
 
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = w_.layers[l];
+    cpu::AttentionParams ap;
     cpu::rms_norm({x_.data(), L.input_norm.data(), h_.data(), T, H, c.rms_norm_eps});
     if (hessians_) add_gram(&(*hessians_)[l][0], h_.data(), T, H);
     linear(h_.data(), T, H, L.qkv_w, L.qkv_q, L.qkv_b, qkv_.data(), QKV, pool);
     cpu::apply_rope({qkv_.data(), T, c.num_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
     cpu::apply_rope({qkv_.data() + Q, T, c.num_kv_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
-    cpu::write_kv({qkv_.data() + Q, qkv_.data() + Q + KV, QKV, cache.k(l), cache.v(l), plan.slots.data(), T,
-                   c.num_kv_heads, c.head_dim, ks.block_size});
-    cpu::AttentionParams ap;
+    cpu::write_kv({qkv_.data() + Q, qkv_.data() + Q + KV, QKV, cache.k(l), cache.v(l), slots, T, c.num_kv_heads,
+                   c.head_dim, ks.block_size});
+    if (kvq) {
+      cache.quantize_layer(l, pool);
+      ap.kv_bits = ks.kv_bits;
+      ap.kv_records = cache.records(l);
+      ap.stage_of_block = cache.stage_of_block();
+    }
     ap.q = qkv_.data();
     ap.ldq = QKV;
     ap.out = attn_.data();
@@ -275,7 +284,7 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
     ap.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
     if (!plan.extra_offset.empty()) {
       ap.extra_offset = plan.extra_offset.data();
-      ap.extra_slots = plan.extra_slots.data();
+      ap.extra_slots = cache.extra_slots(plan);
     }
     cpu::paged_attention(ap, pool);
     if (hessians_) add_gram(&(*hessians_)[l][1], attn_.data(), T, Q);
@@ -289,6 +298,8 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
     linear(act_.data(), T, I, L.down_w, L.down_q, L.down_b, h_.data(), H, pool);
     cpu::add_inplace(x_.data(), h_.data(), T * H);
   }
+
+  if (kvq) cache.end_step();
 
   // Final norm and head only for the rows that need logits.
   const int64_t R = static_cast<int64_t>(plan.logit_rows.size());

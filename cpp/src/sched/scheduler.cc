@@ -218,10 +218,19 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
     drafter_->index(kIndexTokensPerStep);
 }
 
+void Scheduler::take_released(std::vector<int32_t>* blocks, std::vector<uint8_t>* full) {
+  blocks->clear();
+  full->clear();
+  allocator_.take_released(blocks);
+  for (int32_t b : *blocks) full->push_back(allocator_.is_cached(b));
+}
+
 void Scheduler::propose(Request* r, int max_nodes, DraftTree* out) {
   context_.resize(r->num_tokens());
   for (int k = 0; k < r->num_tokens(); ++k) context_[k] = r->token_at(k);
-  drafter_->propose(context_.data(), r->num_tokens(), max_nodes, config_.spec_max_depth, out);
+  int max_depth = config_.spec_max_depth;
+  if (config_.kv_quantized) max_depth = std::min(max_depth, config_.block_size - r->num_tokens() % config_.block_size);
+  drafter_->propose(context_.data(), r->num_tokens(), max_nodes, max_depth, out);
 }
 
 void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {

@@ -44,6 +44,9 @@ struct SchedulerConfig {
   int spec_max_depth = 8;
   int spec_max_match = 8;
   size_t spec_memory_bytes = 64ull << 20;
+  // The KV cache is quantized (kv/kv_cache.h): a draft stays inside the block after its root, whose
+  // float form every node reads, so its depth is at most the room left there.
+  bool kv_quantized = false;
 };
 
 // One request's share of a step.
@@ -110,6 +113,9 @@ class Scheduler {
   }
   // Appends a sampled token and returns the finish reason it causes (kNone to go on).
   FinishReason append_token(Request* r, int32_t token);
+  // The blocks whose last holder let go since the last call (finished or preempted requests), and
+  // whether each is a full block the prefix cache keeps.
+  void take_released(std::vector<int32_t>* blocks, std::vector<uint8_t>* full);
   // Ends a request: releases its blocks and forgets it. Returns it (null for an unknown id).
   std::unique_ptr<Request> finish(RequestId id, FinishReason reason);
 

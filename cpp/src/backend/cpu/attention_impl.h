@@ -10,6 +10,8 @@
 //
 // Not a standalone header: the including file defines the namespace.
 
+#include "quant/kvq_dequant_impl.h"
+
 // A 16-float vector in GCC's vector extension: one zmm on the AVX-512 path, split into smaller
 // registers by the compiler on the others; the same arithmetic either way.
 typedef float V16 __attribute__((vector_size(64)));
@@ -24,6 +26,31 @@ inline V16 load16(const float* p) { return loadv<V16>(p); }
 template <class V>
 inline void storev(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 inline void store16(float* p, V16 v) { storev(p, v); }
+
+// Scratch floats, uninitialised. Not std::vector: its out-of-line members, compiled here with this
+// file's instruction set, would be weak symbols the linker may pick for every other file too (an
+// AVX-512 resize run on a CPU without it).
+class Scratch {
+ public:
+  Scratch() = default;
+  explicit Scratch(size_t n) { resize(n); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() { delete[] p_; }
+  void resize(size_t n) {
+    if (n > cap_) {
+      delete[] p_;
+      p_ = new float[n];
+      cap_ = n;
+    }
+  }
+  float* data() { return p_; }
+  float& operator[](size_t i) { return p_[i]; }
+
+ private:
+  float* p_ = nullptr;
+  size_t cap_ = 0;
+};
 
 // exp(x) for the softmax's x <= 0 (Cephes' expf: range reduction by ln 2 and a degree-5
 // polynomial, about 1 ulp). Plain arithmetic, so the compiler vectorises the loops that call it,
@@ -89,7 +116,12 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
   const int group = p.num_heads / p.num_kv_heads;
   const int hd = HD ? HD : p.head_dim, bs = BS ? BS : p.block_size;
   const int64_t head_floats = static_cast<int64_t>(bs) * hd;  // one head's slice of a block
-  std::vector<float> scores, extra_scores, partial(4 * static_cast<size_t>(bs));
+  Scratch scores, extra_scores, partial(4 * static_cast<size_t>(bs));
+  // Quantized blocks are dequantized once per (token, kv head): K into kbuf as each block is
+  // scored, V into vbuf (every block of the range) for the weighted sum.
+  const KvqLayout lay = kvq_layout(p.kv_bits, hd, bs);
+  Scratch kbuf(p.kv_bits ? head_floats : 0), vbuf;
+  auto pool_block = [&](int32_t block) -> int64_t { return p.stage_of_block ? p.stage_of_block[block] : block; };
   for (int64_t item = item_begin; item < item_end; ++item) {
     const int64_t t = item / p.num_kv_heads;
     const int kvh = static_cast<int>(item % p.num_kv_heads);
@@ -107,6 +139,8 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
     const int32_t lo = first - b0 * bs, hi = last - b0 * bs;         // valid lanes [lo, hi]
     const int extra_first = std::max(0, first - (last + 1));         // extras before the window start
     scores.resize(static_cast<size_t>(std::max<int64_t>(span, 0)) * group);
+    const int32_t own_block = pos / bs;  // blocks before it are read quantized (kv_bits != 0)
+    if (p.kv_bits) vbuf.resize(static_cast<size_t>(std::max<int64_t>(span, 0)) * hd);
     extra_scores.resize(static_cast<size_t>(n_extra) * group);
     const float* q0 = p.q + t * p.ldq + static_cast<int64_t>(kvh) * group * hd;
     auto head_base = [&](int64_t slot, const float* cache) {
@@ -116,7 +150,15 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
     // Scores of every lane of every block: s[j] = sum_i q[i] * K^T[i][j]. The extras repeat the
     // very same arithmetic one lane at a time, so a draft token's scores equal the plain ones.
     for (int32_t b = b0; b <= b1; ++b) {
-      const float* kt = p.k_cache + (static_cast<int64_t>(table[b]) * p.num_kv_heads + kvh) * head_floats;
+      const float* kt;
+      if (p.kv_bits && b < own_block) {
+        const uint8_t* rec = p.kv_records + (static_cast<int64_t>(table[b]) * p.num_kv_heads + kvh) * lay.bytes;
+        dequantize_k(lay, rec, kbuf.data());
+        dequantize_v(lay, rec, vbuf.data() + static_cast<int64_t>(b - b0) * head_floats);
+        kt = kbuf.data();
+      } else {
+        kt = p.k_cache + (pool_block(table[b]) * p.num_kv_heads + kvh) * head_floats;
+      }
       for (int g = 0; g < group; ++g) {
         const float* q = q0 + static_cast<int64_t>(g) * hd;
         float* s = scores.data() + g * span + static_cast<int64_t>(b - b0) * bs;
@@ -189,7 +231,9 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
           const int32_t base = (b - b0) * bs;
           const int32_t la = std::max(lo - base, 0), lz = std::min(hi - base, bs - 1);
           if (la > lz) continue;
-          fn(b * bs, p.v_cache + (static_cast<int64_t>(table[b]) * p.num_kv_heads + kvh) * head_floats, s + base, la, lz);
+          const float* vb = p.kv_bits && b < own_block ? vbuf.data() + static_cast<int64_t>(b - b0) * head_floats
+                                                       : p.v_cache + (pool_block(table[b]) * p.num_kv_heads + kvh) * head_floats;
+          fn(b * bs, vb, s + base, la, lz);
         }
       };
       auto extra_v_row = [&](int e) { return head_base(extra_slots[e], p.v_cache) + (extra_slots[e] % bs) * hd; };

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "backend/cpu/ops.h"
+#include "quant/kvq.h"
 
 namespace accelcore::cpu {
 namespace scalar_impl {

@@ -111,6 +111,13 @@ struct AttentionParams {
   // pos - n_extra + 1 .. pos; such a token reads the context in order only up to pos - n_extra.
   const int32_t* extra_offset = nullptr;  // [num_tokens + 1]
   const int64_t* extra_slots = nullptr;
+  // Quantized KV cache (kv/kv_cache.h; kv_bits 4 or 8, else 0): a token reads the blocks before
+  // its own from kv_records ([num_blocks][num_kv_heads] records, quant/kvq.h) and its own block
+  // from the float pools above, where block b sits at index stage_of_block[b] (null: at b). The
+  // extra slots then index the float pools directly.
+  int kv_bits = 0;
+  const uint8_t* kv_records = nullptr;
+  const int32_t* stage_of_block = nullptr;
 };
 void paged_attention(const AttentionParams& p, ThreadPool& pool);
 // The single-ISA kernels behind paged_attention(), over (token, kv head) items [begin, end) with

@@ -1,0 +1,28 @@
+# Objects built for one instruction set (-mavx2, -mavx512f, ...) must define no weak symbols
+# outside their own *_impl namespace: inline and template code from shared headers (std::vector,
+# say) compiled there is a weak symbol, and the linker may pick that copy for every caller, which
+# then faults on a CPU without the instruction set. Run: cmake -DNM=nm -DOBJECTS=a.o;b.o -P this.
+set(bad "")
+foreach(obj IN LISTS OBJECTS)
+  if(NOT obj MATCHES "(avx|vnni)[^/]*\\.o(bj)?$")
+    continue()
+  endif()
+  execute_process(COMMAND ${NM} -C ${obj} OUTPUT_VARIABLE syms RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "nm failed on ${obj}")
+  endif()
+  string(REPLACE "\n" ";" lines "${syms}")
+  foreach(line IN LISTS lines)
+    if(line MATCHES " [WVuv] " AND NOT line MATCHES "_impl::" AND NOT line MATCHES "DW\\.ref")
+      string(APPEND bad "\n  ${obj}: ${line}")
+    endif()
+  endforeach()
+  math(EXPR checked "${checked}+1")
+endforeach()
+if(NOT checked)
+  message(FATAL_ERROR "no instruction-set objects found among: ${OBJECTS}")
+endif()
+if(bad)
+  message(FATAL_ERROR "instruction-set objects define shared weak symbols:${bad}")
+endif()
+message(STATUS "${checked} instruction-set objects define no shared weak symbols")
