@@ -4,7 +4,7 @@
 Default: a random model of TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads,
 intermediate 5632, vocab 32000), float32, built once with transformers and cached on disk.
 Reports decode tokens/s (prefill excluded) at batch 1 and 16, and the ratios; `--scheme
-float32,w4a8,w4a16` measures each weight scheme in the same run.
+float32,w4a8,w4a8kv4,w4a16` measures each scheme in the same run.
 
     python benchmarks/decode.py --threads 2
     python benchmarks/decode.py --model ../shared/models/stories260K --batch-sizes 1 --new-tokens 256
@@ -104,8 +104,9 @@ def main() -> int:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--scheme", default="float32",
-                    help="comma list of weight schemes, each measured in the same run: float32, w4a8 "
-                         "(4-bit weights quantized at load, 8-bit activations), w4a16 (float activations)")
+                    help="comma list of schemes, each measured in the same run: float32, w4a8 (4-bit weights "
+                         "quantized at load, 8-bit activations), w4a16 (float activations), each optionally "
+                         "with kv4 or kv8 (the KV cache in 4 or 8 bits), e.g. w4a8kv4")
     ap.add_argument("--group-size", type=int, default=128, help="quantization group size (w4a8)")
     ap.add_argument("--prefill-len", type=int, default=512, help="prompt length of the prefill measurement (0: skip)")
     args = ap.parse_args()
@@ -117,10 +118,14 @@ def main() -> int:
 
     from accelcore import Engine, cpu_isa
 
+    from accelcore.quantize import scheme_options
+
     schemes = args.scheme.split(",")
     for scheme in schemes:
-        if scheme not in ("float32", "w4a8", "w4a16"):
-            raise SystemExit(f"--scheme: expected float32, w4a8 or w4a16, got {scheme!r}")
+        try:
+            scheme_options(scheme)
+        except ValueError as e:
+            raise SystemExit(f"--scheme: {e}")
     hf = None
     if not args.skip_transformers:
         from transformers import AutoModelForCausalLM
@@ -130,7 +135,7 @@ def main() -> int:
     rows = []
     prefill = {}
     for scheme in schemes:
-        quant = {} if scheme == "float32" else {"quantization": scheme, "quant_group_size": args.group_size}
+        quant = dict(scheme_options(scheme), quant_group_size=args.group_size)
         engine = Engine(model_dir, num_threads=args.threads, max_num_seqs=max(args.batch_sizes), **quant)
         vocab = engine.model_info.vocab_size
         for bs in args.batch_sizes:

@@ -64,8 +64,9 @@ def main(argv=None) -> int:
     g.add_argument("--spec-policy", choices=["smartspec", "fixed", "off"], default="smartspec",
                    help="draft sizes: smartspec (per request, where they pay), fixed (always the maximum) or off")
     g.add_argument("--enable-prefix-caching", action="store_true")
-    g.add_argument("--quantization", choices=["none", "w4a8", "w4a16"], default="none",
-                   help="linear weights quantized to 4 bits at load; activations in 8 bits (w4a8) or float (w4a16)")
+    g.add_argument("--quantization", choices=["none", "w4a16", "w4a8", "w4a4"], default="none",
+                   help="linear weights quantized to 4 bits at load; activations float (w4a16), 8-bit (w4a8) "
+                        "or FMPQ's mixed 4/8-bit (w4a4, calibrated on text sampled from the model)")
     g.add_argument("--kv-cache-dtype", choices=["float32", "int8", "int4"], default="float32",
                    help="KV cache storage: keys per channel over each full block, values per token and head")
     args = parser.parse_args(argv)

@@ -147,6 +147,12 @@ class Engine:
         config.device = device
         self.tokenizer = self._load_tokenizer(self.model_path)
         calibration = options.pop("quant_calibration", None)
+        if calibration is None and options.get("quantization") == "w4a4":
+            # FMPQ needs calibration activations: without any given, text sampled from the model
+            # itself (seeded, so the quantized model is reproducible).
+            from accelcore.quantize import sample_calibration
+
+            calibration = sample_calibration(self.model_path, num_threads=options.get("num_threads"))
         for key, value in options.items():
             if key == "model_path" or not hasattr(config, key):
                 raise ValueError(f"unknown Engine option {key!r}")

@@ -97,6 +97,7 @@ NB_MODULE(_core, m) {
       .def_rw("spec_memory_mb", &EngineConfig::spec_memory_mb)
       .def_rw("quantization", &EngineConfig::quantization)
       .def_rw("quant_group_size", &EngineConfig::quant_group_size)
+      .def_rw("quant_a8_fraction", &EngineConfig::quant_a8_fraction)
       .def_rw("quant_calibration", &EngineConfig::quant_calibration)
       .def_rw("kv_cache_dtype", &EngineConfig::kv_cache_dtype)
       .def_rw("seed", &EngineConfig::seed);

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <iostream>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -226,23 +227,25 @@ std::vector<DotPath> supported_paths() {
   return out;
 }
 
-// Unpacks every nibble with q4_at and sums products in int64; the float steps as documented.
+// Unpacks every nibble with q4_at and sums products in int64, one sum per activation group (the
+// weight group, or FMPQ's sub-groups of it); the float steps as documented.
 std::vector<float> reference(const Q4Weight& w, const A8Activations& a, const std::vector<float>& bias) {
-  const int64_t G = w.groups();
+  const int64_t G = w.groups(), ag = a.act_group, AG = a.act_groups();
   std::vector<float> y(a.m * w.n);
   for (int64_t m = 0; m < a.m; ++m)
     for (int64_t n = 0; n < w.n; ++n) {
       float acc = bias.empty() ? 0.0f : bias[n];
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t s = 0; s < AG; ++s) {
+        const int64_t g = s * ag / w.group;
         int64_t dot = 0, xsum = 0;
-        for (int64_t i = g * w.group; i < (g + 1) * w.group; ++i) {
+        for (int64_t i = s * ag; i < (s + 1) * ag; ++i) {
           const int64_t q = a.q[m * a.padded_k() + i];
           dot += static_cast<int64_t>(q4_at(w, n, i)) * q;
           xsum += q;
         }
-        EXPECT_EQ(xsum, a.sums[m * G + g]);
+        EXPECT_EQ(xsum, a.sums[m * AG + s]);
         const int64_t t = dot - static_cast<int64_t>(w.zeros[n * G + g]) * xsum;
-        acc = std::fma(w.scales[n * G + g] * a.scales[m * G + g], static_cast<float>(t), acc);
+        acc = std::fma(w.scales[n * G + g] * a.scales[m * AG + s], static_cast<float>(t), acc);
       }
       y[m * w.n + n] = acc;
     }
@@ -263,6 +266,7 @@ QLinearParams params(const Q4Tiled& w, const A8Activations& a, const std::vector
   p.n = w.n;
   p.groups = w.groups;
   p.group = w.group;
+  p.act_group = a.act_group;
   p.ldy = w.n;
   return p;
 }
@@ -299,6 +303,78 @@ TEST(QLinearW4A8, EveryPathIsBitExactAgainstTheReference) {
           }
         }
   EXPECT_GT(cases, 100);
+}
+
+TEST(A4Format, FmpqSubGroupsPermutationAndEightBitTail) {
+  std::mt19937 rng(7);
+  const int64_t m = 2, k = 100, group = 32, a8 = 3;  // 13 sub-groups of 8, the last 3 in 8 bits
+  auto x = random_floats(rng, m * k);
+  x[17] = 9.0f;  // an outlier channel
+  std::vector<int32_t> perm(k);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  A8Activations a;
+  a4_quantize(x.data(), m, k, k, group, perm.data(), a8, &a);
+  ASSERT_EQ(a.act_group, kA4SubGroup);
+  ASSERT_EQ(a.act_groups(), 4 * group / kA4SubGroup);
+  const int64_t subs = (k + kA4SubGroup - 1) / kA4SubGroup;
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t s = 0; s < a.act_groups(); ++s) {
+      const bool eight = s >= subs - a8 && s < subs;
+      const float scale = a.scales[r * a.act_groups() + s];
+      int32_t sum = 0;
+      int lo = 0, hi = 0;
+      for (int64_t i = s * kA4SubGroup; i < (s + 1) * kA4SubGroup; ++i) {
+        const int q = a.q[r * a.padded_k() + i];
+        sum += q;
+        lo = std::min(lo, q), hi = std::max(hi, q);
+        if (i >= k) {
+          ASSERT_EQ(q, 0);
+        } else {
+          ASSERT_LE(std::fabs(q * scale - x[r * k + perm[i]]), 0.5f * scale * (1 + 1e-5f)) << "sub-group " << s;
+        }
+      }
+      EXPECT_EQ(a.sums[r * a.act_groups() + s], sum);
+      if (eight) {
+        EXPECT_TRUE(lo == -127 || hi == 127) << "sub-group " << s;  // the full 8-bit range is used
+      } else {
+        EXPECT_GE(lo, -8);
+        EXPECT_LE(hi, 7);
+        if (s < subs) {
+          EXPECT_TRUE(lo == -8 || hi == 7) << "sub-group " << s;
+        }
+      }
+    }
+}
+
+TEST(QLinearW4A4, EveryPathIsBitExactAgainstTheReference) {
+  std::mt19937 rng(8);
+  int cases = 0;
+  for (int64_t group : {32, 128})
+    for (int64_t m : {1, 5, 16})
+      for (int64_t n : {7, 48})
+        for (int64_t k : {int64_t{5}, group + 9, 3 * group}) {
+          const auto wf = random_floats(rng, n * k, 0.1f);
+          auto xf = random_floats(rng, m * k);
+          std::vector<int32_t> perm(k);
+          std::iota(perm.begin(), perm.end(), 0);
+          std::shuffle(perm.begin(), perm.end(), rng);
+          const int64_t subs = (k + kA4SubGroup - 1) / kA4SubGroup;
+          const Q4Weight w = q4_quantize_rtn(wf.data(), n, k, group, rng() % 2);
+          A8Activations a;
+          a4_quantize(xf.data(), m, k, k, group, perm.data(), rng() % (subs + 1), &a);
+          const std::vector<float> bias = rng() % 2 ? random_floats(rng, n) : std::vector<float>();
+          const std::vector<float> want = reference(w, a, bias);
+          const Q4Tiled tiled = q4_tile(w);
+          for (const DotPath& path : supported_paths()) {
+            std::vector<float> y(m * n, std::numeric_limits<float>::quiet_NaN());
+            path.kernel(params(tiled, a, bias, y.data()), 0, n);
+            ASSERT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)))
+                << dot_isa_name(path.isa) << " group " << group << " m " << m << " n " << n << " k " << k;
+            ++cases;
+          }
+        }
+  EXPECT_GT(cases, 30);
 }
 
 TEST(QLinearW4A8, DispatchAndThreadsGiveTheSameBitsAndRowsDoNotDependOnTheBatch) {

@@ -1,9 +1,11 @@
 """On-the-fly 4-bit weight quantization (quantization="w4a8": the linear layers' weights in 4 bits,
-their inputs in 8 bits per token and group; "w4a16": the same weights, float inputs). The quantized engine keeps the exactness properties of the
-float one (float32 CPU): a request's output is the same alone or batched, with speculation on or
-off, with or without preemption. Its predictions stay close to the float model's: teacher-forced
-on stories sampled from the float model, GPTQ with calibration meets the issue's accuracy bars
-for w4a16 and w4a8, and beats round to nearest.
+their inputs in 8 bits per token and group; "w4a16": the same weights, float inputs). The quantized
+engine keeps the exactness properties of the float one (float32 CPU): a request's output is the
+same alone or batched, with speculation on or off, with or without preemption. Its predictions
+stay close to the float model's: teacher-forced on stories sampled from the float model, GPTQ
+with calibration meets the issue's accuracy bars for w4a16kv16, w4a8kv8 and w4a8kv4 (with the
+quantized KV cache of test_kv_quantization.py) and beats round to nearest; 8-bit KV alone meets
+the 98% bar; keys quantized per token (the bad scheme) fail every bar.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import accel_testutil as tu
 from accelcore import Engine, SamplingParams
 
 QUANT = {"quantization": "w4a8", "quant_group_size": 32}
-SCHEMES = [{"quantization": q, "quant_group_size": 32} for q in ("w4a8", "w4a16")]
+SCHEMES = [{"quantization": q, "quant_group_size": 32} for q in ("w4a8", "w4a16", "w4a4")]
 
 
 @pytest.fixture(scope="module")
@@ -93,18 +95,79 @@ def sampled(stories_dir):
 
 
 # The issue's bars (top-1 agreement at least, mean KL at most): w4a16kv16 87.5% / 0.060, w4a8kv8
-# 87.0% / 0.065 (the KV cache here is still float32). Measured with GPTQ: w4a16 0.882 / 0.0590,
-# w4a8 0.883 / 0.0595; round to nearest: 0.860 / 0.086 for both.
-@pytest.mark.parametrize("scheme, min_agree, max_kl", [("w4a16", 0.875, 0.060), ("w4a8", 0.870, 0.065)])
-def test_gptq_accuracy_on_sampled_stories(stories_dir, sampled, scheme, min_agree, max_kl):
+# 87.0% / 0.065, w4a8kv4 86.5% / 0.070, w4a4kv4 85.5% / 0.090. Measured with GPTQ: w4a16 0.882 /
+# 0.0590, w4a8kv8 0.881 / 0.0596, w4a8kv4 0.878 / 0.0629, w4a4kv4 (FMPQ, 8-bit fraction 0.4) 0.860
+# / 0.084; round to nearest: 0.860 / 0.086 for the first. FMPQ is compared with all activations in
+# 4 bits (the same channel order and GPTQ): 0.836 / 0.107.
+@pytest.mark.parametrize(
+    "scheme, kv, min_agree, max_kl",
+    [
+        ("w4a16", "float32", 0.875, 0.060),
+        ("w4a8", "int8", 0.870, 0.065),
+        ("w4a8", "int4", 0.865, 0.070),
+        ("w4a4", "int4", 0.855, 0.090),
+    ],
+)
+def test_gptq_accuracy_on_sampled_stories(stories_dir, sampled, scheme, kv, min_agree, max_kl):
     calibration, evaluation, ref = sampled
-    options = {"quantization": scheme, "quant_group_size": 32}
+    options = {"quantization": scheme, "quant_group_size": 32, "kv_cache_dtype": kv}
     gptq = Engine(str(stories_dir), num_threads=2, quant_calibration=calibration, **options)
-    rtn = Engine(str(stories_dir), num_threads=2, **options)
+    if scheme == "w4a4":
+        weaker = Engine(str(stories_dir), num_threads=2, quant_calibration=calibration, quant_a8_fraction=0.0, **options)
+    else:
+        weaker = Engine(str(stories_dir), num_threads=2, **options)  # round to nearest
     g_agree, g_kl = _agreement_and_kl(ref, _teacher_forced(gptq, evaluation))
-    r_agree, r_kl = _agreement_and_kl(ref, _teacher_forced(rtn, evaluation))
+    w_agree, w_kl = _agreement_and_kl(ref, _teacher_forced(weaker, evaluation))
     assert g_agree >= min_agree and g_kl <= max_kl, (g_agree, g_kl)
-    assert g_agree > r_agree and g_kl < r_kl, ((g_agree, g_kl), (r_agree, r_kl))
+    assert g_agree > w_agree and g_kl < w_kl, ((g_agree, g_kl), (w_agree, w_kl))
+
+
+# 8-bit KV alone: the issue's bar for any 8-bit scheme alone is 98% (measured 0.998 / 1.1e-5).
+# 4-bit KV alone, keys per channel over each 16-token block: 0.976 / 0.0024 (the issue's float
+# simulation: 97%).
+@pytest.mark.parametrize("kv, min_agree, max_kl", [("int8", 0.98, 0.001), ("int4", 0.965, 0.005)])
+def test_kv_cache_accuracy_on_sampled_stories(stories_dir, sampled, kv, min_agree, max_kl):
+    _, evaluation, ref = sampled
+    agree, kl = _agreement_and_kl(ref, _teacher_forced(Engine(str(stories_dir), num_threads=2, kv_cache_dtype=kv), evaluation))
+    assert agree >= min_agree and kl <= max_kl, (agree, kl)
+
+
+def _hf_teacher_forced(hf, stories, vocab):
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for story in stories:
+            logits = hf(torch.tensor([story])).logits[0, :-1].float()
+            lp = torch.log_softmax(logits, dim=-1).tolist()
+            out += [dict(zip(range(vocab), row)) for row in lp]
+    return out
+
+
+def test_keys_per_token_in_4_bits_fail_the_bars(stories_dir, sampled, hf_stories, monkeypatch):
+    # Why keys are quantized per channel: the same metrics on transformers' float model agree with
+    # the engine's, and with its keys quantized per token and head in 4 bits after RoPE (asymmetric
+    # min/max) fall below every 4-bit KV bar (the issue measured 74%).
+    from transformers.models.llama import modeling_llama
+
+    _, evaluation, ref = sampled
+    vocab = len(ref[0])
+    evaluation = evaluation[:16]
+    ref = ref[: 16 * 255]
+    agree, kl = _agreement_and_kl(ref, _hf_teacher_forced(hf_stories, evaluation, vocab))
+    assert agree >= 0.999 and kl < 1e-6, (agree, kl)
+
+    rope = modeling_llama.apply_rotary_pos_emb
+
+    def rope_then_quantize_keys(q, k, *args, **kwargs):
+        q, k = rope(q, k, *args, **kwargs)
+        lo, hi = k.amin(dim=-1, keepdim=True), k.amax(dim=-1, keepdim=True)
+        step = (hi - lo).clamp_min(1e-8) / 15
+        return q, ((k - lo) / step).round().clamp(0, 15) * step + lo
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", rope_then_quantize_keys)
+    agree, kl = _agreement_and_kl(ref, _hf_teacher_forced(hf_stories, evaluation, vocab))
+    assert agree < 0.855 and kl > 0.09, (agree, kl)
 
 
 def test_bad_calibration_is_refused(stories_dir):
@@ -120,5 +183,7 @@ def test_bad_calibration_is_refused(stories_dir):
 def test_bad_quantization_options(stories_dir):
     with pytest.raises(ValueError, match="quantization must be"):
         Engine(str(stories_dir), quantization="w3a8")
+    with pytest.raises(ValueError, match="quant_a8_fraction"):
+        Engine(str(stories_dir), quantization="w4a4", quant_calibration=[[1, 2, 3]], quant_a8_fraction=1.5)
     with pytest.raises(ValueError, match="quant_group_size"):
         Engine(str(stories_dir), quantization="w4a8", quant_group_size=48)

@@ -52,8 +52,14 @@ void EngineConfig::validate() const {
   ACCEL_CHECK(spec_max_match >= 1 && spec_max_match <= 128, InvalidArgument)
       << "spec_max_match must be in [1, 128], got " << spec_max_match;
   ACCEL_CHECK(spec_memory_mb >= 1, InvalidArgument) << "spec_memory_mb must be >= 1, got " << spec_memory_mb;
-  ACCEL_CHECK(quantization == "none" || quantization == "w4a8" || quantization == "w4a16", InvalidArgument)
-      << "quantization must be 'none', 'w4a8' or 'w4a16', got '" << quantization << "'";
+  ACCEL_CHECK(quantization == "none" || quantization == "w4a8" || quantization == "w4a16" || quantization == "w4a4",
+              InvalidArgument)
+      << "quantization must be 'none', 'w4a16', 'w4a8' or 'w4a4', got '" << quantization << "'";
+  ACCEL_CHECK(quantization != "w4a4" || !quant_calibration.empty(), InvalidArgument)
+      << "quantization 'w4a4' (FMPQ) needs quant_calibration: its channel order and 8-bit groups come from "
+         "the calibration activations (the Python Engine samples them from the model when none are given)";
+  ACCEL_CHECK(quant_a8_fraction >= 0 && quant_a8_fraction <= 1, InvalidArgument)
+      << "quant_a8_fraction must be in [0, 1], got " << quant_a8_fraction;
   ACCEL_CHECK(quant_group_size >= 32 && quant_group_size % 32 == 0 && quant_group_size <= 4096, InvalidArgument)
       << "quant_group_size must be a multiple of 32 in [32, 4096], got " << quant_group_size;
   ACCEL_CHECK(kv_cache_dtype == "float32" || kv_cache_dtype == "int8" || kv_cache_dtype == "int4", InvalidArgument)
@@ -218,9 +224,11 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
 // of the layers' inputs, gathered by running the float model over them (the KV pool is idle:
 // nothing is allocated yet); without, round to nearest.
 void Engine::Impl::quantize_w4(const EngineConfig& config) {
-  const bool float_activations = config.quantization == "w4a16";
+  const ActQuant act = config.quantization == "w4a16" ? ActQuant::kFloat
+                       : config.quantization == "w4a4" ? ActQuant::kFmpq
+                                                       : ActQuant::kInt8;
   if (config.quant_calibration.empty()) {
-    model->quantize_weights_w4(config.quant_group_size, nullptr, float_activations);
+    model->quantize_weights_w4(config.quant_group_size, nullptr, act);
     return;
   }
   const ModelConfig& mc = model->config();
@@ -262,7 +270,7 @@ void Engine::Impl::quantize_w4(const EngineConfig& config) {
   }
   plan.clear();
   model->collect_hessians(nullptr);
-  model->quantize_weights_w4(config.quant_group_size, &h, float_activations);
+  model->quantize_weights_w4(config.quant_group_size, &h, act, config.quant_a8_fraction);
 }
 
 // Seeds SmartSpec's step-time model: forward passes over made-up batches that vary the token

@@ -1,7 +1,9 @@
 #include "model/llama.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
+#include <numeric>
 
 #include "backend/cpu/ops.h"
 #include "model/safetensors.h"
@@ -161,35 +163,59 @@ static void add_gram(std::vector<double>* h, const float* x, int64_t T, int64_t 
   }
 }
 
-void LlamaModel::quantize_weights_w4(int group_size, const LayerHessians* h, bool float_activations) {
-  float_activations_ = float_activations;
+void LlamaModel::quantize_weights_w4(int group_size, const LayerHessians* h, ActQuant act, double a8_fraction) {
+  act_quant_ = act;
   ACCEL_CHECK(!h || static_cast<int>(h->size()) == config_.num_layers, InvalidArgument)
       << "calibration Hessians for " << (h ? h->size() : 0) << " layers, the model has " << config_.num_layers;
-  auto quantize = [&](FloatBuffer* f, int64_t rows, const std::vector<double>* hess, Q4Tiled* q) {
+  ACCEL_CHECK(act != ActQuant::kFmpq || h, InvalidArgument) << "w4a4 (FMPQ) needs calibration data";
+  auto quantize = [&](FloatBuffer* f, int64_t rows, const std::vector<double>* hess, Q4Tiled* q, ActOrder* order) {
     const int64_t cols = static_cast<int64_t>(f->size()) / rows;
-    *q = q4_tile(hess ? q4_quantize_gptq(f->data(), rows, cols, group_size, hess->data())
-                      : q4_quantize_rtn(f->data(), rows, cols, group_size, /*clip_search=*/true));
+    if (act == ActQuant::kFmpq) {
+      // Channels by increasing calibration magnitude (mean square: the Hessian's diagonal), so the
+      // outliers share the last sub-groups, which stay 8-bit; the weight's columns and the
+      // Hessian follow the same order.
+      std::vector<int32_t>& perm = order->perm;
+      perm.resize(cols);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::stable_sort(perm.begin(), perm.end(),
+                       [&](int32_t a, int32_t b) { return (*hess)[a * cols + a] < (*hess)[b * cols + b]; });
+      const int64_t subs = (cols + kA4SubGroup - 1) / kA4SubGroup;
+      order->a8_subgroups = std::clamp<int64_t>(std::llround(a8_fraction * subs), 0, subs);
+      std::vector<float> row(cols);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* w = f->data() + r * cols;
+        for (int64_t i = 0; i < cols; ++i) row[i] = w[perm[i]];
+        std::copy(row.begin(), row.end(), w);
+      }
+      std::vector<double> hp(static_cast<size_t>(cols * cols));
+      for (int64_t i = 0; i < cols; ++i)
+        for (int64_t j = 0; j < cols; ++j) hp[i * cols + j] = (*hess)[perm[i] * cols + perm[j]];
+      *q = q4_tile(q4_quantize_gptq(f->data(), rows, cols, group_size, hp.data()));
+    } else {
+      *q = q4_tile(hess ? q4_quantize_gptq(f->data(), rows, cols, group_size, hess->data())
+                        : q4_quantize_rtn(f->data(), rows, cols, group_size, /*clip_search=*/true));
+    }
     *f = FloatBuffer();
   };
   const ModelConfig& c = config_;
   for (int l = 0; l < c.num_layers; ++l) {
     LayerWeights& L = w_.layers[l];
     const auto* H = h ? &(*h)[l] : nullptr;
-    quantize(&L.qkv_w, c.q_size() + 2 * c.kv_size(), H ? &(*H)[0] : nullptr, &L.qkv_q);
-    quantize(&L.o_w, c.hidden_size, H ? &(*H)[1] : nullptr, &L.o_q);
-    quantize(&L.gate_up_w, 2 * c.intermediate_size, H ? &(*H)[2] : nullptr, &L.gate_up_q);
-    quantize(&L.down_w, c.hidden_size, H ? &(*H)[3] : nullptr, &L.down_q);
+    quantize(&L.qkv_w, c.q_size() + 2 * c.kv_size(), H ? &(*H)[0] : nullptr, &L.qkv_q, &L.qkv_a);
+    quantize(&L.o_w, c.hidden_size, H ? &(*H)[1] : nullptr, &L.o_q, &L.o_a);
+    quantize(&L.gate_up_w, 2 * c.intermediate_size, H ? &(*H)[2] : nullptr, &L.gate_up_q, &L.gate_up_a);
+    quantize(&L.down_w, c.hidden_size, H ? &(*H)[3] : nullptr, &L.down_q, &L.down_a);
   }
 }
 
 void LlamaModel::linear(const float* x, int64_t T, int64_t k, const FloatBuffer& w, const Q4Tiled& q,
-                        const FloatBuffer& b, float* y, int64_t n, ThreadPool& pool) {
+                        const ActOrder& order, const FloatBuffer& b, float* y, int64_t n, ThreadPool& pool) {
   if (q.n == 0) {
     cpu::linear({x, w.data(), opt(b), y, T, n, k, k, n}, pool);
     return;
   }
   ACCEL_DCHECK(q.n == n && q.k == k);
-  if (float_activations_) {
+  if (act_quant_ == ActQuant::kFloat) {
     cpu::QLinear16Params p;
     p.x = x;
     p.w = q.data.data();
@@ -207,7 +233,10 @@ void LlamaModel::linear(const float* x, int64_t T, int64_t k, const FloatBuffer&
     cpu::qlinear_w4a16(p, pool);
     return;
   }
-  a8_quantize(x, T, k, k, q.group, &xq_);
+  if (act_quant_ == ActQuant::kFmpq)
+    a4_quantize(x, T, k, k, q.group, order.perm.empty() ? nullptr : order.perm.data(), order.a8_subgroups, &xq_);
+  else
+    a8_quantize(x, T, k, k, q.group, &xq_);
   cpu::QLinearParams p;
   p.xq = xq_.q.data();
   p.x_scales = xq_.scales.data();
@@ -221,6 +250,7 @@ void LlamaModel::linear(const float* x, int64_t T, int64_t k, const FloatBuffer&
   p.n = n;
   p.groups = q.groups;
   p.group = q.group;
+  p.act_group = xq_.act_group;
   p.ldy = n;
   cpu::qlinear_w4a8(p, pool);
 }
@@ -255,7 +285,7 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
     cpu::AttentionParams ap;
     cpu::rms_norm({x_.data(), L.input_norm.data(), h_.data(), T, H, c.rms_norm_eps});
     if (hessians_) add_gram(&(*hessians_)[l][0], h_.data(), T, H);
-    linear(h_.data(), T, H, L.qkv_w, L.qkv_q, L.qkv_b, qkv_.data(), QKV, pool);
+    linear(h_.data(), T, H, L.qkv_w, L.qkv_q, L.qkv_a, L.qkv_b, qkv_.data(), QKV, pool);
     cpu::apply_rope({qkv_.data(), T, c.num_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
     cpu::apply_rope({qkv_.data() + Q, T, c.num_kv_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
     cpu::write_kv({qkv_.data() + Q, qkv_.data() + Q + KV, QKV, cache.k(l), cache.v(l), slots, T, c.num_kv_heads,
@@ -288,14 +318,14 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
     }
     cpu::paged_attention(ap, pool);
     if (hessians_) add_gram(&(*hessians_)[l][1], attn_.data(), T, Q);
-    linear(attn_.data(), T, Q, L.o_w, L.o_q, L.o_b, h_.data(), H, pool);
+    linear(attn_.data(), T, Q, L.o_w, L.o_q, L.o_a, L.o_b, h_.data(), H, pool);
     cpu::add_inplace(x_.data(), h_.data(), T * H);
     cpu::rms_norm({x_.data(), L.post_norm.data(), h_.data(), T, H, c.rms_norm_eps});
     if (hessians_) add_gram(&(*hessians_)[l][2], h_.data(), T, H);
-    linear(h_.data(), T, H, L.gate_up_w, L.gate_up_q, L.gate_up_b, mlp_.data(), 2 * I, pool);
+    linear(h_.data(), T, H, L.gate_up_w, L.gate_up_q, L.gate_up_a, L.gate_up_b, mlp_.data(), 2 * I, pool);
     cpu::silu_mul(mlp_.data(), act_.data(), T, I);
     if (hessians_) add_gram(&(*hessians_)[l][3], act_.data(), T, I);
-    linear(act_.data(), T, I, L.down_w, L.down_q, L.down_b, h_.data(), H, pool);
+    linear(act_.data(), T, I, L.down_w, L.down_q, L.down_a, L.down_b, h_.data(), H, pool);
     cpu::add_inplace(x_.data(), h_.data(), T * H);
   }
 

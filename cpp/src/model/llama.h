@@ -16,6 +16,17 @@
 
 namespace accelcore {
 
+// FMPQ (w4a4): the order in which a linear reads its input channels (outliers last; the weight's
+// columns are stored in that order) and how many of its last activation sub-groups are 8-bit.
+struct ActOrder {
+  std::vector<int32_t> perm;  // empty: the natural order
+  int64_t a8_subgroups = 0;
+};
+
+// What the quantized linears take as input: float (w4a16), 8 bits per token and group (w4a8), or
+// FMPQ's mixed 4/8 bits (w4a4).
+enum class ActQuant { kFloat, kInt8, kFmpq };
+
 struct LayerWeights {
   FloatBuffer input_norm, post_norm;
   FloatBuffer qkv_w, qkv_b;      // [q + 2 kv, hidden]: q, k, v projections stacked
@@ -25,6 +36,7 @@ struct LayerWeights {
   // The same four matrices in 4 bits (quantization "w4a8" or "w4a16"), in the kernels' tiled
   // layout; the float ones are then empty.
   Q4Tiled qkv_q, o_q, gate_up_q, down_q;
+  ActOrder qkv_a, o_a, gate_up_a, down_a;  // kFmpq
 };
 
 struct ModelWeights {
@@ -56,14 +68,16 @@ class LlamaModel {
   void collect_hessians(LayerHessians* h);
   // Replaces the four linear weight matrices of every layer by 4-bit ones (quant/q4.h): GPTQ
   // against h when given, else round to nearest with a clip search. Frees the float ones. Their
-  // inputs then go in 8 bits per token and group (w4a8), or stay float (float_activations: w4a16).
-  void quantize_weights_w4(int group_size, const LayerHessians* h, bool float_activations);
+  // inputs then go as `act` says. kFmpq needs h: each linear's input channels are ordered by their
+  // calibration magnitude (the diagonal of h), the weight's columns permuted to match, and the
+  // last a8_fraction of the activation sub-groups kept in 8 bits.
+  void quantize_weights_w4(int group_size, const LayerHessians* h, ActQuant act, double a8_fraction = 0);
 
  private:
   void compute_rope(const BatchPlan& plan);
   // y[T, n] = x[T, k] W^T + b, through the float or the 4-bit weights, whichever the layer has.
-  void linear(const float* x, int64_t T, int64_t k, const FloatBuffer& w, const Q4Tiled& q, const FloatBuffer& b,
-              float* y, int64_t n, ThreadPool& pool);
+  void linear(const float* x, int64_t T, int64_t k, const FloatBuffer& w, const Q4Tiled& q, const ActOrder& order,
+              const FloatBuffer& b, float* y, int64_t n, ThreadPool& pool);
 
   ModelConfig config_;
   ModelWeights w_;
@@ -72,7 +86,7 @@ class LlamaModel {
   FloatBuffer x_, h_, qkv_, attn_, mlp_, act_, cos_, sin_, rows_;
   A8Activations xq_;
   LayerHessians* hessians_ = nullptr;  // collect_hessians
-  bool float_activations_ = false;     // quantized linears take float inputs (w4a16)
+  ActQuant act_quant_ = ActQuant::kInt8;  // what the quantized linears take as input
 };
 
 // RoPE inverse frequencies as transformers computes them (float32), for each rope type.

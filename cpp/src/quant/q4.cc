@@ -244,6 +244,7 @@ void a8_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t grou
   a->m = m;
   a->k = k;
   a->group = group;
+  a->act_group = group;
   const int64_t G = a->groups(), kp = a->padded_k();
   a->q.assign(static_cast<size_t>(m * kp), 0);
   a->scales.resize(m * G);
@@ -265,6 +266,44 @@ void a8_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t grou
       a->scales[r * G + g] = scale;
       a->sums[r * G + g] = sum;
     }
+}
+
+void a4_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t group, const int32_t* perm,
+                 int64_t a8_subgroups, A8Activations* a) {
+  check_group(group);
+  a->m = m;
+  a->k = k;
+  a->group = group;
+  a->act_group = kA4SubGroup;
+  const int64_t kp = a->padded_k(), S = a->act_groups();
+  const int64_t first8 = (k + kA4SubGroup - 1) / kA4SubGroup - a8_subgroups;  // sub-groups from here: 8 bits
+  a->q.assign(static_cast<size_t>(m * kp), 0);
+  a->scales.resize(m * S);
+  a->sums.resize(m * S);
+  std::vector<float> row(kp, 0.0f);  // zero past k
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * ldx;
+    for (int64_t i = 0; i < k; ++i) row[i] = xr[perm ? perm[i] : i];
+    for (int64_t j = 0; j < S; ++j) {
+      const float* xs = row.data() + j * kA4SubGroup;
+      // 8 bits: [-127, 127]. 4 bits: all 16 levels, [-8, 7], the wider side towards the larger
+      // magnitude (a scale from the positive maximum / 7 or the negative one / 8, whichever is larger).
+      const bool eight = j >= first8;
+      float hi = 0, lo = 0;
+      for (int64_t i = 0; i < kA4SubGroup; ++i) hi = std::max(hi, xs[i]), lo = std::min(lo, xs[i]);
+      const float qhi = eight ? 127.0f : 7.0f, qlo = eight ? -127.0f : -8.0f;
+      const float scale = hi > 0 || lo < 0 ? std::max(hi / qhi, lo / qlo) : 1.0f;
+      const float inv = 1.0f / scale;
+      int8_t* q = a->q.data() + r * kp + j * kA4SubGroup;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < kA4SubGroup; ++i) {
+        q[i] = static_cast<int8_t>(std::clamp(round_even(xs[i] * inv), qlo, qhi));
+        sum += q[i];
+      }
+      a->scales[r * S + j] = scale;
+      a->sums[r * S + j] = sum;
+    }
+  }
 }
 
 }  // namespace accelcore

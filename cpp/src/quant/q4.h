@@ -71,14 +71,26 @@ uint8_t q4_tiled_at(const Q4Tiled& t, int64_t row, int64_t i);
 
 struct A8Activations {
   int64_t m = 0, k = 0, group = 0;
+  int64_t act_group = 0;  // channels per activation scale: group (a8_quantize) or kA4SubGroup
   int64_t groups() const { return (k + group - 1) / group; }
   int64_t padded_k() const { return groups() * group; }
+  int64_t act_groups() const { return padded_k() / act_group; }
   std::vector<int8_t> q;      // [m][padded_k], zero past k
-  std::vector<float> scales;  // [m][groups]
-  std::vector<int32_t> sums;  // [m][groups]: sum of q over the group
+  std::vector<float> scales;  // [m][act_groups]
+  std::vector<int32_t> sums;  // [m][act_groups]: sum of q over the activation group
 };
 
-// Quantizes rows x[i * ldx, + k) (i < m) into a (buffers reused).
+// Quantizes rows x[i * ldx, + k) (i < m) into a (buffers reused), one scale per weight group.
 void a8_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t group, A8Activations* a);
+
+// FMPQ activations (COMET's W4Ax): channel i of the quantized row is x[perm[i]] (outlier channels
+// last; perm null: identity), in sub-groups of kA4SubGroup channels with a float scale each, the
+// last a8_subgroups of them (of the k / kA4SubGroup, rounded up) in 8 bits ([-127, 127]) and the
+// others in 4 (all 16 levels, [-8, 7]: the scale is the larger of max / 7 and -min / 8); held in
+// int8, since a CPU has no narrower integer dot product. Sub-groups of 8 (not 16) are what it takes
+// on stories260K to come near the w4a4kv4 bar.
+constexpr int64_t kA4SubGroup = 8;
+void a4_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t group, const int32_t* perm,
+                 int64_t a8_subgroups, A8Activations* a);
 
 }  // namespace accelcore

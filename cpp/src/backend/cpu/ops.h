@@ -30,14 +30,17 @@ void linear_avx512(const LinearParams& p, int64_t n0, int64_t n1);
 // group products, scaled in float.
 struct QLinearParams {
   const int8_t* xq = nullptr;        // [m][groups * group], zero past k
-  const float* x_scales = nullptr;   // [m][groups]
-  const int32_t* x_sums = nullptr;   // [m][groups]
+  // Activation scales and sums per act_group channels (a divisor of group, a multiple of 8; 0:
+  // group): FMPQ's 4-bit sub-groups. Each is its own int32 sum, scaled in float.
+  const float* x_scales = nullptr;   // [m][groups * group / act_group]
+  const int32_t* x_sums = nullptr;   // [m][groups * group / act_group]
   const uint8_t* w = nullptr;        // Q4Tiled::data
   const float* w_scales = nullptr;   // Q4Tiled::scales
   const uint8_t* w_zeros = nullptr;  // Q4Tiled::zeros
   const float* bias = nullptr;       // [n] or null
   float* y = nullptr;
   int64_t m = 0, n = 0, groups = 0, group = 0, ldy = 0;
+  int64_t act_group = 0;
 };
 void qlinear_w4a8(const QLinearParams& p, ThreadPool& pool);
 // The single-ISA kernels behind qlinear_w4a8(), over output columns [n0, n1) (n0 a multiple of

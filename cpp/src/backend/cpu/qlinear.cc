@@ -38,6 +38,7 @@ void qlinear_w4a8_scalar(const QLinearParams& p, int64_t n0, int64_t n1) { qline
 void qlinear_w4a8(const QLinearParams& p, ThreadPool& pool) {
   ACCEL_DCHECK(p.xq && p.x_scales && p.x_sums && p.w && p.w_scales && p.w_zeros && p.y);
   ACCEL_DCHECK(p.group >= 32 && p.group % 32 == 0 && p.ldy >= p.n);
+  ACCEL_DCHECK(p.act_group == 0 || (p.act_group % 8 == 0 && p.group % p.act_group == 0));
   if (p.m == 0 || p.n == 0) return;
   void (*kernel)(const QLinearParams&, int64_t, int64_t) = qlinear_w4a8_scalar;
   switch (active_dot_isa()) {

@@ -5,6 +5,7 @@
 //   dot(acc, w, x8)       acc[r] += sum over c < 8 of weight(r, c) * x8[c]
 //   finish(acc, sw, z, sx, xsum, y16)
 //                         y16[r] = fma(sw[r] * sx, float(acc[r] - z[r] * xsum), y16[r])
+// (once per weight group, or per activation sub-group of it: QLinearParams::act_group)
 // and include this. The integer sums are exact whatever the instructions, and finish is the same
 // lane-wise float arithmetic on every path, so all paths give the same bits, and a row's result
 // does not depend on the batch (each row of x runs the same instruction sequence).
@@ -25,25 +26,32 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
   }
   const int8_t* x[MB];
   for (int i = 0; i < MB; ++i) x[i] = p.xq + (m0 + i) * kp;
+  // Activation scale groups: the weight group itself (W4A8), or its sub-groups (FMPQ), each an
+  // int32 sum of its own.
+  const int64_t ag = p.act_group ? p.act_group : gs, subs = gs / ag, sub_steps = ag / 8, AG = G * subs;
   for (int64_t g = 0; g < G; ++g) {
-    typename D::Acc acc[NB][MB];
-    for (int nb = 0; nb < NB; ++nb)
-      for (int i = 0; i < MB; ++i) acc[nb][i] = D::zero();
     const uint8_t* wg[NB];
     for (int nb = 0; nb < NB; ++nb) wg[nb] = p.w + ((b0 + nb) * G + g) * steps * 64;
-    for (int64_t j = 0; j < steps; ++j) {
-      typename D::W w[NB];
-      for (int nb = 0; nb < NB; ++nb) w[nb] = D::unpack(wg[nb] + j * 64);
-      for (int i = 0; i < MB; ++i) {
-        const int8_t* xi = x[i] + g * gs + 8 * j;
-        for (int nb = 0; nb < NB; ++nb) D::dot(acc[nb][i], w[nb], xi);
+    for (int64_t s = 0; s < subs; ++s) {
+      typename D::Acc acc[NB][MB];
+      for (int nb = 0; nb < NB; ++nb)
+        for (int i = 0; i < MB; ++i) acc[nb][i] = D::zero();
+      for (int64_t j = s * sub_steps; j < (s + 1) * sub_steps; ++j) {
+        typename D::W w[NB];
+        for (int nb = 0; nb < NB; ++nb) w[nb] = D::unpack(wg[nb] + j * 64);
+        for (int i = 0; i < MB; ++i) {
+          const int8_t* xi = x[i] + g * gs + 8 * j;
+          for (int nb = 0; nb < NB; ++nb) D::dot(acc[nb][i], w[nb], xi);
+        }
       }
-    }
-    for (int nb = 0; nb < NB; ++nb) {
-      const float* sw = p.w_scales + ((b0 + nb) * G + g) * R;
-      const uint8_t* z = p.w_zeros + ((b0 + nb) * G + g) * R;
-      for (int i = 0; i < MB; ++i)
-        D::finish(acc[nb][i], sw, z, p.x_scales[(m0 + i) * G + g], p.x_sums[(m0 + i) * G + g], y[nb][i]);
+      for (int nb = 0; nb < NB; ++nb) {
+        const float* sw = p.w_scales + ((b0 + nb) * G + g) * R;
+        const uint8_t* z = p.w_zeros + ((b0 + nb) * G + g) * R;
+        for (int i = 0; i < MB; ++i) {
+          const int64_t a = (m0 + i) * AG + g * subs + s;
+          D::finish(acc[nb][i], sw, z, p.x_scales[a], p.x_sums[a], y[nb][i]);
+        }
+      }
     }
   }
   for (int nb = 0; nb < NB; ++nb) {
