@@ -220,57 +220,36 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   }
 }
 
-// Quantizes the model's linears to 4 bits: with calibration sequences, GPTQ against the Hessians
-// of the layers' inputs, gathered by running the float model over them (the KV pool is idle:
-// nothing is allocated yet); without, round to nearest.
+// Quantizes the model's linears to 4 bits: with calibration sequences, GPTQ layer by layer
+// against the Hessians of each layer's inputs, from the calibration run through the model (a
+// float32 KV cache of its own: the engine's may be quantized); without, round to nearest.
 void Engine::Impl::quantize_w4(const EngineConfig& config) {
   const ActQuant act = config.quantization == "w4a16" ? ActQuant::kFloat
                        : config.quantization == "w4a4" ? ActQuant::kFmpq
                                                        : ActQuant::kInt8;
   if (config.quant_calibration.empty()) {
-    model->quantize_weights_w4(config.quant_group_size, nullptr, act);
+    model->quantize_weights_w4(config.quant_group_size, act);
     return;
   }
-  const ModelConfig& mc = model->config();
-  const int64_t ks[4] = {mc.hidden_size, mc.q_size(), mc.hidden_size, mc.intermediate_size};
-  double bytes = 0;
-  for (int64_t k : ks) bytes += 8.0 * k * k * mc.num_layers;
-  ACCEL_CHECK(bytes <= 4e9, InvalidArgument)
-      << "GPTQ calibration keeps every layer's input Hessians: " << bytes / 1e9
-      << " GB for this model, more than the 4 GB allowed; quantize without quant_calibration (round to nearest)";
-  // The float model: a float32 KV cache of one sequence's length (the engine's may be quantized).
+  const double bytes = static_cast<double>(model->layer_hessian_bytes());
+  ACCEL_CHECK(bytes <= 8e9, InvalidArgument)
+      << "GPTQ calibration keeps one layer's input Hessians: " << bytes / 1e9
+      << " GB for this model, more than the 8 GB allowed; quantize without quant_calibration (round to nearest)";
   KvCacheShape calib_shape = cache->shape();
   calib_shape.kv_bits = 0;
-  calib_shape.num_blocks = std::min(calib_shape.num_blocks, (info.max_model_len + config.block_size - 1) / config.block_size);
+  calib_shape.num_blocks = (info.max_model_len + config.block_size - 1) / config.block_size;
   KvCache calib_cache(calib_shape);
-  LayerHessians h;
-  model->collect_hessians(&h);
-  const int bs = config.block_size, max_len = std::min(info.max_model_len, calib_shape.num_blocks * bs);
+  std::vector<std::vector<int32_t>> seqs;
   for (size_t s = 0; s < config.quant_calibration.size(); ++s) {
     const std::vector<int32_t>& seq = config.quant_calibration[s];
-    const int n = std::min<int>(static_cast<int>(seq.size()), max_len);
+    const int n = std::min<int>(static_cast<int>(seq.size()), info.max_model_len);
     for (int i = 0; i < n; ++i)
       ACCEL_CHECK(seq[i] >= 0 && seq[i] < info.vocab_size, InvalidArgument)
           << "quant_calibration sequence " << s << " has token id " << seq[i] << " at index " << i
           << ", out of range [0, " << info.vocab_size << ")";
-    // One sequence in prompt-sized chunks, its K/V in blocks 0, 1, ... of the idle pool.
-    for (int a = 0; a < n; a += config.max_num_batched_tokens) {
-      const int b = std::min(n, a + config.max_num_batched_tokens);
-      plan.clear();
-      plan.block_table_offset.push_back(0);
-      for (int blk = 0; blk < (b + bs - 1) / bs; ++blk) plan.block_tables.push_back(blk);
-      for (int i = a; i < b; ++i) {
-        plan.token_ids.push_back(seq[i]);
-        plan.positions.push_back(i);
-        plan.slots.push_back(i);
-        plan.seq_of_token.push_back(0);
-      }
-      model->forward(plan, calib_cache, *pool, &logits);
-    }
+    seqs.emplace_back(seq.begin(), seq.begin() + n);
   }
-  plan.clear();
-  model->collect_hessians(nullptr);
-  model->quantize_weights_w4(config.quant_group_size, &h, act, config.quant_a8_fraction);
+  model->quantize_weights_w4_calibrated(seqs, calib_cache, *pool, config.quant_group_size, act, config.quant_a8_fraction);
 }
 
 // Seeds SmartSpec's step-time model: forward passes over made-up batches that vary the token

@@ -142,16 +142,6 @@ void LlamaModel::compute_rope(const BatchPlan& plan) {
 
 static const float* opt(const FloatBuffer& b) { return b.empty() ? nullptr : b.data(); }
 
-void LlamaModel::collect_hessians(LayerHessians* h) {
-  hessians_ = h;
-  if (!h) return;
-  const ModelConfig& c = config_;
-  const int64_t ks[4] = {c.hidden_size, c.q_size(), c.hidden_size, c.intermediate_size};
-  h->assign(c.num_layers, {});
-  for (auto& layer : *h)
-    for (int i = 0; i < 4; ++i) layer[i].assign(static_cast<size_t>(ks[i] * ks[i]), 0.0);
-}
-
 static void add_gram(std::vector<double>* h, const float* x, int64_t T, int64_t k) {
   for (int64_t t = 0; t < T; ++t) {
     const float* r = x + t * k;
@@ -163,10 +153,8 @@ static void add_gram(std::vector<double>* h, const float* x, int64_t T, int64_t 
   }
 }
 
-void LlamaModel::quantize_weights_w4(int group_size, const LayerHessians* h, ActQuant act, double a8_fraction) {
-  act_quant_ = act;
-  ACCEL_CHECK(!h || static_cast<int>(h->size()) == config_.num_layers, InvalidArgument)
-      << "calibration Hessians for " << (h ? h->size() : 0) << " layers, the model has " << config_.num_layers;
+void LlamaModel::quantize_layer_w4(int l, int group_size, const LayerHessian* h, double a8_fraction) {
+  const ActQuant act = act_quant_;
   ACCEL_CHECK(act != ActQuant::kFmpq || h, InvalidArgument) << "w4a4 (FMPQ) needs calibration data";
   auto quantize = [&](FloatBuffer* f, int64_t rows, const std::vector<double>* hess, Q4Tiled* q, ActOrder* order) {
     const int64_t cols = static_cast<int64_t>(f->size()) / rows;
@@ -198,13 +186,74 @@ void LlamaModel::quantize_weights_w4(int group_size, const LayerHessians* h, Act
     *f = FloatBuffer();
   };
   const ModelConfig& c = config_;
+  LayerWeights& L = w_.layers[l];
+  quantize(&L.qkv_w, c.q_size() + 2 * c.kv_size(), h ? &(*h)[0] : nullptr, &L.qkv_q, &L.qkv_a);
+  quantize(&L.o_w, c.hidden_size, h ? &(*h)[1] : nullptr, &L.o_q, &L.o_a);
+  quantize(&L.gate_up_w, 2 * c.intermediate_size, h ? &(*h)[2] : nullptr, &L.gate_up_q, &L.gate_up_a);
+  quantize(&L.down_w, c.hidden_size, h ? &(*h)[3] : nullptr, &L.down_q, &L.down_a);
+}
+
+void LlamaModel::quantize_weights_w4(int group_size, ActQuant act) {
+  ACCEL_CHECK(act != ActQuant::kFmpq, InvalidArgument) << "w4a4 (FMPQ) needs calibration data";
+  act_quant_ = act;
+  for (int l = 0; l < config_.num_layers; ++l) quantize_layer_w4(l, group_size, nullptr, 0);
+}
+
+size_t LlamaModel::layer_hessian_bytes() const {
+  const ModelConfig& c = config_;
+  const double ks[4] = {double(c.hidden_size), double(c.q_size()), double(c.hidden_size), double(c.intermediate_size)};
+  double b = 0;
+  for (double k : ks) b += 8 * k * k;
+  return static_cast<size_t>(b);
+}
+
+void LlamaModel::quantize_weights_w4_calibrated(const std::vector<std::vector<int32_t>>& seqs, KvCache& cache,
+                                                ThreadPool& pool, int group_size, ActQuant act, double a8_fraction) {
+  const ModelConfig& c = config_;
+  const int64_t H = c.hidden_size, bs = cache.shape().block_size;
+  ACCEL_CHECK(!cache.quantized(), InvalidArgument) << "calibration runs the float model: give it a float32 KV cache";
+  act_quant_ = act;
+  // Each sequence is one plan (positions 0.., blocks 0.. of the cache) whose residual stream X is
+  // kept between layers.
+  std::vector<BatchPlan> plans(seqs.size());
+  std::vector<std::vector<float>> X(seqs.size());
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const int64_t n = static_cast<int64_t>(seqs[s].size());
+    ACCEL_CHECK(n <= static_cast<int64_t>(cache.shape().num_blocks) * bs, InvalidArgument)
+        << "calibration sequence " << s << " has " << n << " tokens, more than the calibration KV cache holds";
+    BatchPlan& p = plans[s];
+    p.block_table_offset.push_back(0);
+    for (int64_t b = 0; b < (n + bs - 1) / bs; ++b) p.block_tables.push_back(static_cast<int32_t>(b));
+    X[s].resize(n * H);
+    for (int64_t i = 0; i < n; ++i) {
+      p.token_ids.push_back(seqs[s][i]);
+      p.positions.push_back(static_cast<int32_t>(i));
+      p.slots.push_back(i);
+      p.seq_of_token.push_back(0);
+      std::memcpy(X[s].data() + i * H, w_.embed.data() + static_cast<int64_t>(seqs[s][i]) * H, H * sizeof(float));
+    }
+  }
+  auto pass = [&](int l, bool keep) {
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      if (plans[s].num_tokens() == 0) continue;
+      prepare(plans[s]);
+      std::memcpy(x_.data(), X[s].data(), X[s].size() * sizeof(float));
+      run_layer(l, plans[s], cache, plans[s].slots.data(), pool);
+      if (keep) std::memcpy(X[s].data(), x_.data(), X[s].size() * sizeof(float));
+    }
+  };
+  // GPTQ's sequential order: layer l is calibrated on the outputs of the quantized layers before
+  // it, then quantized, then run again (quantized) to give the next layer its inputs. One layer's
+  // Hessians in memory at a time.
+  const int64_t ks[4] = {H, c.q_size(), H, c.intermediate_size};
   for (int l = 0; l < c.num_layers; ++l) {
-    LayerWeights& L = w_.layers[l];
-    const auto* H = h ? &(*h)[l] : nullptr;
-    quantize(&L.qkv_w, c.q_size() + 2 * c.kv_size(), H ? &(*H)[0] : nullptr, &L.qkv_q, &L.qkv_a);
-    quantize(&L.o_w, c.hidden_size, H ? &(*H)[1] : nullptr, &L.o_q, &L.o_a);
-    quantize(&L.gate_up_w, 2 * c.intermediate_size, H ? &(*H)[2] : nullptr, &L.gate_up_q, &L.gate_up_a);
-    quantize(&L.down_w, c.hidden_size, H ? &(*H)[3] : nullptr, &L.down_q, &L.down_a);
+    LayerHessian h;
+    for (int i = 0; i < 4; ++i) h[i].assign(static_cast<size_t>(ks[i] * ks[i]), 0.0);
+    hessians_ = &h;
+    pass(l, false);
+    hessians_ = nullptr;
+    quantize_layer_w4(l, group_size, &h, a8_fraction);
+    pass(l, true);
   }
 }
 
@@ -255,81 +304,89 @@ void LlamaModel::linear(const float* x, int64_t T, int64_t k, const FloatBuffer&
   cpu::qlinear_w4a8(p, pool);
 }
 
-void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool, FloatBuffer* logits) {
+void LlamaModel::prepare(const BatchPlan& plan) {
+  const ModelConfig& c = config_;
+  const int64_t T = plan.num_tokens(), H = c.hidden_size;
+  x_.resize(T * H);
+  h_.resize(T * H);
+  qkv_.resize(T * (c.q_size() + 2 * c.kv_size()));
+  attn_.resize(T * c.q_size());
+  mlp_.resize(T * 2 * c.intermediate_size);
+  act_.resize(T * c.intermediate_size);
+  compute_rope(plan);
+}
+
+void LlamaModel::run_layer(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool) {
   const ModelConfig& c = config_;
   const int64_t T = plan.num_tokens();
   const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_size(), KV = c.kv_size();
   const int64_t QKV = Q + 2 * KV;
+  const KvCacheShape& ks = cache.shape();
+  const LayerWeights& L = w_.layers[l];
+  auto* gram = hessians_;  // calibration: this layer's input Gram matrices
+  cpu::AttentionParams ap;
+  cpu::rms_norm({x_.data(), L.input_norm.data(), h_.data(), T, H, c.rms_norm_eps});
+  if (gram) add_gram(&(*gram)[0], h_.data(), T, H);
+  linear(h_.data(), T, H, L.qkv_w, L.qkv_q, L.qkv_a, L.qkv_b, qkv_.data(), QKV, pool);
+  cpu::apply_rope({qkv_.data(), T, c.num_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
+  cpu::apply_rope({qkv_.data() + Q, T, c.num_kv_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
+  cpu::write_kv({qkv_.data() + Q, qkv_.data() + Q + KV, QKV, cache.k(l), cache.v(l), slots, T, c.num_kv_heads,
+                 c.head_dim, ks.block_size});
+  if (cache.quantized()) {
+    cache.quantize_layer(l, pool);
+    ap.kv_bits = ks.kv_bits;
+    ap.kv_records = cache.records(l);
+    ap.stage_of_block = cache.stage_of_block();
+  }
+  ap.q = qkv_.data();
+  ap.ldq = QKV;
+  ap.out = attn_.data();
+  ap.k_cache = cache.k(l);
+  ap.v_cache = cache.v(l);
+  ap.positions = plan.positions.data();
+  ap.seq_of_token = plan.seq_of_token.data();
+  ap.block_tables = plan.block_tables.data();
+  ap.block_table_offset = plan.block_table_offset.data();
+  ap.num_tokens = T;
+  ap.num_heads = c.num_heads;
+  ap.num_kv_heads = c.num_kv_heads;
+  ap.head_dim = c.head_dim;
+  ap.block_size = ks.block_size;
+  ap.window = c.sliding_window[l];
+  ap.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  if (!plan.extra_offset.empty()) {
+    ap.extra_offset = plan.extra_offset.data();
+    ap.extra_slots = cache.extra_slots(plan);
+  }
+  cpu::paged_attention(ap, pool);
+  if (gram) add_gram(&(*gram)[1], attn_.data(), T, Q);
+  linear(attn_.data(), T, Q, L.o_w, L.o_q, L.o_a, L.o_b, h_.data(), H, pool);
+  cpu::add_inplace(x_.data(), h_.data(), T * H);
+  cpu::rms_norm({x_.data(), L.post_norm.data(), h_.data(), T, H, c.rms_norm_eps});
+  if (gram) add_gram(&(*gram)[2], h_.data(), T, H);
+  linear(h_.data(), T, H, L.gate_up_w, L.gate_up_q, L.gate_up_a, L.gate_up_b, mlp_.data(), 2 * I, pool);
+  cpu::silu_mul(mlp_.data(), act_.data(), T, I);
+  if (gram) add_gram(&(*gram)[3], act_.data(), T, I);
+  linear(act_.data(), T, I, L.down_w, L.down_q, L.down_a, L.down_b, h_.data(), H, pool);
+  cpu::add_inplace(x_.data(), h_.data(), T * H);
+}
+
+void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool, FloatBuffer* logits) {
+  const ModelConfig& c = config_;
+  const int64_t T = plan.num_tokens(), H = c.hidden_size;
   ACCEL_DCHECK(static_cast<int64_t>(plan.positions.size()) == T && static_cast<int64_t>(plan.slots.size()) == T);
   if (T == 0) {
     logits->resize(0);
     return;
   }
-  x_.resize(T * H);
-  h_.resize(T * H);
-  qkv_.resize(T * QKV);
-  attn_.resize(T * Q);
-  mlp_.resize(T * 2 * I);
-  act_.resize(T * I);
+  prepare(plan);
   for (int64_t t = 0; t < T; ++t) {
     std::memcpy(x_.data() + t * H, w_.embed.data() + static_cast<int64_t>(plan.token_ids[t]) * H, H * sizeof(float));
   }
-  compute_rope(plan);
-  const KvCacheShape& ks = cache.shape();
-  const bool kvq = cache.quantized();
-  if (kvq) cache.begin_step(plan);
+  if (cache.quantized()) cache.begin_step(plan);
   const int64_t* slots = cache.slots(plan);
-
-  for (int l = 0; l < c.num_layers; ++l) {
-    const LayerWeights& L = w_.layers[l];
-    cpu::AttentionParams ap;
-    cpu::rms_norm({x_.data(), L.input_norm.data(), h_.data(), T, H, c.rms_norm_eps});
-    if (hessians_) add_gram(&(*hessians_)[l][0], h_.data(), T, H);
-    linear(h_.data(), T, H, L.qkv_w, L.qkv_q, L.qkv_a, L.qkv_b, qkv_.data(), QKV, pool);
-    cpu::apply_rope({qkv_.data(), T, c.num_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
-    cpu::apply_rope({qkv_.data() + Q, T, c.num_kv_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
-    cpu::write_kv({qkv_.data() + Q, qkv_.data() + Q + KV, QKV, cache.k(l), cache.v(l), slots, T, c.num_kv_heads,
-                   c.head_dim, ks.block_size});
-    if (kvq) {
-      cache.quantize_layer(l, pool);
-      ap.kv_bits = ks.kv_bits;
-      ap.kv_records = cache.records(l);
-      ap.stage_of_block = cache.stage_of_block();
-    }
-    ap.q = qkv_.data();
-    ap.ldq = QKV;
-    ap.out = attn_.data();
-    ap.k_cache = cache.k(l);
-    ap.v_cache = cache.v(l);
-    ap.positions = plan.positions.data();
-    ap.seq_of_token = plan.seq_of_token.data();
-    ap.block_tables = plan.block_tables.data();
-    ap.block_table_offset = plan.block_table_offset.data();
-    ap.num_tokens = T;
-    ap.num_heads = c.num_heads;
-    ap.num_kv_heads = c.num_kv_heads;
-    ap.head_dim = c.head_dim;
-    ap.block_size = ks.block_size;
-    ap.window = c.sliding_window[l];
-    ap.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-    if (!plan.extra_offset.empty()) {
-      ap.extra_offset = plan.extra_offset.data();
-      ap.extra_slots = cache.extra_slots(plan);
-    }
-    cpu::paged_attention(ap, pool);
-    if (hessians_) add_gram(&(*hessians_)[l][1], attn_.data(), T, Q);
-    linear(attn_.data(), T, Q, L.o_w, L.o_q, L.o_a, L.o_b, h_.data(), H, pool);
-    cpu::add_inplace(x_.data(), h_.data(), T * H);
-    cpu::rms_norm({x_.data(), L.post_norm.data(), h_.data(), T, H, c.rms_norm_eps});
-    if (hessians_) add_gram(&(*hessians_)[l][2], h_.data(), T, H);
-    linear(h_.data(), T, H, L.gate_up_w, L.gate_up_q, L.gate_up_a, L.gate_up_b, mlp_.data(), 2 * I, pool);
-    cpu::silu_mul(mlp_.data(), act_.data(), T, I);
-    if (hessians_) add_gram(&(*hessians_)[l][3], act_.data(), T, I);
-    linear(act_.data(), T, I, L.down_w, L.down_q, L.down_a, L.down_b, h_.data(), H, pool);
-    cpu::add_inplace(x_.data(), h_.data(), T * H);
-  }
-
-  if (kvq) cache.end_step();
+  for (int l = 0; l < c.num_layers; ++l) run_layer(l, plan, cache, slots, pool);
+  if (cache.quantized()) cache.end_step();
 
   // Final norm and head only for the rows that need logits.
   const int64_t R = static_cast<int64_t>(plan.logit_rows.size());

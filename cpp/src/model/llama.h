@@ -50,9 +50,9 @@ struct ModelWeights {
 // Loads and checks every tensor's shape against the config. Throws FormatError naming the tensor.
 ModelWeights load_weights(const ModelConfig& config, const std::string& model_dir);
 
-// Per layer, the Gram matrices (sum of x x^T, [k, k]) of the inputs of its four linears, in the
-// order qkv, o, gate_up, down: what GPTQ needs.
-using LayerHessians = std::vector<std::array<std::vector<double>, 4>>;
+// A layer's four linears' input Gram matrices (sum of x x^T, [k, k]), in the order qkv, o,
+// gate_up, down: what GPTQ needs.
+using LayerHessian = std::array<std::vector<double>, 4>;
 
 class LlamaModel {
  public:
@@ -64,17 +64,26 @@ class LlamaModel {
   // (in that order) to `logits` ([logit_rows.size(), vocab]).
   void forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool, FloatBuffer* logits);
 
-  // Calibration: while set, forward adds each linear's input Gram matrix into *h (sized here).
-  void collect_hessians(LayerHessians* h);
-  // Replaces the four linear weight matrices of every layer by 4-bit ones (quant/q4.h): GPTQ
-  // against h when given, else round to nearest with a clip search. Frees the float ones. Their
-  // inputs then go as `act` says. kFmpq needs h: each linear's input channels are ordered by their
-  // calibration magnitude (the diagonal of h), the weight's columns permuted to match, and the
-  // last a8_fraction of the activation sub-groups kept in 8 bits.
-  void quantize_weights_w4(int group_size, const LayerHessians* h, ActQuant act, double a8_fraction = 0);
+  // Replaces the four linear weight matrices of every layer by 4-bit ones (quant/q4.h) rounded to
+  // nearest with a clip search, and frees the float ones. Their inputs then go as `act` says
+  // (not kFmpq, which needs calibration).
+  void quantize_weights_w4(int group_size, ActQuant act);
+  // The same with GPTQ, layer by layer in GPTQ's sequential order over the calibration token
+  // sequences (run through the model with `cache`, a float32 cache of at least the longest). For
+  // kFmpq each linear's input channels are ordered by their calibration magnitude (the Hessian
+  // diagonal), the weight's columns permuted to match, and the last a8_fraction of the activation
+  // sub-groups kept in 8 bits.
+  void quantize_weights_w4_calibrated(const std::vector<std::vector<int32_t>>& seqs, KvCache& cache, ThreadPool& pool,
+                                      int group_size, ActQuant act, double a8_fraction);
+  // Memory the calibrated quantizer holds for one layer's Hessians.
+  size_t layer_hessian_bytes() const;
 
  private:
   void compute_rope(const BatchPlan& plan);
+  void prepare(const BatchPlan& plan);  // scratch sizes and RoPE tables for the plan
+  // One decoder layer over the plan, in place on x_.
+  void run_layer(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool);
+  void quantize_layer_w4(int l, int group_size, const LayerHessian* h, double a8_fraction);
   // y[T, n] = x[T, k] W^T + b, through the float or the 4-bit weights, whichever the layer has.
   void linear(const float* x, int64_t T, int64_t k, const FloatBuffer& w, const Q4Tiled& q, const ActOrder& order,
               const FloatBuffer& b, float* y, int64_t n, ThreadPool& pool);
@@ -85,7 +94,7 @@ class LlamaModel {
   // Scratch, grown to the largest step seen.
   FloatBuffer x_, h_, qkv_, attn_, mlp_, act_, cos_, sin_, rows_;
   A8Activations xq_;
-  LayerHessians* hessians_ = nullptr;  // collect_hessians
+  LayerHessian* hessians_ = nullptr;   // calibration: run_layer adds its inputs' Gram matrices
   ActQuant act_quant_ = ActQuant::kInt8;  // what the quantized linears take as input
 };
 
