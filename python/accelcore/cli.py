@@ -1,4 +1,4 @@
-"""Command line: `accelcore generate --model DIR "prompt" ...`."""
+"""Command line: `accelcore generate --model DIR "prompt" ...` and `accelcore quantize --model DIR --out DIR --scheme S`."""
 
 from __future__ import annotations
 
@@ -45,6 +45,30 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from accelcore.quantize import quantize
+
+    summary = quantize(
+        args.model,
+        args.out,
+        args.scheme,
+        group_size=args.group_size,
+        calibration=args.calibration,
+        method=args.method,
+        a8_fraction=args.a8_fraction,
+        num_samples=args.num_samples,
+        sample_len=args.sample_len,
+        seed=args.seed,
+        num_threads=args.num_threads,
+    )
+    ratio = summary["ratio"]
+    print(
+        f"wrote {summary['out']} ({summary['scheme']}): {summary['bytes'] / 1e6:.2f} MB of tensors"
+        + (f", {ratio:.1%} of the model in float16 ({summary['float16_bytes'] / 1e6:.2f} MB)" if ratio else "")
+    )
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="accelcore", description="accelcore LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,10 +93,31 @@ def main(argv=None) -> int:
                         "or FMPQ's mixed 4/8-bit (w4a4, calibrated on text sampled from the model)")
     g.add_argument("--kv-cache-dtype", choices=["float32", "int8", "int4"], default="float32",
                    help="KV cache storage: keys per channel over each full block, values per token and head")
+    qz = sub.add_parser("quantize", help="write a 4-bit checkpoint (COMET's W4Ax + KV4) that `generate` and Engine load")
+    qz.add_argument("--model", required=True, help="Hugging Face model directory or hub id (float weights)")
+    qz.add_argument("--out", required=True, help="output directory (new or empty)")
+    qz.add_argument("--scheme", required=True,
+                    help="w4a16, w4a8 or w4a4 (FMPQ: 4-bit activations but for calibrated outlier channels), "
+                         "each with kv4, kv8 or kv16 (the KV cache engines loading it default to), e.g. w4a4kv4")
+    qz.add_argument("--group-size", type=int, default=128, help="weight group size along the input (multiple of 32)")
+    qz.add_argument("--calibration", default=None,
+                    help="calibration text: a .jsonl file (a string, token ids, or {\"text\": ...} per line) or plain "
+                         "text (one sequence per paragraph); default: sampled from the model itself, seeded")
+    qz.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
+                    help="gptq (error-compensating rounding on the calibration activations) or rtn (round to nearest "
+                         "with a clip search: fast, no calibration)")
+    qz.add_argument("--a8-fraction", type=float, default=None,
+                    help="w4a4: share of each linear's input channels (the largest) kept in 8 bits (default 0.4)")
+    qz.add_argument("--num-samples", type=int, default=16, help="sampled calibration sequences (no --calibration)")
+    qz.add_argument("--sample-len", type=int, default=256, help="tokens per sampled calibration sequence")
+    qz.add_argument("--seed", type=int, default=0, help="seed of the sampled calibration text")
+    qz.add_argument("--num-threads", type=int, default=None)
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "quantize":
+            return _quantize(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"accelcore: error: {e}", file=sys.stderr)
         return 2

@@ -185,6 +185,11 @@ class Engine:
     def model_info(self):
         return self._engine.model_info
 
+    @property
+    def config(self):
+        """The engine's EngineConfig as resolved (a quantized checkpoint's scheme, the KV dtype)."""
+        return self._engine.config
+
     # ---- tokenization ----
     def encode(self, text: str) -> List[int]:
         if self.tokenizer is None:
@@ -285,6 +290,12 @@ class Engine:
         num_preemptions, prefix_cache_hit_tokens, step_time_s, forward_time_s, ..."""
         s = self._engine.stats()
         return {name: getattr(s, name) for name in dir(s) if not name.startswith("_")}
+
+    def save_quantized(self, out_dir: str) -> None:
+        """Writes the quantized model (a 4-bit `quantization`, or a quantized checkpoint loaded) to
+        `out_dir` (new or empty) as a checkpoint Engine loads: packed safetensors, config.json with
+        a quantization_config, the tokenizer copied."""
+        self._engine.save_quantized(str(out_dir))
 
     # ---- high level ----
     def generate(

@@ -2,6 +2,7 @@
 // NotFound -> FileNotFoundError, InvalidArgument/FormatError/Unsupported -> ValueError.
 #include <accelcore/accelcore.h>
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/function.h>
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
@@ -100,6 +101,7 @@ NB_MODULE(_core, m) {
       .def_rw("quant_a8_fraction", &EngineConfig::quant_a8_fraction)
       .def_rw("quant_calibration", &EngineConfig::quant_calibration)
       .def_rw("kv_cache_dtype", &EngineConfig::kv_cache_dtype)
+      .def_rw("quant_progress", &EngineConfig::quant_progress)
       .def_rw("seed", &EngineConfig::seed);
 
   nb::class_<RequestMetrics>(m, "RequestMetrics")
@@ -170,7 +172,8 @@ NB_MODULE(_core, m) {
       .def("has_unfinished_requests", &Engine::has_unfinished_requests)
       .def("stats", &Engine::stats)
       .def_prop_ro("model_info", &Engine::model_info, nb::rv_policy::reference_internal)
-      .def_prop_ro("config", &Engine::config, nb::rv_policy::reference_internal);
+      .def_prop_ro("config", &Engine::config, nb::rv_policy::reference_internal)
+      .def("save_quantized", &Engine::save_quantized, "out_dir"_a, nb::call_guard<nb::gil_scoped_release>());
 
   m.def("cuda_available", &cuda_available);
   m.def("cuda_compiled", &cuda_compiled);

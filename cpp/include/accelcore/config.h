@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -34,7 +35,8 @@ struct EngineConfig {
   // stories260K (3.43 tokens per pass at 32, 3.46 at 8: benchmarks/speculation.py).
   int spec_max_match = 8;
   int spec_memory_mb = 64;   // bound on the global draft store
-  // Weight quantization applied at load: "none", "w4a8" (the linear layers' weights to 4 bits,
+  // Weight quantization applied at load (a quantized checkpoint, written by Engine::save_quantized
+  // or `accelcore quantize`, is run as stored; "none" or its own scheme then): "none", "w4a8" (the linear layers' weights to 4 bits,
   // asymmetric groups of quant_group_size input channels; their input activations to 8 bits per
   // token and group at run time), "w4a16" (the same weights, float activations) or "w4a4" (FMPQ:
   // activations in 4 bits but for the outlier channels, needs quant_calibration). The embedding
@@ -45,15 +47,18 @@ struct EngineConfig {
   // magnitude, in sub-groups of 8) whose activations stay 8-bit; the rest are 4-bit. Measured on
   // stories260K (w4a4kv4): 0.25 gives top-1 85.7% / KL 0.091, 0.4 gives 86.0% / 0.084.
   double quant_a8_fraction = 0.4;
-  // KV cache storage: "float32", "int8" or "int4". The quantized forms keep keys per channel over
+  // KV cache storage: "auto", "float32", "int8" or "int4". The quantized forms keep keys per channel over
   // each full block of block_size tokens and values per token and head (the block being filled
   // stays float32): 4-bit KV costs 30% of float16's bytes at head_dim 64. Speculation then drafts
   // at most to the end of the block after the last token.
-  std::string kv_cache_dtype = "float32";
+  // "auto": the quantized checkpoint's kv_cache, else float32.
+  std::string kv_cache_dtype = "auto";
   // Calibration token sequences for the 4-bit schemes: when given, the weights are rounded by GPTQ against
   // the Hessians of the layers' inputs on these sequences (the float model runs them at load);
   // otherwise by round to nearest with a clip search.
   std::vector<std::vector<int32_t>> quant_calibration;
+  // Called after each layer is quantized, with (layers done, layers in all): a progress display.
+  std::function<void(int, int)> quant_progress;
 
   void validate() const;  // throws InvalidArgument
 };

@@ -119,6 +119,12 @@ class Engine {
   EngineStats stats() const;
   const ModelInfo& model_info() const;
   const EngineConfig& config() const;
+  // Writes the quantized model (a 4-bit quantization option, or a quantized checkpoint loaded) to
+  // out_dir as a Hugging Face style checkpoint that Engine loads: model.safetensors with the
+  // packed tensors, config.json with a quantization_config recording the scheme (and the KV
+  // cache dtype as the default for engines that load it), the tokenizer and generation config
+  // copied. Throws InvalidArgument for a float model or out_dir == the model's directory.
+  void save_quantized(const std::string& out_dir) const;
 
  private:
   struct Impl;

@@ -1,6 +1,9 @@
 #include <accelcore/engine.h>
 
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <atomic>
 #include <chrono>
 #include <limits>
@@ -9,6 +12,7 @@
 #include "backend/cpu/cpu_features.h"
 #include "cuda/cuda_backend.h"
 #include "kv/kv_cache.h"
+#include "model/safetensors.h"
 #include "model/llama.h"
 #include "sample/sampler.h"
 #include "sched/scheduler.h"
@@ -62,8 +66,10 @@ void EngineConfig::validate() const {
       << "quant_a8_fraction must be in [0, 1], got " << quant_a8_fraction;
   ACCEL_CHECK(quant_group_size >= 32 && quant_group_size % 32 == 0 && quant_group_size <= 4096, InvalidArgument)
       << "quant_group_size must be a multiple of 32 in [32, 4096], got " << quant_group_size;
-  ACCEL_CHECK(kv_cache_dtype == "float32" || kv_cache_dtype == "int8" || kv_cache_dtype == "int4", InvalidArgument)
-      << "kv_cache_dtype must be 'float32', 'int8' or 'int4', got '" << kv_cache_dtype << "'";
+  ACCEL_CHECK(kv_cache_dtype == "auto" || kv_cache_dtype == "float32" || kv_cache_dtype == "int8" ||
+                  kv_cache_dtype == "int4",
+              InvalidArgument)
+      << "kv_cache_dtype must be 'auto', 'float32', 'int8' or 'int4', got '" << kv_cache_dtype << "'";
   ACCEL_CHECK(quant_calibration.empty() || quantization != "none", InvalidArgument)
       << "quant_calibration was given but quantization is 'none': it calibrates a 4-bit scheme";
 }
@@ -115,6 +121,7 @@ struct Engine::Impl {
   // Per-step scratch (under step_mu).
   BatchPlan plan;
   std::vector<ScheduledSeq> seqs;
+  bool from_quantized_checkpoint = false;
   std::vector<int32_t> released_blocks;  // scratch: release_kv
   std::vector<uint8_t> released_full;
   // Hands the blocks requests let go of to the KV cache (a quantized one drops their float forms).
@@ -156,6 +163,17 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   const int max_len = config.max_model_len > 0 ? config.max_model_len : mc.max_position_embeddings;
   ACCEL_CHECK(max_len <= mc.max_position_embeddings, InvalidArgument)
       << "max_model_len " << max_len << " exceeds the model's max_position_embeddings " << mc.max_position_embeddings;
+  if (mc.quant) {
+    const std::string stored = "w4" + mc.quant->activations;
+    ACCEL_CHECK(config.quantization == "none" || config.quantization == stored, InvalidArgument)
+        << config.model_path << " is a quantized checkpoint (" << mc.quant->scheme << "): quantization must be 'none' "
+        << "or '" << stored << "', got '" << config.quantization << "'";
+    ACCEL_CHECK(config.quant_calibration.empty(), InvalidArgument)
+        << config.model_path << " is already quantized (" << mc.quant->scheme << "): quant_calibration does not apply";
+    m.config.quantization = stored;
+    m.from_quantized_checkpoint = true;
+  }
+  if (m.config.kv_cache_dtype == "auto") m.config.kv_cache_dtype = mc.quant ? mc.quant->kv_cache : "float32";
   ModelWeights weights = load_weights(mc, config.model_path);
 
   m.info.architecture = mc.architecture;
@@ -171,7 +189,7 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   shape.num_kv_heads = mc.num_kv_heads;
   shape.head_dim = mc.head_dim;
   shape.block_size = config.block_size;
-  shape.kv_bits = config.kv_cache_dtype == "int8" ? 8 : config.kv_cache_dtype == "int4" ? 4 : 0;
+  shape.kv_bits = m.config.kv_cache_dtype == "int8" ? 8 : m.config.kv_cache_dtype == "int4" ? 4 : 0;
   const int64_t blocks_per_seq = (max_len + config.block_size - 1) / config.block_size;
   if (config.num_kv_blocks > 0) {
     shape.num_blocks = config.num_kv_blocks;
@@ -212,7 +230,7 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   m.num_total_blocks = shape.num_blocks;
   m.publish();
   m.pool = std::make_unique<ThreadPool>(config.num_threads > 0 ? config.num_threads : default_num_threads());
-  if (config.quantization != "none") m.quantize_w4(config);  // before the profile: it times this model
+  if (config.quantization != "none" && !m.from_quantized_checkpoint) m.quantize_w4(config);  // before the profile: it times this model
   if (sc.spec_max_draft > 0 && sc.spec_policy == SpecPolicy::kSmart) {
     m.profile_step_time();
     m.cache->reset();  // the profile wrote blocks nothing holds
@@ -228,7 +246,8 @@ void Engine::Impl::quantize_w4(const EngineConfig& config) {
                        : config.quantization == "w4a4" ? ActQuant::kFmpq
                                                        : ActQuant::kInt8;
   if (config.quant_calibration.empty()) {
-    model->quantize_weights_w4(config.quant_group_size, act);
+    model->quantize_weights_w4(config.quant_group_size, act, config.quant_progress);
+    model->round_embeddings_int8();
     return;
   }
   const double bytes = static_cast<double>(model->layer_hessian_bytes());
@@ -249,7 +268,9 @@ void Engine::Impl::quantize_w4(const EngineConfig& config) {
           << ", out of range [0, " << info.vocab_size << ")";
     seqs.emplace_back(seq.begin(), seq.begin() + n);
   }
-  model->quantize_weights_w4_calibrated(seqs, calib_cache, *pool, config.quant_group_size, act, config.quant_a8_fraction);
+  model->quantize_weights_w4_calibrated(seqs, calib_cache, *pool, config.quant_group_size, act, config.quant_a8_fraction,
+                                        config.quant_progress);
+  model->round_embeddings_int8();
 }
 
 // Seeds SmartSpec's step-time model: forward passes over made-up batches that vary the token
@@ -598,6 +619,49 @@ EngineStats Engine::stats() const {
 
 const ModelInfo& Engine::model_info() const { return impl_->info; }
 const EngineConfig& Engine::config() const { return impl_->config; }
+
+void Engine::save_quantized(const std::string& out_dir) const {
+  namespace fs = std::filesystem;
+  Impl& m = *impl_;  // the weights are only read; the lock keeps a step from running meanwhile
+  std::lock_guard<std::mutex> step_lock(m.step_mu);
+  ACCEL_CHECK(m.config.quantization != "none", InvalidArgument)
+      << "save_quantized: the model is not quantized (quantization='none'); nothing to save";
+  const fs::path out(out_dir), src(m.config.model_path);
+  ACCEL_CHECK(!(fs::exists(out) && fs::exists(src) && fs::equivalent(out, src)), InvalidArgument)
+      << "save_quantized: out_dir is the model's own directory " << out_dir;
+  ACCEL_CHECK(!fs::exists(out) || (fs::is_directory(out) && fs::is_empty(out)), InvalidArgument)
+      << "save_quantized: " << out_dir << " exists and is not an empty directory";
+  const std::vector<TensorOut> tensors = m.model->export_quantized();
+  fs::create_directories(out);
+  write_safetensors((out / "model.safetensors").string(), tensors, {{"format", "pt"}});
+
+  std::ifstream in(src / "config.json");
+  ACCEL_CHECK(in.good(), NotFound) << "save_quantized: cannot read " << (src / "config.json").string();
+  nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(in);
+  const std::string& kv = m.config.kv_cache_dtype;
+  const std::string act = m.config.quantization.substr(2);  // "a16", "a8" or "a4"
+  const int group = m.model->config().quant ? m.model->config().quant->group_size : m.config.quant_group_size;
+  nlohmann::ordered_json q = {
+      {"quant_method", "accelcore"},
+      {"format_version", 1},
+      {"scheme", m.config.quantization + (kv == "int4" ? "kv4" : kv == "int8" ? "kv8" : "kv16")},
+      {"weight_bits", 4},
+      {"activations", act},
+      {"kv_cache", kv},
+      {"group_size", group},
+  };
+  if (act == "a4") {
+    q["act_group"] = kA4SubGroup;
+    q["a8_fraction"] = m.model->config().quant ? m.model->config().quant->a8_fraction : m.config.quant_a8_fraction;
+  }
+  cfg["quantization_config"] = q;
+  std::ofstream cfg_out(out / "config.json");
+  cfg_out << cfg.dump(2) << "\n";
+  ACCEL_CHECK(cfg_out.good(), NotFound) << "save_quantized: cannot write " << (out / "config.json").string();
+  for (const char* f : {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                        "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt"})
+    if (fs::exists(src / f)) fs::copy_file(src / f, out / f, fs::copy_options::overwrite_existing);
+}
 
 bool cuda_compiled() { return cuda::compiled(); }
 bool cuda_available() { return cuda::compiled() && cuda::device_count() > 0; }

@@ -87,8 +87,137 @@ class WeightLoader {
 
 }  // namespace
 
+namespace {
+
+// A quantized checkpoint's tensors, each checked for dtype and shape before use.
+class QuantLoader {
+ public:
+  QuantLoader(const CheckpointReader& ckpt, const ModelConfig& c) : ckpt_(ckpt), c_(c) {}
+
+  const TensorView& get(const std::string& name, DType dtype, const std::vector<int64_t>& shape) const {
+    ACCEL_CHECK(ckpt_.contains(name), FormatError)
+        << "quantized checkpoint has no tensor '" << name << "' (is it a complete `accelcore quantize` output?)";
+    const TensorView& t = ckpt_.get(name);
+    ACCEL_CHECK(t.dtype == dtype && t.shape == shape, FormatError)
+        << "tensor '" << name << "' is " << dtype_name(t.dtype) << " " << fmt(t.shape) << ", the config and its "
+        << "quantization_config imply " << dtype_name(dtype) << " " << fmt(shape);
+    return t;
+  }
+
+  // 8-bit rows into floats (scale * q), keeping the scales.
+  void q8(const std::string& prefix, int64_t n, int64_t k, FloatBuffer* out, std::vector<float>* scales) const {
+    const TensorView& q = get(prefix + ".qweight", DType::kI8, {n, k});
+    const TensorView& s = get(prefix + ".scales", DType::kF32, {n});
+    Q8Rows r;
+    r.n = n;
+    r.k = k;
+    r.q.resize(n * k);
+    r.scales.resize(n);
+    std::memcpy(r.q.data(), q.data, q.nbytes);
+    std::memcpy(r.scales.data(), s.data, s.nbytes);
+    out->resize(n * k);
+    q8_dequantize(r, out->data());
+    *scales = std::move(r.scales);
+  }
+
+  // Linears stacked by rows (q, k, v or gate, up) into one tiled 4-bit weight.
+  Q4Tiled q4(const std::vector<std::string>& prefixes, const std::vector<int64_t>& rows, int64_t k) const {
+    Q4Weight w;
+    w.k = k;
+    w.group = c_.quant->group_size;
+    const int64_t G = w.groups(), kp = w.padded_k();
+    for (size_t i = 0; i < prefixes.size(); ++i) {
+      const TensorView& q = get(prefixes[i] + ".qweight", DType::kU8, {rows[i], kp / 2});
+      const TensorView& s = get(prefixes[i] + ".scales", DType::kF32, {rows[i], G});
+      const TensorView& z = get(prefixes[i] + ".zeros", DType::kU8, {rows[i], G});
+      for (size_t b = 0; b < z.nbytes; ++b)
+        ACCEL_CHECK(z.data[b] < 16, FormatError) << "tensor '" << prefixes[i] << ".zeros' holds " << int(z.data[b])
+                                                 << ", not a 4-bit zero point";
+      w.packed.insert(w.packed.end(), q.data, q.data + q.nbytes);
+      const float* sp = reinterpret_cast<const float*>(s.data);
+      w.scales.insert(w.scales.end(), sp, sp + s.numel());
+      w.zeros.insert(w.zeros.end(), z.data, z.data + z.nbytes);
+      w.n += rows[i];
+    }
+    return q4_tile(w);
+  }
+
+  ActOrder order(const std::string& prefix, int64_t k) const {
+    ActOrder o;
+    const TensorView& p = get(prefix + ".input_order", DType::kI32, {k});
+    const TensorView& a = get(prefix + ".a8_subgroups", DType::kI32, {1});
+    o.perm.resize(k);
+    std::memcpy(o.perm.data(), p.data, p.nbytes);
+    std::vector<char> seen(k, 0);
+    for (int32_t i : o.perm) {
+      ACCEL_CHECK(i >= 0 && i < k && !seen[i], FormatError)
+          << "tensor '" << prefix << ".input_order' is not a permutation of [0, " << k << ")";
+      seen[i] = 1;
+    }
+    int32_t a8;
+    std::memcpy(&a8, a.data, sizeof(a8));
+    const int64_t subs = (k + kA4SubGroup - 1) / kA4SubGroup;
+    ACCEL_CHECK(a8 >= 0 && a8 <= subs, FormatError)
+        << "tensor '" << prefix << ".a8_subgroups' is " << a8 << ", outside [0, " << subs << "]";
+    o.a8_subgroups = a8;
+    return o;
+  }
+
+  static std::string fmt(const std::vector<int64_t>& s) {
+    std::string out = "[";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + "]";
+  }
+
+ private:
+  const CheckpointReader& ckpt_;
+  const ModelConfig& c_;
+};
+
+ModelWeights load_quantized_weights(const ModelConfig& c, const CheckpointReader& ckpt) {
+  const QuantConfig& qc = *c.quant;
+  ACCEL_CHECK(qc.activations != "a4" || qc.act_group == kA4SubGroup, FormatError)
+      << "quantization_config.act_group is " << qc.act_group << "; this engine's FMPQ sub-groups are " << kA4SubGroup;
+  QuantLoader ld(ckpt, c);
+  WeightLoader fl(ckpt);
+  ModelWeights w;
+  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
+  const int64_t Q = c.q_size(), KV = c.kv_size();
+  ld.q8("model.embed_tokens", V, H, &w.embed, &w.embed_scales);
+  if (!c.tie_word_embeddings) ld.q8("lm_head", V, H, &w.lm_head, &w.head_scales);
+  w.final_norm = fl.load("model.norm.weight", {H});
+  w.layers.resize(c.num_layers);
+  for (int l = 0; l < c.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    LayerWeights& L = w.layers[l];
+    L.input_norm = fl.load(p + "input_layernorm.weight", {H});
+    L.post_norm = fl.load(p + "post_attention_layernorm.weight", {H});
+    const std::string a = p + "self_attn.", m = p + "mlp.";
+    L.qkv_q = ld.q4({a + "q_proj", a + "k_proj", a + "v_proj"}, {Q, KV, KV}, H);
+    L.o_q = ld.q4({a + "o_proj"}, {H}, Q);
+    L.gate_up_q = ld.q4({m + "gate_proj", m + "up_proj"}, {I, I}, H);
+    L.down_q = ld.q4({m + "down_proj"}, {H}, I);
+    if (c.qkv_bias) L.qkv_b = fl.stack({a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"}, {Q, KV, KV}, 0);
+    if (c.o_bias) L.o_b = fl.load(a + "o_proj.bias", {H});
+    if (c.mlp_bias) {
+      L.gate_up_b = fl.stack({m + "gate_proj.bias", m + "up_proj.bias"}, {I, I}, 0);
+      L.down_b = fl.load(m + "down_proj.bias", {H});
+    }
+    if (qc.activations == "a4") {
+      L.qkv_a = ld.order(a + "qkv_proj", H);
+      L.o_a = ld.order(a + "o_proj", Q);
+      L.gate_up_a = ld.order(m + "gate_up_proj", H);
+      L.down_a = ld.order(m + "down_proj", I);
+    }
+  }
+  return w;
+}
+
+}  // namespace
+
 ModelWeights load_weights(const ModelConfig& c, const std::string& model_dir) {
   CheckpointReader ckpt(model_dir);
+  if (c.quant) return load_quantized_weights(c, ckpt);
   WeightLoader ld(ckpt);
   ModelWeights w;
   const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
@@ -124,6 +253,84 @@ ModelWeights load_weights(const ModelConfig& c, const std::string& model_dir) {
 LlamaModel::LlamaModel(ModelConfig config, ModelWeights weights)
     : config_(std::move(config)), w_(std::move(weights)) {
   inv_freq_ = rope_inv_freq(config_.rope, config_.head_dim);
+  if (config_.quant) {
+    const std::string& a = config_.quant->activations;
+    act_quant_ = a == "a16" ? ActQuant::kFloat : a == "a4" ? ActQuant::kFmpq : ActQuant::kInt8;
+  }
+}
+
+void LlamaModel::round_embeddings_int8() {
+  const int64_t V = config_.vocab_size, H = config_.hidden_size;
+  auto round = [&](FloatBuffer* w, std::vector<float>* scales) {
+    Q8Rows r = q8_quantize_rows(w->data(), V, H);
+    q8_dequantize(r, w->data());
+    *scales = std::move(r.scales);
+  };
+  round(&w_.embed, &w_.embed_scales);
+  if (!w_.lm_head.empty()) round(&w_.lm_head, &w_.head_scales);
+}
+
+std::vector<TensorOut> LlamaModel::export_quantized() const {
+  ACCEL_CHECK(quantized() && !w_.embed_scales.empty(), InvalidArgument)
+      << "the model is not quantized: nothing to export (give the engine a 4-bit quantization option)";
+  const ModelConfig& c = config_;
+  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size, Q = c.q_size(), KV = c.kv_size();
+  std::vector<TensorOut> out;
+  auto q8 = [&](const std::string& prefix, const FloatBuffer& w, const std::vector<float>& scales) {
+    std::vector<int8_t> q(static_cast<size_t>(V * H));
+    for (int64_t r = 0; r < V; ++r)  // w = scale * q exactly, so w / scale rounds back to q
+      for (int64_t i = 0; i < H; ++i) q[r * H + i] = static_cast<int8_t>(std::lround(w[r * H + i] / scales[r]));
+    out.push_back(tensor_out(prefix + ".qweight", DType::kI8, {V, H}, q.data(), q.size()));
+    out.push_back(tensor_out(prefix + ".scales", DType::kF32, {V}, scales.data(), scales.size()));
+  };
+  auto f32 = [&](const std::string& name, const float* data, int64_t n) {
+    out.push_back(tensor_out(name, DType::kF32, {n}, data, static_cast<size_t>(n)));
+  };
+  auto q4 = [&](const Q4Tiled& t, const std::vector<std::string>& prefixes, const std::vector<int64_t>& rows) {
+    int64_t row0 = 0;
+    for (size_t i = 0; i < prefixes.size(); ++i) {
+      const Q4Weight w = q4_untile(t, row0, rows[i]);
+      out.push_back(tensor_out(prefixes[i] + ".qweight", DType::kU8, {rows[i], w.padded_k() / 2}, w.packed.data(), w.packed.size()));
+      out.push_back(tensor_out(prefixes[i] + ".scales", DType::kF32, {rows[i], w.groups()}, w.scales.data(), w.scales.size()));
+      out.push_back(tensor_out(prefixes[i] + ".zeros", DType::kU8, {rows[i], w.groups()}, w.zeros.data(), w.zeros.size()));
+      row0 += rows[i];
+    }
+  };
+  auto order = [&](const ActOrder& o, const std::string& prefix) {
+    if (act_quant_ != ActQuant::kFmpq) return;
+    out.push_back(tensor_out(prefix + ".input_order", DType::kI32, {static_cast<int64_t>(o.perm.size())}, o.perm.data(), o.perm.size()));
+    const int32_t a8 = static_cast<int32_t>(o.a8_subgroups);
+    out.push_back(tensor_out(prefix + ".a8_subgroups", DType::kI32, {1}, &a8, 1));
+  };
+  q8("model.embed_tokens", w_.embed, w_.embed_scales);
+  if (!w_.lm_head.empty()) q8("lm_head", w_.lm_head, w_.head_scales);
+  f32("model.norm.weight", w_.final_norm.data(), H);
+  for (int l = 0; l < c.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".", a = p + "self_attn.", m = p + "mlp.";
+    const LayerWeights& L = w_.layers[l];
+    f32(p + "input_layernorm.weight", L.input_norm.data(), H);
+    f32(p + "post_attention_layernorm.weight", L.post_norm.data(), H);
+    q4(L.qkv_q, {a + "q_proj", a + "k_proj", a + "v_proj"}, {Q, KV, KV});
+    q4(L.o_q, {a + "o_proj"}, {H});
+    q4(L.gate_up_q, {m + "gate_proj", m + "up_proj"}, {I, I});
+    q4(L.down_q, {m + "down_proj"}, {H});
+    if (!L.qkv_b.empty()) {
+      f32(a + "q_proj.bias", L.qkv_b.data(), Q);
+      f32(a + "k_proj.bias", L.qkv_b.data() + Q, KV);
+      f32(a + "v_proj.bias", L.qkv_b.data() + Q + KV, KV);
+    }
+    if (!L.o_b.empty()) f32(a + "o_proj.bias", L.o_b.data(), H);
+    if (!L.gate_up_b.empty()) {
+      f32(m + "gate_proj.bias", L.gate_up_b.data(), I);
+      f32(m + "up_proj.bias", L.gate_up_b.data() + I, I);
+    }
+    if (!L.down_b.empty()) f32(m + "down_proj.bias", L.down_b.data(), H);
+    order(L.qkv_a, a + "qkv_proj");
+    order(L.o_a, a + "o_proj");
+    order(L.gate_up_a, m + "gate_up_proj");
+    order(L.down_a, m + "down_proj");
+  }
+  return out;
 }
 
 void LlamaModel::compute_rope(const BatchPlan& plan) {
@@ -193,10 +400,13 @@ void LlamaModel::quantize_layer_w4(int l, int group_size, const LayerHessian* h,
   quantize(&L.down_w, c.hidden_size, h ? &(*h)[3] : nullptr, &L.down_q, &L.down_a);
 }
 
-void LlamaModel::quantize_weights_w4(int group_size, ActQuant act) {
+void LlamaModel::quantize_weights_w4(int group_size, ActQuant act, const std::function<void(int, int)>& progress) {
   ACCEL_CHECK(act != ActQuant::kFmpq, InvalidArgument) << "w4a4 (FMPQ) needs calibration data";
   act_quant_ = act;
-  for (int l = 0; l < config_.num_layers; ++l) quantize_layer_w4(l, group_size, nullptr, 0);
+  for (int l = 0; l < config_.num_layers; ++l) {
+    quantize_layer_w4(l, group_size, nullptr, 0);
+    if (progress) progress(l + 1, config_.num_layers);
+  }
 }
 
 size_t LlamaModel::layer_hessian_bytes() const {
@@ -208,7 +418,8 @@ size_t LlamaModel::layer_hessian_bytes() const {
 }
 
 void LlamaModel::quantize_weights_w4_calibrated(const std::vector<std::vector<int32_t>>& seqs, KvCache& cache,
-                                                ThreadPool& pool, int group_size, ActQuant act, double a8_fraction) {
+                                                ThreadPool& pool, int group_size, ActQuant act, double a8_fraction,
+                                                const std::function<void(int, int)>& progress) {
   const ModelConfig& c = config_;
   const int64_t H = c.hidden_size, bs = cache.shape().block_size;
   ACCEL_CHECK(!cache.quantized(), InvalidArgument) << "calibration runs the float model: give it a float32 KV cache";
@@ -254,6 +465,7 @@ void LlamaModel::quantize_weights_w4_calibrated(const std::vector<std::vector<in
     hessians_ = nullptr;
     quantize_layer_w4(l, group_size, &h, a8_fraction);
     pass(l, true);
+    if (progress) progress(l + 1, c.num_layers);
   }
 }
 

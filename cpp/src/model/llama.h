@@ -3,12 +3,14 @@
 #pragma once
 
 #include <array>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "kv/kv_cache.h"
 #include "model/model_config.h"
+#include "model/safetensors.h"
 #include "quant/q4.h"
 #include "sched/batch_plan.h"
 #include "util/buffer.h"
@@ -42,12 +44,16 @@ struct LayerWeights {
 struct ModelWeights {
   FloatBuffer embed;      // [vocab, hidden]
   FloatBuffer lm_head;    // [vocab, hidden]; empty when tied to embed
+  // 4-bit schemes: the embedding and head were rounded to 8 bits per row (quant/q4.h Q8Rows);
+  // their scales (the floats above are scale * q).
+  std::vector<float> embed_scales, head_scales;
   FloatBuffer final_norm;
   std::vector<LayerWeights> layers;
   const float* head() const { return lm_head.empty() ? embed.data() : lm_head.data(); }
 };
 
-// Loads and checks every tensor's shape against the config. Throws FormatError naming the tensor.
+// Loads and checks every tensor's shape against the config: float checkpoints, or a quantized one
+// (config.quant; the layout of LlamaModel::export_quantized). Throws FormatError naming the tensor.
 ModelWeights load_weights(const ModelConfig& config, const std::string& model_dir);
 
 // A layer's four linears' input Gram matrices (sum of x x^T, [k, k]), in the order qkv, o,
@@ -67,16 +73,29 @@ class LlamaModel {
   // Replaces the four linear weight matrices of every layer by 4-bit ones (quant/q4.h) rounded to
   // nearest with a clip search, and frees the float ones. Their inputs then go as `act` says
   // (not kFmpq, which needs calibration).
-  void quantize_weights_w4(int group_size, ActQuant act);
+  // progress (may be empty) is called after each layer with (layers done, layers).
+  void quantize_weights_w4(int group_size, ActQuant act, const std::function<void(int, int)>& progress = {});
   // The same with GPTQ, layer by layer in GPTQ's sequential order over the calibration token
   // sequences (run through the model with `cache`, a float32 cache of at least the longest). For
   // kFmpq each linear's input channels are ordered by their calibration magnitude (the Hessian
   // diagonal), the weight's columns permuted to match, and the last a8_fraction of the activation
   // sub-groups kept in 8 bits.
   void quantize_weights_w4_calibrated(const std::vector<std::vector<int32_t>>& seqs, KvCache& cache, ThreadPool& pool,
-                                      int group_size, ActQuant act, double a8_fraction);
+                                      int group_size, ActQuant act, double a8_fraction,
+                                      const std::function<void(int, int)>& progress = {});
   // Memory the calibrated quantizer holds for one layer's Hessians.
   size_t layer_hessian_bytes() const;
+  // Rounds the embedding and the head to 8 bits per row (part of every 4-bit scheme: a 4-bit
+  // checkpoint stores them so).
+  void round_embeddings_int8();
+  bool quantized() const { return !w_.layers.empty() && w_.layers[0].qkv_q.n != 0; }
+  // The quantized model as checkpoint tensors (Hugging Face names): per linear `.qweight` (U8,
+  // [rows, padded_k / 2], quant/q4.h Q4Weight packing, columns in the input's stored order),
+  // `.scales` (F32, [rows, groups]), `.zeros` (U8); w4a4 per linear input `.input_order` (I32,
+  // [k]) and `.a8_subgroups` (I32, [1]) under self_attn.qkv_proj, self_attn.o_proj,
+  // mlp.gate_up_proj and mlp.down_proj; embedding and head `.qweight` (I8) and `.scales` (F32,
+  // [vocab]); norms and biases F32.
+  std::vector<TensorOut> export_quantized() const;
 
  private:
   void compute_rope(const BatchPlan& plan);

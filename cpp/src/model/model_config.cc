@@ -203,6 +203,35 @@ ModelConfig parse_model_config(const std::string& config_text, const std::string
     }
   }
 
+  if (j.contains("quantization_config") && !j["quantization_config"].is_null()) {
+    const json& qj = j["quantization_config"];
+    const std::string qw = where + ": quantization_config";
+    ACCEL_CHECK(qj.is_object(), FormatError) << qw << " must be an object";
+    Reader q(qj, qw);
+    const std::string method = q.get_string("quant_method", "");
+    ACCEL_CHECK(method == "accelcore", Unsupported)
+        << qw << ".quant_method is '" << method << "': accelcore reads only its own quantized checkpoints "
+        << "(written by `accelcore quantize`); give it the float checkpoint and a quantization option instead";
+    ACCEL_CHECK(q.get_int("format_version") == 1, FormatError) << qw << ".format_version must be 1";
+    ACCEL_CHECK(q.get_int("weight_bits") == 4, FormatError) << qw << ".weight_bits must be 4";
+    QuantConfig qc;
+    qc.scheme = q.get_string("scheme", "");
+    qc.activations = q.get_string("activations", "");
+    ACCEL_CHECK(qc.activations == "a16" || qc.activations == "a8" || qc.activations == "a4", FormatError)
+        << qw << ".activations must be 'a16', 'a8' or 'a4', got '" << qc.activations << "'";
+    qc.kv_cache = q.get_string("kv_cache", "float32");
+    ACCEL_CHECK(qc.kv_cache == "float32" || qc.kv_cache == "int8" || qc.kv_cache == "int4", FormatError)
+        << qw << ".kv_cache must be 'float32', 'int8' or 'int4', got '" << qc.kv_cache << "'";
+    qc.group_size = q.get_int("group_size");
+    ACCEL_CHECK(qc.group_size >= 32 && qc.group_size % 32 == 0 && qc.group_size <= 4096, FormatError)
+        << qw << ".group_size must be a multiple of 32 in [32, 4096], got " << qc.group_size;
+    if (qc.activations == "a4") {
+      qc.act_group = q.get_int("act_group");
+      qc.a8_fraction = q.get_double("a8_fraction", 0.0);
+    }
+    c.quant = qc;
+  }
+
   if (j.contains("eos_token_id")) c.eos_token_ids = token_list(j["eos_token_id"], where);
   if (r.has("bos_token_id")) c.bos_token_id = r.get_int("bos_token_id");
   if (!gen_text.empty()) {

@@ -20,6 +20,17 @@ struct RopeConfig {
   int original_max_position_embeddings = 8192;  // llama3
 };
 
+// The quantization_config of a checkpoint written by `accelcore quantize` (quant_method
+// "accelcore", format_version 1): what the packed tensors hold and how the engine runs them.
+struct QuantConfig {
+  std::string scheme;       // e.g. "w4a4kv4"
+  std::string activations;  // "a16", "a8" or "a4" (FMPQ)
+  std::string kv_cache;     // "float32", "int8" or "int4": the engine's default kv_cache_dtype
+  int group_size = 0;       // weight group, a multiple of 32
+  int act_group = 0;        // a4: activation sub-group (quant/q4.h kA4SubGroup)
+  double a8_fraction = 0;   // a4: what the 8-bit sub-groups were chosen for (informative)
+};
+
 struct ModelConfig {
   std::string architecture;  // LlamaForCausalLM | MistralForCausalLM | Qwen2ForCausalLM
   int vocab_size = 0;
@@ -41,6 +52,7 @@ struct ModelConfig {
   std::vector<int> sliding_window;
   std::vector<int32_t> eos_token_ids;
   std::optional<int32_t> bos_token_id;
+  std::optional<QuantConfig> quant;  // a quantized checkpoint (accelcore's own format)
 
   int q_size() const { return num_heads * head_dim; }
   int kv_size() const { return num_kv_heads * head_dim; }

@@ -269,4 +269,37 @@ void convert_to_f32(const TensorView& t, float* out) {
   }
 }
 
+void write_safetensors(const std::string& path, const std::vector<TensorOut>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  size_t offset = 0;
+  std::set<std::string> names;
+  for (const TensorOut& t : tensors) {
+    ACCEL_CHECK(names.insert(t.name).second, InvalidArgument) << "duplicate tensor name '" << t.name << "'";
+    int64_t numel = 1;
+    for (int64_t d : t.shape) numel *= d;
+    ACCEL_CHECK(static_cast<size_t>(numel) * dtype_size(t.dtype) == t.bytes.size(), InvalidArgument)
+        << "tensor '" << t.name << "' holds " << t.bytes.size() << " bytes, its shape and dtype need "
+        << numel * dtype_size(t.dtype);
+    header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes.size()}}};
+    offset += t.bytes.size();
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');  // tensor data starts 8-byte aligned
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    ACCEL_CHECK(out.good(), NotFound) << "cannot write " << tmp;
+    uint64_t n = text.size();
+    unsigned char len[8];
+    for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(n >> (8 * i));
+    out.write(reinterpret_cast<const char*>(len), 8);
+    out.write(text.data(), static_cast<std::streamsize>(text.size()));
+    for (const TensorOut& t : tensors) out.write(reinterpret_cast<const char*>(t.bytes.data()), static_cast<std::streamsize>(t.bytes.size()));
+    ACCEL_CHECK(out.good(), NotFound) << "error writing " << tmp;
+  }
+  std::filesystem::rename(tmp, path);
+}
+
 }  // namespace accelcore

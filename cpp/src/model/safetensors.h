@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
@@ -62,6 +63,26 @@ class CheckpointReader {
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, const TensorView*> index_;
 };
+
+// A tensor to write: its bytes, little-endian, numel * dtype_size of them.
+struct TensorOut {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> bytes;
+};
+template <class T>
+TensorOut tensor_out(std::string name, DType dtype, std::vector<int64_t> shape, const T* data, size_t count) {
+  TensorOut t{std::move(name), dtype, std::move(shape), {}};
+  t.bytes.resize(count * sizeof(T));
+  if (count) std::memcpy(t.bytes.data(), data, t.bytes.size());
+  return t;
+}
+
+// Writes a safetensors file (through a temporary file renamed into place). Throws InvalidArgument
+// on duplicate names or sizes that do not match the shapes, NotFound if it cannot be written.
+void write_safetensors(const std::string& path, const std::vector<TensorOut>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
 
 // Converts any float tensor (f32, f16, bf16, f64) to float32 into `out` (numel floats).
 void convert_to_f32(const TensorView& t, float* out);

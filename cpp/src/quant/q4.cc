@@ -239,6 +239,50 @@ uint8_t q4_tiled_at(const Q4Tiled& t, int64_t row, int64_t i) {
   return c < 4 ? byte & 0x0F : byte >> 4;
 }
 
+Q4Weight q4_untile(const Q4Tiled& t, int64_t row0, int64_t n) {
+  ACCEL_DCHECK(row0 >= 0 && row0 + n <= t.n);
+  Q4Weight w;
+  w.n = n;
+  w.k = t.k;
+  w.group = t.group;
+  const int64_t G = t.groups, R = Q4Tiled::kRows, kp = w.padded_k();
+  std::vector<uint8_t> q(static_cast<size_t>(n * kp));
+  w.scales.resize(n * G);
+  w.zeros.resize(n * G);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t row = row0 + r, b = row / R, lane = row % R;
+    for (int64_t i = 0; i < kp; ++i) q[r * kp + i] = q4_tiled_at(t, row, i);
+    for (int64_t g = 0; g < G; ++g) {
+      w.scales[r * G + g] = t.scales[(b * G + g) * R + lane];
+      w.zeros[r * G + g] = t.zeros[(b * G + g) * R + lane];
+    }
+  }
+  q4_pack(q.data(), &w);
+  return w;
+}
+
+Q8Rows q8_quantize_rows(const float* w, int64_t n, int64_t k) {
+  Q8Rows r;
+  r.n = n;
+  r.k = k;
+  r.q.resize(n * k);
+  r.scales.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = w + i * k;
+    float amax = 0;
+    for (int64_t j = 0; j < k; ++j) amax = std::max(amax, std::fabs(row[j]));
+    const float scale = amax > 0 ? amax / 127.0f : 1.0f, inv = 1.0f / scale;
+    r.scales[i] = scale;
+    for (int64_t j = 0; j < k; ++j) r.q[i * k + j] = static_cast<int8_t>(std::clamp(round_even(row[j] * inv), -127.0f, 127.0f));
+  }
+  return r;
+}
+
+void q8_dequantize(const Q8Rows& r, float* w) {
+  for (int64_t i = 0; i < r.n; ++i)
+    for (int64_t j = 0; j < r.k; ++j) w[i * r.k + j] = r.scales[i] * static_cast<float>(r.q[i * r.k + j]);
+}
+
 void a8_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t group, A8Activations* a) {
   check_group(group);
   a->m = m;

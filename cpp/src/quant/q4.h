@@ -68,6 +68,18 @@ struct Q4Tiled {
 Q4Tiled q4_tile(const Q4Weight& w);
 // The 4-bit value of weight (row, i) in the tiled layout.
 uint8_t q4_tiled_at(const Q4Tiled& t, int64_t row, int64_t i);
+// The inverse of q4_tile (rows [row0, row0 + n) of it): the checkpoint's layout.
+Q4Weight q4_untile(const Q4Tiled& t, int64_t row0, int64_t n);
+
+// 8 bits per row, symmetric: w[r][i] ~= scale[r] * q[r][i], q in [-127, 127] (the embedding and
+// the head of a 4-bit checkpoint). q8_dequantize gives the floats the engine then runs.
+struct Q8Rows {
+  int64_t n = 0, k = 0;
+  std::vector<int8_t> q;      // [n][k]
+  std::vector<float> scales;  // [n]
+};
+Q8Rows q8_quantize_rows(const float* w, int64_t n, int64_t k);
+void q8_dequantize(const Q8Rows& r, float* w);
 
 struct A8Activations {
   int64_t m = 0, k = 0, group = 0;
