@@ -136,6 +136,11 @@ def main() -> int:
     prefill = {}
     for scheme in schemes:
         quant = dict(scheme_options(scheme), quant_group_size=args.group_size)
+        if quant["quantization"] == "w4a4":
+            # FMPQ orders channels by calibration magnitudes: a few random sequences do for speed
+            # (weights rounded to nearest; accuracy is tests/python/test_quantization.py's job).
+            vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
+            quant.update(quant_calibration=prompts_for(4, 128, vocab, seed=9), quant_method="rtn")
         engine = Engine(model_dir, num_threads=args.threads, max_num_seqs=max(args.batch_sizes), **quant)
         vocab = engine.model_info.vocab_size
         for bs in args.batch_sizes:

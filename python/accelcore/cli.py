@@ -105,7 +105,7 @@ def main(argv=None) -> int:
                          "text (one sequence per paragraph); default: sampled from the model itself, seeded")
     qz.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
                     help="gptq (error-compensating rounding on the calibration activations) or rtn (round to nearest "
-                         "with a clip search: fast, no calibration)")
+                         "with a clip search: fast; w4a4 still calibrates its channel order)")
     qz.add_argument("--a8-fraction", type=float, default=None,
                     help="w4a4: share of each linear's input channels (the largest) kept in 8 bits (default 0.4)")
     qz.add_argument("--num-samples", type=int, default=16, help="sampled calibration sequences (no --calibration)")

@@ -112,20 +112,20 @@ def quantize(
         raise ValueError(f"scheme {scheme!r} quantizes no weights: a checkpoint needs w4a16, w4a8 or w4a4")
     if method not in ("gptq", "rtn"):
         raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
-    if method == "rtn" and opts["quantization"] == "w4a4":
-        raise ValueError("w4a4 (FMPQ) needs calibration activations: use method 'gptq'")
-    if method == "rtn" and calibration is not None:
-        raise ValueError("a calibration file was given with method 'rtn' (round to nearest uses none)")
+    fmpq = opts["quantization"] == "w4a4"
+    if method == "rtn" and calibration is not None and not fmpq:
+        raise ValueError("a calibration file was given with method 'rtn' (round to nearest uses none; w4a4 uses it "
+                         "for its channel order)")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ValueError(f"output directory {out!r} exists and is not empty")
     path = resolve_model_path(model)
     calib = None
-    if method == "gptq":
+    if method == "gptq" or fmpq:  # w4a4 orders its channels by calibration magnitudes either way
         if calibration is not None:
             calib = read_calibration(calibration)
         else:
             calib = sample_calibration(path, num_samples, sample_len, seed, num_threads)
-    options = dict(opts, quant_group_size=group_size)
+    options = dict(opts, quant_group_size=group_size, quant_method=method)
     if a8_fraction is not None:
         options["quant_a8_fraction"] = a8_fraction
     bar = None

@@ -102,6 +102,7 @@ NB_MODULE(_core, m) {
       .def_rw("quant_calibration", &EngineConfig::quant_calibration)
       .def_rw("kv_cache_dtype", &EngineConfig::kv_cache_dtype)
       .def_rw("quant_progress", &EngineConfig::quant_progress)
+      .def_rw("quant_method", &EngineConfig::quant_method)
       .def_rw("seed", &EngineConfig::seed);
 
   nb::class_<RequestMetrics>(m, "RequestMetrics")

@@ -205,8 +205,10 @@ def test_bad_quantize_requests(stories_dir, tmp_path):
         Engine(str(stories_dir)).save_quantized(str(tmp_path / "f"))
     with pytest.raises(ValueError, match="quantizes no weights"):
         quantize(str(stories_dir), str(tmp_path / "kv"), "kv4")
-    with pytest.raises(ValueError, match="needs calibration"):
-        quantize(str(stories_dir), str(tmp_path / "rtn"), "w4a4kv4", method="rtn")
+    with pytest.raises(ValueError, match="round to nearest uses none"):
+        quantize(str(stories_dir), str(tmp_path / "rtn"), "w4a8kv4", method="rtn", calibration=__file__)
+    with pytest.raises(ValueError, match="quant_method must be"):
+        Engine(str(stories_dir), quantization="w4a8", quant_method="awq")
     with pytest.raises(FileNotFoundError, match="calibration file not found"):
         quantize(str(stories_dir), str(tmp_path / "c"), "w4a8", calibration=str(tmp_path / "missing.jsonl"))
     bad = tmp_path / "bad.jsonl"

@@ -57,6 +57,9 @@ struct EngineConfig {
   // the Hessians of the layers' inputs on these sequences (the float model runs them at load);
   // otherwise by round to nearest with a clip search.
   std::vector<std::vector<int32_t>> quant_calibration;
+  // How weights are rounded with calibration: "gptq", or "rtn" (round to nearest with a clip
+  // search; the calibration then only orders w4a4's channels: fast for large models).
+  std::string quant_method = "gptq";
   // Called after each layer is quantized, with (layers done, layers in all): a progress display.
   std::function<void(int, int)> quant_progress;
 

@@ -62,6 +62,8 @@ void EngineConfig::validate() const {
   ACCEL_CHECK(quantization != "w4a4" || !quant_calibration.empty(), InvalidArgument)
       << "quantization 'w4a4' (FMPQ) needs quant_calibration: its channel order and 8-bit groups come from "
          "the calibration activations (the Python Engine samples them from the model when none are given)";
+  ACCEL_CHECK(quant_method == "gptq" || quant_method == "rtn", InvalidArgument)
+      << "quant_method must be 'gptq' or 'rtn', got '" << quant_method << "'";
   ACCEL_CHECK(quant_a8_fraction >= 0 && quant_a8_fraction <= 1, InvalidArgument)
       << "quant_a8_fraction must be in [0, 1], got " << quant_a8_fraction;
   ACCEL_CHECK(quant_group_size >= 32 && quant_group_size % 32 == 0 && quant_group_size <= 4096, InvalidArgument)
@@ -251,7 +253,7 @@ void Engine::Impl::quantize_w4(const EngineConfig& config) {
     return;
   }
   const double bytes = static_cast<double>(model->layer_hessian_bytes());
-  ACCEL_CHECK(bytes <= 8e9, InvalidArgument)
+  ACCEL_CHECK(bytes <= 8e9 || config.quant_method == "rtn", InvalidArgument)
       << "GPTQ calibration keeps one layer's input Hessians: " << bytes / 1e9
       << " GB for this model, more than the 8 GB allowed; quantize without quant_calibration (round to nearest)";
   KvCacheShape calib_shape = cache->shape();
@@ -269,7 +271,7 @@ void Engine::Impl::quantize_w4(const EngineConfig& config) {
     seqs.emplace_back(seq.begin(), seq.begin() + n);
   }
   model->quantize_weights_w4_calibrated(seqs, calib_cache, *pool, config.quant_group_size, act, config.quant_a8_fraction,
-                                        config.quant_progress);
+                                        config.quant_method == "gptq", config.quant_progress);
   model->round_embeddings_int8();
 }
 

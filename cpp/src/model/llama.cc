@@ -349,7 +349,12 @@ void LlamaModel::compute_rope(const BatchPlan& plan) {
 
 static const float* opt(const FloatBuffer& b) { return b.empty() ? nullptr : b.data(); }
 
-static void add_gram(std::vector<double>* h, const float* x, int64_t T, int64_t k) {
+static void add_gram(std::vector<double>* h, const float* x, int64_t T, int64_t k, bool diag_only) {
+  if (diag_only) {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < k; ++i) (*h)[i * k + i] += static_cast<double>(x[t * k + i]) * x[t * k + i];
+    return;
+  }
   for (int64_t t = 0; t < T; ++t) {
     const float* r = x + t * k;
     for (int64_t i = 0; i < k; ++i) {
@@ -360,7 +365,7 @@ static void add_gram(std::vector<double>* h, const float* x, int64_t T, int64_t 
   }
 }
 
-void LlamaModel::quantize_layer_w4(int l, int group_size, const LayerHessian* h, double a8_fraction) {
+void LlamaModel::quantize_layer_w4(int l, int group_size, const LayerHessian* h, double a8_fraction, bool gptq) {
   const ActQuant act = act_quant_;
   ACCEL_CHECK(act != ActQuant::kFmpq || h, InvalidArgument) << "w4a4 (FMPQ) needs calibration data";
   auto quantize = [&](FloatBuffer* f, int64_t rows, const std::vector<double>* hess, Q4Tiled* q, ActOrder* order) {
@@ -382,13 +387,17 @@ void LlamaModel::quantize_layer_w4(int l, int group_size, const LayerHessian* h,
         for (int64_t i = 0; i < cols; ++i) row[i] = w[perm[i]];
         std::copy(row.begin(), row.end(), w);
       }
-      std::vector<double> hp(static_cast<size_t>(cols * cols));
-      for (int64_t i = 0; i < cols; ++i)
-        for (int64_t j = 0; j < cols; ++j) hp[i * cols + j] = (*hess)[perm[i] * cols + perm[j]];
-      *q = q4_tile(q4_quantize_gptq(f->data(), rows, cols, group_size, hp.data()));
+      if (gptq) {
+        std::vector<double> hp(static_cast<size_t>(cols * cols));
+        for (int64_t i = 0; i < cols; ++i)
+          for (int64_t j = 0; j < cols; ++j) hp[i * cols + j] = (*hess)[perm[i] * cols + perm[j]];
+        *q = q4_tile(q4_quantize_gptq(f->data(), rows, cols, group_size, hp.data()));
+      } else {
+        *q = q4_tile(q4_quantize_rtn(f->data(), rows, cols, group_size, /*clip_search=*/true));
+      }
     } else {
-      *q = q4_tile(hess ? q4_quantize_gptq(f->data(), rows, cols, group_size, hess->data())
-                        : q4_quantize_rtn(f->data(), rows, cols, group_size, /*clip_search=*/true));
+      *q = q4_tile(hess && gptq ? q4_quantize_gptq(f->data(), rows, cols, group_size, hess->data())
+                                : q4_quantize_rtn(f->data(), rows, cols, group_size, /*clip_search=*/true));
     }
     *f = FloatBuffer();
   };
@@ -404,7 +413,7 @@ void LlamaModel::quantize_weights_w4(int group_size, ActQuant act, const std::fu
   ACCEL_CHECK(act != ActQuant::kFmpq, InvalidArgument) << "w4a4 (FMPQ) needs calibration data";
   act_quant_ = act;
   for (int l = 0; l < config_.num_layers; ++l) {
-    quantize_layer_w4(l, group_size, nullptr, 0);
+    quantize_layer_w4(l, group_size, nullptr, 0, false);
     if (progress) progress(l + 1, config_.num_layers);
   }
 }
@@ -419,7 +428,7 @@ size_t LlamaModel::layer_hessian_bytes() const {
 
 void LlamaModel::quantize_weights_w4_calibrated(const std::vector<std::vector<int32_t>>& seqs, KvCache& cache,
                                                 ThreadPool& pool, int group_size, ActQuant act, double a8_fraction,
-                                                const std::function<void(int, int)>& progress) {
+                                                bool gptq, const std::function<void(int, int)>& progress) {
   const ModelConfig& c = config_;
   const int64_t H = c.hidden_size, bs = cache.shape().block_size;
   ACCEL_CHECK(!cache.quantized(), InvalidArgument) << "calibration runs the float model: give it a float32 KV cache";
@@ -461,9 +470,10 @@ void LlamaModel::quantize_weights_w4_calibrated(const std::vector<std::vector<in
     LayerHessian h;
     for (int i = 0; i < 4; ++i) h[i].assign(static_cast<size_t>(ks[i] * ks[i]), 0.0);
     hessians_ = &h;
+    hessian_diag_only_ = !gptq;  // round to nearest needs only the channel magnitudes (FMPQ's order)
     pass(l, false);
     hessians_ = nullptr;
-    quantize_layer_w4(l, group_size, &h, a8_fraction);
+    quantize_layer_w4(l, group_size, &h, a8_fraction, gptq);
     pass(l, true);
     if (progress) progress(l + 1, c.num_layers);
   }
@@ -538,7 +548,7 @@ void LlamaModel::run_layer(int l, const BatchPlan& plan, KvCache& cache, const i
   auto* gram = hessians_;  // calibration: this layer's input Gram matrices
   cpu::AttentionParams ap;
   cpu::rms_norm({x_.data(), L.input_norm.data(), h_.data(), T, H, c.rms_norm_eps});
-  if (gram) add_gram(&(*gram)[0], h_.data(), T, H);
+  if (gram) add_gram(&(*gram)[0], h_.data(), T, H, hessian_diag_only_);
   linear(h_.data(), T, H, L.qkv_w, L.qkv_q, L.qkv_a, L.qkv_b, qkv_.data(), QKV, pool);
   cpu::apply_rope({qkv_.data(), T, c.num_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
   cpu::apply_rope({qkv_.data() + Q, T, c.num_kv_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
@@ -571,14 +581,14 @@ void LlamaModel::run_layer(int l, const BatchPlan& plan, KvCache& cache, const i
     ap.extra_slots = cache.extra_slots(plan);
   }
   cpu::paged_attention(ap, pool);
-  if (gram) add_gram(&(*gram)[1], attn_.data(), T, Q);
+  if (gram) add_gram(&(*gram)[1], attn_.data(), T, Q, hessian_diag_only_);
   linear(attn_.data(), T, Q, L.o_w, L.o_q, L.o_a, L.o_b, h_.data(), H, pool);
   cpu::add_inplace(x_.data(), h_.data(), T * H);
   cpu::rms_norm({x_.data(), L.post_norm.data(), h_.data(), T, H, c.rms_norm_eps});
-  if (gram) add_gram(&(*gram)[2], h_.data(), T, H);
+  if (gram) add_gram(&(*gram)[2], h_.data(), T, H, hessian_diag_only_);
   linear(h_.data(), T, H, L.gate_up_w, L.gate_up_q, L.gate_up_a, L.gate_up_b, mlp_.data(), 2 * I, pool);
   cpu::silu_mul(mlp_.data(), act_.data(), T, I);
-  if (gram) add_gram(&(*gram)[3], act_.data(), T, I);
+  if (gram) add_gram(&(*gram)[3], act_.data(), T, I, hessian_diag_only_);
   linear(act_.data(), T, I, L.down_w, L.down_q, L.down_a, L.down_b, h_.data(), H, pool);
   cpu::add_inplace(x_.data(), h_.data(), T * H);
 }

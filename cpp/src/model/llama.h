@@ -80,8 +80,9 @@ class LlamaModel {
   // kFmpq each linear's input channels are ordered by their calibration magnitude (the Hessian
   // diagonal), the weight's columns permuted to match, and the last a8_fraction of the activation
   // sub-groups kept in 8 bits.
+  // gptq false: the weights are rounded to nearest (the calibration gives only kFmpq's order).
   void quantize_weights_w4_calibrated(const std::vector<std::vector<int32_t>>& seqs, KvCache& cache, ThreadPool& pool,
-                                      int group_size, ActQuant act, double a8_fraction,
+                                      int group_size, ActQuant act, double a8_fraction, bool gptq = true,
                                       const std::function<void(int, int)>& progress = {});
   // Memory the calibrated quantizer holds for one layer's Hessians.
   size_t layer_hessian_bytes() const;
@@ -102,7 +103,7 @@ class LlamaModel {
   void prepare(const BatchPlan& plan);  // scratch sizes and RoPE tables for the plan
   // One decoder layer over the plan, in place on x_.
   void run_layer(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool);
-  void quantize_layer_w4(int l, int group_size, const LayerHessian* h, double a8_fraction);
+  void quantize_layer_w4(int l, int group_size, const LayerHessian* h, double a8_fraction, bool gptq);
   // y[T, n] = x[T, k] W^T + b, through the float or the 4-bit weights, whichever the layer has.
   void linear(const float* x, int64_t T, int64_t k, const FloatBuffer& w, const Q4Tiled& q, const ActOrder& order,
               const FloatBuffer& b, float* y, int64_t n, ThreadPool& pool);
@@ -114,6 +115,7 @@ class LlamaModel {
   FloatBuffer x_, h_, qkv_, attn_, mlp_, act_, cos_, sin_, rows_;
   A8Activations xq_;
   LayerHessian* hessians_ = nullptr;   // calibration: run_layer adds its inputs' Gram matrices
+  bool hessian_diag_only_ = false;     // ... or only their diagonals
   ActQuant act_quant_ = ActQuant::kInt8;  // what the quantized linears take as input
 };
 
