@@ -377,6 +377,43 @@ TEST(QLinearW4A4, EveryPathIsBitExactAgainstTheReference) {
   EXPECT_GT(cases, 30);
 }
 
+TEST(Q8Rows, SplitIntoTwo4BitHalvesRunsOnTheW4A8Kernels) {
+  std::mt19937 rng(12);
+  const int64_t n = 37, k = 150, m = 3;
+  const auto wf = random_floats(rng, n * k);
+  const Q8Rows r = q8_quantize_rows(wf.data(), n, k);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < k; ++j)
+      ASSERT_LE(std::fabs(r.scales[i] * r.q[i * k + j] - wf[i * k + j]), 0.5f * r.scales[i] * (1 + 1e-5f));
+  const Q4Weight w = q8_split_q4(r, 64);
+  ASSERT_EQ(w.n, 2 * n);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < k; ++j)
+      ASSERT_EQ(16 * q4_at(w, i, j) + q4_at(w, n + i, j) - 128, r.q[i * k + j]) << i << " " << j;
+  // Through every kernel path: output i plus output n + i is the 8-bit row's product, to float
+  // rounding of the two halves (each exact in integers).
+  const auto xf = random_floats(rng, m * k);
+  A8Activations a;
+  a8_quantize(xf.data(), m, k, k, 64, &a);
+  const std::vector<float> want = reference(w, a, {});
+  for (const DotPath& path : supported_paths()) {
+    std::vector<float> y(m * 2 * n);
+    path.kernel(params(q4_tile(w), a, {}, y.data()), 0, 2 * n);
+    ASSERT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float))) << dot_isa_name(path.isa);
+    for (int64_t t = 0; t < m; ++t)
+      for (int64_t i = 0; i < n; ++i) {
+        double exact = 0;
+        for (int64_t g = 0; g < a.groups(); ++g) {
+          int64_t dot = 0;
+          for (int64_t j = g * 64; j < std::min(k, (g + 1) * 64); ++j) dot += int64_t{r.q[i * k + j]} * a.q[t * a.padded_k() + j];
+          exact += double(r.scales[i]) * a.scales[t * a.groups() + g] * dot;
+        }
+        const double got = double(y[t * 2 * n + i]) + y[t * 2 * n + n + i];
+        EXPECT_NEAR(got, exact, 1e-4 * (std::fabs(exact) + 1)) << "row " << i;
+      }
+  }
+}
+
 TEST(QLinearW4A8, DispatchAndThreadsGiveTheSameBitsAndRowsDoNotDependOnTheBatch) {
   std::mt19937 rng(5);
   const int64_t n = 300, k = 700, group = 128;

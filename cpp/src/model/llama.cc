@@ -256,6 +256,7 @@ LlamaModel::LlamaModel(ModelConfig config, ModelWeights weights)
   if (config_.quant) {
     const std::string& a = config_.quant->activations;
     act_quant_ = a == "a16" ? ActQuant::kFloat : a == "a4" ? ActQuant::kFmpq : ActQuant::kInt8;
+    build_q8_head();
   }
 }
 
@@ -268,6 +269,24 @@ void LlamaModel::round_embeddings_int8() {
   };
   round(&w_.embed, &w_.embed_scales);
   if (!w_.lm_head.empty()) round(&w_.lm_head, &w_.head_scales);
+  build_q8_head();
+}
+
+void LlamaModel::build_q8_head() {
+  // The head's 8-bit rows, recovered exactly from the rounded floats (w = scale * q), run as two
+  // 4-bit halves; the float head is then dropped (a tied one stays: it is the embedding).
+  const int64_t V = config_.vocab_size, H = config_.hidden_size;
+  const bool tied = w_.lm_head.empty();
+  const float* w = w_.head();
+  Q8Rows r;
+  r.n = V;
+  r.k = H;
+  r.scales = tied ? w_.embed_scales : w_.head_scales;
+  r.q.resize(V * H);
+  for (int64_t i = 0; i < V; ++i)
+    for (int64_t j = 0; j < H; ++j) r.q[i * H + j] = static_cast<int8_t>(std::lround(w[i * H + j] / r.scales[i]));
+  head_q_ = q4_tile(q8_split_q4(r, std::min<int64_t>(128, (H + 31) / 32 * 32)));
+  if (!tied) w_.lm_head = FloatBuffer();
 }
 
 std::vector<TensorOut> LlamaModel::export_quantized() const {
@@ -278,8 +297,11 @@ std::vector<TensorOut> LlamaModel::export_quantized() const {
   std::vector<TensorOut> out;
   auto q8 = [&](const std::string& prefix, const FloatBuffer& w, const std::vector<float>& scales) {
     std::vector<int8_t> q(static_cast<size_t>(V * H));
-    for (int64_t r = 0; r < V; ++r)  // w = scale * q exactly, so w / scale rounds back to q
-      for (int64_t i = 0; i < H; ++i) q[r * H + i] = static_cast<int8_t>(std::lround(w[r * H + i] / scales[r]));
+    for (int64_t r = 0; r < V; ++r)
+      for (int64_t i = 0; i < H; ++i)
+        q[r * H + i] = w.empty()  // the head, kept only as 4-bit halves: q + 128 = 16 h + l
+                           ? static_cast<int8_t>(16 * q4_tiled_at(head_q_, r, i) + q4_tiled_at(head_q_, V + r, i) - 128)
+                           : static_cast<int8_t>(std::lround(w[r * H + i] / scales[r]));  // w = scale * q exactly
     out.push_back(tensor_out(prefix + ".qweight", DType::kI8, {V, H}, q.data(), q.size()));
     out.push_back(tensor_out(prefix + ".scales", DType::kF32, {V}, scales.data(), scales.size()));
   };
@@ -303,7 +325,7 @@ std::vector<TensorOut> LlamaModel::export_quantized() const {
     out.push_back(tensor_out(prefix + ".a8_subgroups", DType::kI32, {1}, &a8, 1));
   };
   q8("model.embed_tokens", w_.embed, w_.embed_scales);
-  if (!w_.lm_head.empty()) q8("lm_head", w_.lm_head, w_.head_scales);
+  if (!c.tie_word_embeddings) q8("lm_head", w_.lm_head, w_.head_scales);
   f32("model.norm.weight", w_.final_norm.data(), H);
   for (int l = 0; l < c.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".", a = p + "self_attn.", m = p + "mlp.";
@@ -485,8 +507,13 @@ void LlamaModel::linear(const float* x, int64_t T, int64_t k, const FloatBuffer&
     cpu::linear({x, w.data(), opt(b), y, T, n, k, k, n}, pool);
     return;
   }
+  qlinear(x, T, k, q, order, b, y, n, act_quant_, pool);
+}
+
+void LlamaModel::qlinear(const float* x, int64_t T, int64_t k, const Q4Tiled& q, const ActOrder& order,
+                         const FloatBuffer& b, float* y, int64_t n, ActQuant act, ThreadPool& pool) {
   ACCEL_DCHECK(q.n == n && q.k == k);
-  if (act_quant_ == ActQuant::kFloat) {
+  if (act == ActQuant::kFloat) {
     cpu::QLinear16Params p;
     p.x = x;
     p.w = q.data.data();
@@ -504,7 +531,7 @@ void LlamaModel::linear(const float* x, int64_t T, int64_t k, const FloatBuffer&
     cpu::qlinear_w4a16(p, pool);
     return;
   }
-  if (act_quant_ == ActQuant::kFmpq)
+  if (act == ActQuant::kFmpq)
     a4_quantize(x, T, k, k, q.group, order.perm.empty() ? nullptr : order.perm.data(), order.a8_subgroups, &xq_);
   else
     a8_quantize(x, T, k, k, q.group, &xq_);
@@ -618,7 +645,17 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
   }
   cpu::rms_norm({rows_.data(), w_.final_norm.data(), rows_.data(), R, H, c.rms_norm_eps});
   logits->resize(std::max<int64_t>(R, 1) * c.vocab_size);
-  cpu::linear({rows_.data(), w_.head(), nullptr, logits->data(), R, c.vocab_size, H, H, c.vocab_size}, pool);
+  if (head_q_.n == 0) {
+    cpu::linear({rows_.data(), w_.head(), nullptr, logits->data(), R, c.vocab_size, H, H, c.vocab_size}, pool);
+    return;
+  }
+  // The 8-bit head: its two 4-bit halves (8-bit activations, float ones for w4a16), then summed.
+  const int64_t V = c.vocab_size;
+  head_y_.resize(std::max<int64_t>(R, 1) * 2 * V);
+  qlinear(rows_.data(), R, H, head_q_, ActOrder(), FloatBuffer(), head_y_.data(), 2 * V,
+          act_quant_ == ActQuant::kFloat ? ActQuant::kFloat : ActQuant::kInt8, pool);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t v = 0; v < V; ++v) (*logits)[r * V + v] = head_y_[r * 2 * V + v] + head_y_[r * 2 * V + V + v];
 }
 
 }  // namespace accelcore

@@ -107,6 +107,10 @@ class LlamaModel {
   // y[T, n] = x[T, k] W^T + b, through the float or the 4-bit weights, whichever the layer has.
   void linear(const float* x, int64_t T, int64_t k, const FloatBuffer& w, const Q4Tiled& q, const ActOrder& order,
               const FloatBuffer& b, float* y, int64_t n, ThreadPool& pool);
+  // The 4-bit path of linear, its input quantized as `act` says.
+  void qlinear(const float* x, int64_t T, int64_t k, const Q4Tiled& q, const ActOrder& order, const FloatBuffer& b,
+               float* y, int64_t n, ActQuant act, ThreadPool& pool);
+  void build_q8_head();
 
   ModelConfig config_;
   ModelWeights w_;
@@ -114,6 +118,10 @@ class LlamaModel {
   // Scratch, grown to the largest step seen.
   FloatBuffer x_, h_, qkv_, attn_, mlp_, act_, cos_, sin_, rows_;
   A8Activations xq_;
+  // 4-bit schemes: the head's 8-bit rows as two 4-bit halves (quant/q4.h q8_split_q4), and the
+  // halves' outputs.
+  Q4Tiled head_q_;
+  FloatBuffer head_y_;
   LayerHessian* hessians_ = nullptr;   // calibration: run_layer adds its inputs' Gram matrices
   bool hessian_diag_only_ = false;     // ... or only their diagonals
   ActQuant act_quant_ = ActQuant::kInt8;  // what the quantized linears take as input

@@ -283,6 +283,36 @@ void q8_dequantize(const Q8Rows& r, float* w) {
     for (int64_t j = 0; j < r.k; ++j) w[i * r.k + j] = r.scales[i] * static_cast<float>(r.q[i * r.k + j]);
 }
 
+Q4Weight q8_split_q4(const Q8Rows& r, int64_t group) {
+  check_group(group);
+  Q4Weight w;
+  w.n = 2 * r.n;
+  w.k = r.k;
+  w.group = group;
+  const int64_t G = w.groups(), kp = w.padded_k();
+  std::vector<uint8_t> q(static_cast<size_t>(w.n * kp), 0);
+  w.scales.resize(w.n * G);
+  w.zeros.resize(w.n * G);
+  for (int64_t i = 0; i < r.n; ++i) {
+    for (int64_t j = 0; j < r.k; ++j) {
+      const int u = r.q[i * r.k + j] + 128;
+      q[i * kp + j] = static_cast<uint8_t>(u >> 4);
+      q[(r.n + i) * kp + j] = static_cast<uint8_t>(u & 15);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      w.scales[i * G + g] = 16.0f * r.scales[i];
+      w.zeros[i * G + g] = 8;
+      w.scales[(r.n + i) * G + g] = r.scales[i];
+      w.zeros[(r.n + i) * G + g] = 0;
+    }
+  }
+  // Padding past k: h = 8 and l = 0 encode q = 0 (the activations' padding is 0 anyway).
+  for (int64_t i = 0; i < r.n; ++i)
+    for (int64_t j = r.k; j < kp; ++j) q[i * kp + j] = 8;
+  q4_pack(q.data(), &w);
+  return w;
+}
+
 void a8_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t group, A8Activations* a) {
   check_group(group);
   a->m = m;

@@ -12,6 +12,11 @@
 //
 // Not a standalone header: the including file defines the namespace.
 
+// Software prefetch distance, in 64-byte weight steps (2 KB ahead): the hardware prefetcher alone
+// keeps too few lines in flight. TinyLlama shape, 2 threads: batch 1 decode 56-61 -> 75-77
+// tokens/s, batch 16 293 -> 324 (distances 16 to 128 measured; 32 was steadiest).
+constexpr int64_t PF = 32;
+
 // NB consecutive 16-row blocks by MB activation rows: each broadcast activation feeds NB weight
 // vectors, each unpacked weight vector MB activation rows.
 template <class D, int NB, int MB>
@@ -38,7 +43,10 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
         for (int i = 0; i < MB; ++i) acc[nb][i] = D::zero();
       for (int64_t j = s * sub_steps; j < (s + 1) * sub_steps; ++j) {
         typename D::W w[NB];
-        for (int nb = 0; nb < NB; ++nb) w[nb] = D::unpack(wg[nb] + j * 64);
+        for (int nb = 0; nb < NB; ++nb) {
+          __builtin_prefetch(wg[nb] + (j + PF) * 64);
+          w[nb] = D::unpack(wg[nb] + j * 64);
+        }
         for (int i = 0; i < MB; ++i) {
           const int8_t* xi = x[i] + g * gs + 8 * j;
           for (int nb = 0; nb < NB; ++nb) D::dot(acc[nb][i], w[nb], xi);
