@@ -214,9 +214,17 @@ Q4Tiled q4_tile(const Q4Weight& w) {
   t.data.assign(static_cast<size_t>(B * G * steps * 64), 0);
   t.scales.assign(static_cast<size_t>(B * G * R), 0.0f);
   t.zeros.assign(static_cast<size_t>(B * G * R), 0);
+  const int64_t kp = w.padded_k();
+  std::vector<uint8_t> q(kp);  // one row unpacked (q4_pack's chunks of 32 in 16 bytes)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t r = 0; r < R && b * R + r < w.n; ++r) {
       const int64_t row = b * R + r;
+      const uint8_t* packed = w.packed.data() + row * kp / 2;
+      for (int64_t c = 0; c < kp; c += 32)
+        for (int j = 0; j < 16; ++j) {
+          q[c + j] = packed[c / 2 + j] & 0x0F;
+          q[c + 16 + j] = packed[c / 2 + j] >> 4;
+        }
       for (int64_t g = 0; g < G; ++g) {
         t.scales[(b * G + g) * R + r] = w.scales[row * G + g];
         t.zeros[(b * G + g) * R + r] = w.zeros[row * G + g];
@@ -224,7 +232,7 @@ Q4Tiled q4_tile(const Q4Weight& w) {
           uint8_t* out = t.data.data() + ((b * G + g) * steps + j) * 64 + 4 * r;
           for (int c = 0; c < 4; ++c) {
             const int64_t i = g * w.group + 8 * j + c;
-            out[c] = static_cast<uint8_t>(q4_at(w, row, i) | (q4_at(w, row, i + 4) << 4));
+            out[c] = static_cast<uint8_t>(q[i] | (q[i + 4] << 4));
           }
         }
       }
