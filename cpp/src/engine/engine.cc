@@ -1,19 +1,19 @@
 #include <accelcore/engine.h>
 
 #include <algorithm>
-#include <filesystem>
-#include <fstream>
-#include <nlohmann/json.hpp>
 #include <atomic>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <limits>
 #include <mutex>
+#include <nlohmann/json.hpp>
 
 #include "backend/cpu/cpu_features.h"
 #include "cuda/cuda_backend.h"
 #include "kv/kv_cache.h"
-#include "model/safetensors.h"
 #include "model/llama.h"
+#include "model/safetensors.h"
 #include "sample/sampler.h"
 #include "sched/scheduler.h"
 #include "util/check.h"
@@ -232,7 +232,8 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   m.num_total_blocks = shape.num_blocks;
   m.publish();
   m.pool = std::make_unique<ThreadPool>(config.num_threads > 0 ? config.num_threads : default_num_threads());
-  if (config.quantization != "none" && !m.from_quantized_checkpoint) m.quantize_w4(config);  // before the profile: it times this model
+  // Before the profile: it times this model.
+  if (config.quantization != "none" && !m.from_quantized_checkpoint) m.quantize_w4(config);
   if (sc.spec_max_draft > 0 && sc.spec_policy == SpecPolicy::kSmart) {
     m.profile_step_time();
     m.cache->reset();  // the profile wrote blocks nothing holds
