@@ -144,6 +144,39 @@ def _hf_teacher_forced(hf, stories, vocab):
     return out
 
 
+def test_8_bit_weights_or_activations_alone_pass_98_percent(sampled, hf_stories):
+    # The issue's "8-bit anything alone >= 98%", for the two 8-bit schemes the engine has no mode
+    # for, simulated on transformers' float model (which agrees with the engine's, below): weights
+    # to 8 bits per output channel (symmetric), or every linear's input to 8 bits per token.
+    # Measured (16 of the 48 stories): w8 0.989 / 0.0006, a8 0.981 / 0.0010.
+    import torch
+
+    _, evaluation, ref = sampled
+    vocab = len(ref[0])
+    evaluation, ref = evaluation[:16], ref[: 16 * 255]
+
+    def q8(x, dim):
+        step = x.abs().amax(dim=dim, keepdim=True).clamp_min(1e-12) / 127
+        return (x / step).round().clamp(-127, 127) * step
+
+    linears = [m for m in hf_stories.modules() if isinstance(m, torch.nn.Linear)]
+    saved = [m.weight.data.clone() for m in linears]
+    try:
+        for m in linears:
+            m.weight.data = q8(m.weight.data, 1)
+        w_agree, w_kl = _agreement_and_kl(ref, _hf_teacher_forced(hf_stories, evaluation, vocab))
+    finally:
+        for m, w in zip(linears, saved):
+            m.weight.data = w
+    hooks = [m.register_forward_pre_hook(lambda mod, args: (q8(args[0], -1),)) for m in linears]
+    try:
+        a_agree, a_kl = _agreement_and_kl(ref, _hf_teacher_forced(hf_stories, evaluation, vocab))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert w_agree >= 0.98 and a_agree >= 0.98, ((w_agree, w_kl), (a_agree, a_kl))
+
+
 def test_keys_per_token_in_4_bits_fail_the_bars(stories_dir, sampled, hf_stories, monkeypatch):
     # Why keys are quantized per channel: the same metrics on transformers' float model agree with
     # the engine's, and with its keys quantized per token and head in 4 bits after RoPE (asymmetric
