@@ -501,17 +501,36 @@ void LlamaModel::quantize_weights_w4_calibrated(const std::vector<std::vector<in
   }
 }
 
+bool LlamaModel::produce(int64_t T, int64_t k, const float* x, const Q4Tiled& q, const ActOrder& order, ThreadPool& pool,
+                         const std::function<void(int64_t, int64_t)>& fn) {
+  const bool quantize = q.n != 0 && act_quant_ != ActQuant::kFloat;
+  if (quantize) a8_resize(&xq_, T, k, q.group, act_quant_ == ActQuant::kFmpq ? kA4SubGroup : q.group);
+  auto run = [&](int64_t a, int64_t e) {
+    fn(a, e);
+    if (!quantize) return;
+    if (act_quant_ == ActQuant::kFmpq)
+      a4_quantize_rows(x, a, e, k, order.perm.empty() ? nullptr : order.perm.data(), order.a8_subgroups, &xq_);
+    else
+      a8_quantize_rows(x, a, e, k, &xq_);
+  };
+  if (T * k < (1 << 15)) run(0, T);
+  else pool.parallel_for(T, std::max<int64_t>(1, 16384 / k), run);  // chunks of about 64 KB of floats
+  return quantize;
+}
+
 void LlamaModel::linear(const float* x, int64_t T, int64_t k, const FloatBuffer& w, const Q4Tiled& q,
-                        const ActOrder& order, const FloatBuffer& b, float* y, int64_t n, ThreadPool& pool) {
+                        const ActOrder& order, const FloatBuffer& b, float* y, int64_t n, ThreadPool& pool,
+                        bool input_quantized) {
   if (q.n == 0) {
     cpu::linear({x, w.data(), opt(b), y, T, n, k, k, n}, pool);
     return;
   }
-  qlinear(x, T, k, q, order, b, y, n, act_quant_, pool);
+  qlinear(x, T, k, q, order, b, y, n, act_quant_, pool, input_quantized);
 }
 
 void LlamaModel::qlinear(const float* x, int64_t T, int64_t k, const Q4Tiled& q, const ActOrder& order,
-                         const FloatBuffer& b, float* y, int64_t n, ActQuant act, ThreadPool& pool) {
+                         const FloatBuffer& b, float* y, int64_t n, ActQuant act, ThreadPool& pool,
+                         bool input_quantized) {
   ACCEL_DCHECK(q.n == n && q.k == k);
   if (act == ActQuant::kFloat) {
     cpu::QLinear16Params p;
@@ -531,7 +550,9 @@ void LlamaModel::qlinear(const float* x, int64_t T, int64_t k, const Q4Tiled& q,
     cpu::qlinear_w4a16(p, pool);
     return;
   }
-  if (act == ActQuant::kFmpq)
+  if (input_quantized)
+    ACCEL_DCHECK(xq_.m == T && xq_.k == k && xq_.group == q.group);
+  else if (act == ActQuant::kFmpq)
     a4_quantize(x, T, k, k, q.group, order.perm.empty() ? nullptr : order.perm.data(), order.a8_subgroups, &xq_);
   else
     a8_quantize(x, T, k, k, q.group, &xq_);
@@ -574,9 +595,13 @@ void LlamaModel::run_layer(int l, const BatchPlan& plan, KvCache& cache, const i
   const LayerWeights& L = w_.layers[l];
   auto* gram = hessians_;  // calibration: this layer's input Gram matrices
   cpu::AttentionParams ap;
-  cpu::rms_norm({x_.data(), L.input_norm.data(), h_.data(), T, H, c.rms_norm_eps});
+  // The linears' inputs are produced a chunk of rows at a time across threads, each chunk
+  // quantized (8 or 4 bits, through FMPQ's channel order) as soon as it is written.
+  bool q_in = produce(T, H, h_.data(), L.qkv_q, L.qkv_a, pool, [&](int64_t a, int64_t e) {
+    cpu::rms_norm({x_.data() + a * H, L.input_norm.data(), h_.data() + a * H, e - a, H, c.rms_norm_eps});
+  });
   if (gram) add_gram(&(*gram)[0], h_.data(), T, H, hessian_diag_only_);
-  linear(h_.data(), T, H, L.qkv_w, L.qkv_q, L.qkv_a, L.qkv_b, qkv_.data(), QKV, pool);
+  linear(h_.data(), T, H, L.qkv_w, L.qkv_q, L.qkv_a, L.qkv_b, qkv_.data(), QKV, pool, q_in);
   cpu::apply_rope({qkv_.data(), T, c.num_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
   cpu::apply_rope({qkv_.data() + Q, T, c.num_kv_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
   cpu::write_kv({qkv_.data() + Q, qkv_.data() + Q + KV, QKV, cache.k(l), cache.v(l), slots, T, c.num_kv_heads,
@@ -609,14 +634,19 @@ void LlamaModel::run_layer(int l, const BatchPlan& plan, KvCache& cache, const i
   }
   cpu::paged_attention(ap, pool);
   if (gram) add_gram(&(*gram)[1], attn_.data(), T, Q, hessian_diag_only_);
-  linear(attn_.data(), T, Q, L.o_w, L.o_q, L.o_a, L.o_b, h_.data(), H, pool);
+  q_in = produce(T, Q, attn_.data(), L.o_q, L.o_a, pool, [](int64_t, int64_t) {});  // attention wrote it
+  linear(attn_.data(), T, Q, L.o_w, L.o_q, L.o_a, L.o_b, h_.data(), H, pool, q_in);
   cpu::add_inplace(x_.data(), h_.data(), T * H);
-  cpu::rms_norm({x_.data(), L.post_norm.data(), h_.data(), T, H, c.rms_norm_eps});
+  q_in = produce(T, H, h_.data(), L.gate_up_q, L.gate_up_a, pool, [&](int64_t a, int64_t e) {
+    cpu::rms_norm({x_.data() + a * H, L.post_norm.data(), h_.data() + a * H, e - a, H, c.rms_norm_eps});
+  });
   if (gram) add_gram(&(*gram)[2], h_.data(), T, H, hessian_diag_only_);
-  linear(h_.data(), T, H, L.gate_up_w, L.gate_up_q, L.gate_up_a, L.gate_up_b, mlp_.data(), 2 * I, pool);
-  cpu::silu_mul(mlp_.data(), act_.data(), T, I);
+  linear(h_.data(), T, H, L.gate_up_w, L.gate_up_q, L.gate_up_a, L.gate_up_b, mlp_.data(), 2 * I, pool, q_in);
+  q_in = produce(T, I, act_.data(), L.down_q, L.down_a, pool, [&](int64_t a, int64_t e) {
+    cpu::silu_mul(mlp_.data() + a * 2 * I, act_.data() + a * I, e - a, I);
+  });
   if (gram) add_gram(&(*gram)[3], act_.data(), T, I, hessian_diag_only_);
-  linear(act_.data(), T, I, L.down_w, L.down_q, L.down_a, L.down_b, h_.data(), H, pool);
+  linear(act_.data(), T, I, L.down_w, L.down_q, L.down_a, L.down_b, h_.data(), H, pool, q_in);
   cpu::add_inplace(x_.data(), h_.data(), T * H);
 }
 

@@ -105,11 +105,17 @@ class LlamaModel {
   void run_layer(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool);
   void quantize_layer_w4(int l, int group_size, const LayerHessian* h, double a8_fraction, bool gptq);
   // y[T, n] = x[T, k] W^T + b, through the float or the 4-bit weights, whichever the layer has.
+  // input_quantized: xq_ already holds x quantized for q (produce).
   void linear(const float* x, int64_t T, int64_t k, const FloatBuffer& w, const Q4Tiled& q, const ActOrder& order,
-              const FloatBuffer& b, float* y, int64_t n, ThreadPool& pool);
+              const FloatBuffer& b, float* y, int64_t n, ThreadPool& pool, bool input_quantized = false);
   // The 4-bit path of linear, its input quantized as `act` says.
   void qlinear(const float* x, int64_t T, int64_t k, const Q4Tiled& q, const ActOrder& order, const FloatBuffer& b,
-               float* y, int64_t n, ActQuant act, ThreadPool& pool);
+               float* y, int64_t n, ActQuant act, ThreadPool& pool, bool input_quantized = false);
+  // Runs fn(a, e), which writes rows [a, e) of x ([T, k]), over chunks of rows across threads,
+  // and when q takes 8- or 4-bit inputs quantizes each chunk into xq_ right after (while it is in
+  // cache): the producer and the quantizer in one pass. Returns whether it quantized.
+  bool produce(int64_t T, int64_t k, const float* x, const Q4Tiled& q, const ActOrder& order, ThreadPool& pool,
+               const std::function<void(int64_t, int64_t)>& fn);
   void build_q8_head();
 
   ModelConfig config_;

@@ -321,17 +321,22 @@ Q4Weight q8_split_q4(const Q8Rows& r, int64_t group) {
   return w;
 }
 
-void a8_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t group, A8Activations* a) {
+void a8_resize(A8Activations* a, int64_t m, int64_t k, int64_t group, int64_t act_group) {
   check_group(group);
+  ACCEL_DCHECK(act_group % 8 == 0 && group % act_group == 0);
   a->m = m;
   a->k = k;
   a->group = group;
-  a->act_group = group;
-  const int64_t G = a->groups(), kp = a->padded_k();
-  a->q.assign(static_cast<size_t>(m * kp), 0);
-  a->scales.resize(m * G);
-  a->sums.resize(m * G);
-  for (int64_t r = 0; r < m; ++r)
+  a->act_group = act_group;
+  a->q.resize(static_cast<size_t>(m * a->padded_k()));
+  a->scales.resize(m * a->act_groups());
+  a->sums.resize(m * a->act_groups());
+}
+
+void a8_quantize_rows(const float* x, int64_t r0, int64_t r1, int64_t ldx, A8Activations* a) {
+  ACCEL_DCHECK(a->act_group == a->group);
+  const int64_t G = a->groups(), kp = a->padded_k(), k = a->k, group = a->group;
+  for (int64_t r = r0; r < r1; ++r)
     for (int64_t g = 0; g < G; ++g) {
       const float* xs = x + r * ldx + g * group;
       const int64_t len = std::min(group, k - g * group);
@@ -345,47 +350,55 @@ void a8_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t grou
         q[i] = static_cast<int8_t>(std::clamp(round_even(xs[i] * inv), -127.0f, 127.0f));
         sum += q[i];
       }
+      for (int64_t i = len; i < group; ++i) q[i] = 0;  // padding past k
       a->scales[r * G + g] = scale;
       a->sums[r * G + g] = sum;
     }
 }
 
-void a4_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t group, const int32_t* perm,
-                 int64_t a8_subgroups, A8Activations* a) {
-  check_group(group);
-  a->m = m;
-  a->k = k;
-  a->group = group;
-  a->act_group = kA4SubGroup;
-  const int64_t kp = a->padded_k(), S = a->act_groups();
+void a8_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t group, A8Activations* a) {
+  a8_resize(a, m, k, group, group);
+  a8_quantize_rows(x, 0, m, ldx, a);
+}
+
+void a4_quantize_rows(const float* x, int64_t r0, int64_t r1, int64_t ldx, const int32_t* perm, int64_t a8_subgroups,
+                      A8Activations* a) {
+  ACCEL_DCHECK(a->act_group == kA4SubGroup);
+  const int64_t k = a->k, kp = a->padded_k(), S = a->act_groups();
   const int64_t first8 = (k + kA4SubGroup - 1) / kA4SubGroup - a8_subgroups;  // sub-groups from here: 8 bits
-  a->q.assign(static_cast<size_t>(m * kp), 0);
-  a->scales.resize(m * S);
-  a->sums.resize(m * S);
-  std::vector<float> row(kp, 0.0f);  // zero past k
-  for (int64_t r = 0; r < m; ++r) {
+  float row[kA4SubGroup];
+  for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * ldx;
-    for (int64_t i = 0; i < k; ++i) row[i] = xr[perm ? perm[i] : i];
     for (int64_t j = 0; j < S; ++j) {
-      const float* xs = row.data() + j * kA4SubGroup;
+      // The sub-group's channels, through the permutation; zero past k.
+      for (int64_t i = 0; i < kA4SubGroup; ++i) {
+        const int64_t c = j * kA4SubGroup + i;
+        row[i] = c < k ? xr[perm ? perm[c] : c] : 0.0f;
+      }
       // 8 bits: [-127, 127]. 4 bits: all 16 levels, [-8, 7], the wider side towards the larger
       // magnitude (a scale from the positive maximum / 7 or the negative one / 8, whichever is larger).
       const bool eight = j >= first8;
       float hi = 0, lo = 0;
-      for (int64_t i = 0; i < kA4SubGroup; ++i) hi = std::max(hi, xs[i]), lo = std::min(lo, xs[i]);
+      for (int64_t i = 0; i < kA4SubGroup; ++i) hi = std::max(hi, row[i]), lo = std::min(lo, row[i]);
       const float qhi = eight ? 127.0f : 7.0f, qlo = eight ? -127.0f : -8.0f;
       const float scale = hi > 0 || lo < 0 ? std::max(hi / qhi, lo / qlo) : 1.0f;
       const float inv = 1.0f / scale;
       int8_t* q = a->q.data() + r * kp + j * kA4SubGroup;
       int32_t sum = 0;
       for (int64_t i = 0; i < kA4SubGroup; ++i) {
-        q[i] = static_cast<int8_t>(std::clamp(round_even(xs[i] * inv), qlo, qhi));
+        q[i] = static_cast<int8_t>(std::clamp(round_even(row[i] * inv), qlo, qhi));
         sum += q[i];
       }
       a->scales[r * S + j] = scale;
       a->sums[r * S + j] = sum;
     }
   }
+}
+
+void a4_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t group, const int32_t* perm,
+                 int64_t a8_subgroups, A8Activations* a) {
+  a8_resize(a, m, k, group, kA4SubGroup);
+  a4_quantize_rows(x, 0, m, ldx, perm, a8_subgroups, a);
 }
 
 }  // namespace accelcore

@@ -99,6 +99,10 @@ struct A8Activations {
 
 // Quantizes rows x[i * ldx, + k) (i < m) into a (buffers reused), one scale per weight group.
 void a8_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t group, A8Activations* a);
+// The same in two steps, so that rows can be quantized as their producer writes them (by
+// threads, each its own rows): sizing a for m rows, then rows [r0, r1).
+void a8_resize(A8Activations* a, int64_t m, int64_t k, int64_t group, int64_t act_group);
+void a8_quantize_rows(const float* x, int64_t r0, int64_t r1, int64_t ldx, A8Activations* a);
 
 // FMPQ activations (COMET's W4Ax): channel i of the quantized row is x[perm[i]] (outlier channels
 // last; perm null: identity), in sub-groups of kA4SubGroup channels with a float scale each, the
@@ -109,5 +113,8 @@ void a8_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t grou
 constexpr int64_t kA4SubGroup = 8;
 void a4_quantize(const float* x, int64_t m, int64_t k, int64_t ldx, int64_t group, const int32_t* perm,
                  int64_t a8_subgroups, A8Activations* a);
+// Rows [r0, r1) of a sized by a8_resize(a, m, k, group, kA4SubGroup).
+void a4_quantize_rows(const float* x, int64_t r0, int64_t r1, int64_t ldx, const int32_t* perm, int64_t a8_subgroups,
+                      A8Activations* a);
 
 }  // namespace accelcore
