@@ -209,6 +209,14 @@ def copy_model_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
+def assert_same_outputs(got, want, what: str) -> None:
+    """Two runs' outputs are identical: the same tokens and the same log-probabilities, to the bit."""
+    assert len(got) == len(want), what
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.token_ids == w.token_ids, f"{what}: request {i}"
+        assert g.logprobs == w.logprobs, f"{what}: request {i}"
+
+
 def assert_idle(engine) -> None:
     """The engine holds no request and every KV block is free."""
     s = engine.stats()

@@ -37,13 +37,6 @@ def workload(golden):
     return prompts, params
 
 
-def _same(got, want, what):
-    assert len(got) == len(want), what
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert g.token_ids == w.token_ids, f"{what}: request {i}"
-        assert g.logprobs == w.logprobs, f"{what}: request {i}"  # exact floats
-
-
 def _idle(engine):
     tu.assert_idle(engine)
     assert engine.stats()["num_staged_blocks"] == 0  # every float staging block was given back
@@ -55,7 +48,7 @@ def test_alone_equals_batched(stories_dir, workload, kv):
     engine = Engine(str(stories_dir), num_threads=2, **kv)
     batched = engine.generate(prompts, params)
     alone = [engine.generate([p], sp)[0] for p, sp in zip(prompts, params)]
-    _same(alone, batched, "alone vs batched")
+    tu.assert_same_outputs(alone, batched, "alone vs batched")
     _idle(engine)
     # A different model from the float-KV one: the cache really is quantized.
     plain = {k: v for k, v in kv.items() if k != "kv_cache_dtype"}
@@ -75,12 +68,12 @@ def test_speculation_preemption_and_prefix_caching_do_not_change_outputs(stories
     spec = dict(speculation="lookahead", spec_policy="fixed", spec_max_draft=16)
     engine = Engine(str(stories_dir), num_threads=2, **spec, **kv)
     got = engine.generate(prompts, params)
-    _same(got, ref(16), "speculation")
+    tu.assert_same_outputs(got, ref(16), "speculation")
     assert sum(o.num_accepted_draft_tokens for o in got) > 0
     _idle(engine)
 
     tight = Engine(str(stories_dir), num_threads=2, block_size=4, num_kv_blocks=90, **kv)
-    _same(tight.generate(prompts, params), ref(4), "preemption")
+    tu.assert_same_outputs(tight.generate(prompts, params), ref(4), "preemption")
     assert tight.stats()["num_preemptions"] > 0
     _idle(tight)
 
@@ -90,7 +83,7 @@ def test_speculation_preemption_and_prefix_caching_do_not_change_outputs(stories
     for extra in ({}, spec):
         cached = Engine(str(stories_dir), num_threads=2, enable_prefix_caching=True, block_size=8, **extra, **kv)
         for round_ in range(2):
-            _same(cached.generate(prompts, params), want, f"prefix caching {extra}, round {round_}")
+            tu.assert_same_outputs(cached.generate(prompts, params), want, f"prefix caching {extra}, round {round_}")
         assert cached.stats()["prefix_cache_hit_tokens"] > 100
         _idle(cached)
 
@@ -114,7 +107,7 @@ def test_random_gqa_model(small_llama):
             engine = Engine(str(small_llama), num_threads=2, kv_cache_dtype=kv, **opts)
             for round_ in range(2 if opts.get("enable_prefix_caching") else 1):
                 got = engine.generate(prompts, params)
-                _same(got, ref[opts["block_size"]], f"{kv} {opts} round {round_}")
+                tu.assert_same_outputs(got, ref[opts["block_size"]], f"{kv} {opts} round {round_}")
             if "speculation" in opts:
                 assert sum(o.num_accepted_draft_tokens for o in got) > 0
             if "num_kv_blocks" in opts:

@@ -31,20 +31,13 @@ def workload(golden):
     return prompts, params
 
 
-def _same(got, want, what):
-    assert len(got) == len(want), what
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert g.token_ids == w.token_ids, f"{what}: request {i}"
-        assert g.logprobs == w.logprobs, f"{what}: request {i}"  # exact floats
-
-
 @pytest.mark.parametrize("quant", SCHEMES, ids=lambda q: q["quantization"])
 def test_alone_equals_batched(stories_dir, workload, quant):
     prompts, params = workload
     engine = Engine(str(stories_dir), num_threads=2, **quant)
     batched = engine.generate(prompts, params)
     alone = [engine.generate([p], sp)[0] for p, sp in zip(prompts, params)]
-    _same(alone, batched, "alone vs batched")
+    tu.assert_same_outputs(alone, batched, "alone vs batched")
     tu.assert_idle(engine)
     # And it is a different model from the float one (the weights really are quantized).
     floats = Engine(str(stories_dir), num_threads=2).generate(prompts, params)
@@ -57,10 +50,10 @@ def test_speculation_and_preemption_do_not_change_outputs(stories_dir, workload,
     ref = Engine(str(stories_dir), num_threads=2, **quant).generate(prompts, params)
     spec_engine = Engine(str(stories_dir), num_threads=2, speculation="lookahead", spec_policy="fixed", **quant)
     spec = spec_engine.generate(prompts, params)
-    _same(spec, ref, "speculation")
+    tu.assert_same_outputs(spec, ref, "speculation")
     assert sum(o.num_accepted_draft_tokens for o in spec) > 0
     tight = Engine(str(stories_dir), num_threads=2, block_size=4, num_kv_blocks=90, **quant)
-    _same(tight.generate(prompts, params), ref, "preemption")
+    tu.assert_same_outputs(tight.generate(prompts, params), ref, "preemption")
     assert tight.stats()["num_preemptions"] > 0
 
 

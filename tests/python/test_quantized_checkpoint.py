@@ -42,12 +42,6 @@ def workload(golden):
     return prompts, params
 
 
-def _same(got, want, what):
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert g.token_ids == w.token_ids, f"{what}: request {i}"
-        assert g.logprobs == w.logprobs, f"{what}: request {i}"
-
-
 @pytest.mark.parametrize("scheme", ["w4a16kv16", "w4a8kv4", "w4a4kv4"])
 def test_loaded_checkpoint_equals_on_the_fly_quantization(stories_dir, calibration_file, workload, tmp_path, scheme):
     path, seqs = calibration_file
@@ -69,10 +63,10 @@ def test_loaded_checkpoint_equals_on_the_fly_quantization(stories_dir, calibrati
     assert loaded.config.quantization == opts["quantization"]
     fly = Engine(str(stories_dir), num_threads=2, quant_group_size=32, quant_calibration=seqs, **opts)
     want = fly.generate(prompts, params)
-    _same(loaded.generate(prompts, params), want, f"{scheme}: loaded vs on the fly")
+    tu.assert_same_outputs(loaded.generate(prompts, params), want, f"{scheme}: loaded vs on the fly")
     # Speculation on the loaded checkpoint changes nothing either.
     spec = Engine(str(out), num_threads=2, speculation="lookahead", spec_policy="fixed")
-    _same(spec.generate(prompts, params), want, f"{scheme}: loaded, speculation")
+    tu.assert_same_outputs(spec.generate(prompts, params), want, f"{scheme}: loaded, speculation")
     tu.assert_idle(loaded)
 
     # Saving the loaded checkpoint again gives the same tensors.

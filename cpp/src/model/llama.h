@@ -35,8 +35,8 @@ struct LayerWeights {
   FloatBuffer o_w, o_b;          // [hidden, q]
   FloatBuffer gate_up_w, gate_up_b;  // [2 * intermediate, hidden]: gate then up
   FloatBuffer down_w, down_b;    // [hidden, intermediate]
-  // The same four matrices in 4 bits (quantization "w4a8" or "w4a16"), in the kernels' tiled
-  // layout; the float ones are then empty.
+  // The same four matrices in 4 bits (the 4-bit schemes), in the kernels' tiled layout; the
+  // float ones are then empty.
   Q4Tiled qkv_q, o_q, gate_up_q, down_q;
   ActOrder qkv_a, o_a, gate_up_a, down_a;  // kFmpq
 };

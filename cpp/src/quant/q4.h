@@ -8,12 +8,14 @@
 //    weight j in its low nibble and weight j + 16 in its high nibble, so that one mask and one
 //    shift give the chunk's 32 weights in order as bytes (what integer dot products consume).
 //  - Activations X [m, k]: symmetric int8 per token and group of the same channels, scale
-//    max|x| / 127, with each group's sum of q kept for the weights' zero points.
+//    max|x| / 127, with each group's sum of q kept for the weights' zero points; or FMPQ's
+//    sub-groups of those groups (a4_quantize below), each with its own scale and sum.
 //
 // The product of a row x and a weight row is, in this exact order (every kernel computes it so,
 // whatever the instruction set and batch size):
-//   y = bias; for each group g: y = fma(s_w[g] * s_x[g], float(dot_g - z[g] * sum_x[g]), y)
-// with dot_g the int32 sum of q_w * q_x over the group.
+//   y = bias; for each activation group a (in channel order; a weight group g(a) or a part of one):
+//     y = fma(s_w[g(a)] * s_x[a], float(dot_a - z[g(a)] * sum_x[a]), y)
+// with dot_a the int32 sum of q_w * q_x over the activation group.
 #pragma once
 
 #include <cstdint>
