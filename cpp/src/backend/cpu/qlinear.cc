@@ -13,6 +13,7 @@ namespace {
 // The obviously right path: each byte's two nibbles, one product at a time.
 struct ScalarDot {
   static constexpr int kBlocks = 1;  // 16-row blocks per pass
+  static constexpr int kWideBlocks = 1, kWideRows = 4;  // no wider pass
   struct Acc {
     int32_t v[16];
   };

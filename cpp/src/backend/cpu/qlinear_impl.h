@@ -69,9 +69,10 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
   }
 }
 
-template <class D, int NB>
+template <class D, int NB, int MB>
 void qlinear_blocks(const QLinearParams& p, int64_t b) {
   int64_t m = 0;
+  for (; m + MB <= p.m; m += MB) qlinear_block<D, NB, MB>(p, b, m);
   for (; m + 4 <= p.m; m += 4) qlinear_block<D, NB, 4>(p, b, m);
   switch (p.m - m) {
     case 3: qlinear_block<D, NB, 3>(p, b, m); break;
@@ -81,12 +82,21 @@ void qlinear_blocks(const QLinearParams& p, int64_t b) {
   }
 }
 
-// D::kBlocks row blocks per pass where they fit, then one at a time.
-template <class D>
-void qlinear_rows(const QLinearParams& p, int64_t n0, int64_t n1) {
+// NB row blocks by MB activation rows per pass where they fit, then one block at a time.
+template <class D, int NB, int MB>
+void qlinear_rows_by(const QLinearParams& p, int64_t n0, int64_t n1) {
   constexpr int64_t R = Q4Tiled::kRows;
   const int64_t end = (n1 + R - 1) / R;
   int64_t b = n0 / R;
-  for (; b + D::kBlocks <= end; b += D::kBlocks) qlinear_blocks<D, D::kBlocks>(p, b);
-  for (; b < end; ++b) qlinear_blocks<D, 1>(p, b);
+  for (; b + NB <= end; b += NB) qlinear_blocks<D, NB, MB>(p, b);
+  for (; b < end; ++b) qlinear_blocks<D, 1, MB>(p, b);
+}
+
+// D::kBlocks blocks by 4 rows; from D::kWideRows activation rows on, D::kWideBlocks blocks by
+// that many rows (fewer passes over each block's weights). The blocking changes only which
+// outputs are computed together, never how one is, so the results are the same bits.
+template <class D>
+void qlinear_rows(const QLinearParams& p, int64_t n0, int64_t n1) {
+  if (D::kWideRows > 4 && p.m >= D::kWideRows) return qlinear_rows_by<D, D::kWideBlocks, D::kWideRows>(p, n0, n1);
+  qlinear_rows_by<D, D::kBlocks, 4>(p, n0, n1);
 }
