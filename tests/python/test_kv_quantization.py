@@ -115,6 +115,32 @@ def test_random_gqa_model(small_llama):
             _idle(engine)
 
 
+def test_odd_block_size_and_aborts(stories_dir):
+    # Block size 5 (4-bit codes straddle bytes): still exact with drafts (bounded by the block),
+    # prefix caching and preemption; aborted requests give back every block and stage.
+    prompts = ["Once upon a time", "Lily and Ben went to the park. Lily and Ben", "The little dog was sad because"]
+    params = SamplingParams(max_tokens=90, temperature=0.0, logprobs=1)
+    ref = [Engine(str(stories_dir), num_threads=2, block_size=5, kv_cache_dtype="int4").generate([p], params)[0]
+           for p in prompts]
+    for opts in (dict(speculation="lookahead", spec_policy="fixed", spec_max_draft=12),
+                 dict(enable_prefix_caching=True, speculation="lookahead", spec_policy="fixed"),
+                 dict(num_kv_blocks=30)):
+        engine = Engine(str(stories_dir), num_threads=2, block_size=5, kv_cache_dtype="int4", **opts)
+        for round_ in range(2):
+            tu.assert_same_outputs(engine.generate(prompts + prompts[:1], [params] * 4), ref + ref[:1], f"{opts} {round_}")
+        _idle(engine)
+    engine = Engine(str(stories_dir), num_threads=2, kv_cache_dtype="int4", enable_prefix_caching=True)
+    ids = [engine.add_request(engine.encode(p), SamplingParams(max_tokens=200, temperature=0.0)) for p in prompts]
+    for _ in range(20):
+        engine.step()
+    assert engine.stats()["num_staged_blocks"] > 0
+    for i in ids:
+        engine.abort(i)
+    while engine.has_unfinished_requests():
+        engine.step()
+    _idle(engine)
+
+
 def test_kv4_bytes_per_token(model_factory):
     # The issue's bound: 4-bit KV costs at most 30% of float16's bytes per token, scales included,
     # at head_dim 64 (TinyLlama's); the engine reports one block's bytes across layers.
