@@ -91,8 +91,9 @@ def main(argv=None) -> int:
     g.add_argument("--quantization", choices=["none", "w4a16", "w4a8", "w4a4"], default="none",
                    help="linear weights quantized to 4 bits at load; activations float (w4a16), 8-bit (w4a8) "
                         "or FMPQ's mixed 4/8-bit (w4a4, calibrated on text sampled from the model)")
-    g.add_argument("--kv-cache-dtype", choices=["float32", "int8", "int4"], default="float32",
-                   help="KV cache storage: keys per channel over each full block, values per token and head")
+    g.add_argument("--kv-cache-dtype", choices=["auto", "float32", "int8", "int4"], default="auto",
+                   help="KV cache storage: keys per channel over each full block, values per token and head "
+                        "(auto: a quantized checkpoint's own, else float32)")
     qz = sub.add_parser("quantize", help="write a 4-bit checkpoint (COMET's W4Ax + KV4) that `generate` and Engine load")
     qz.add_argument("--model", required=True, help="Hugging Face model directory or hub id (float weights)")
     qz.add_argument("--out", required=True, help="output directory (new or empty)")

@@ -87,6 +87,10 @@ def test_cli_quantize_then_generate(stories_dir, tmp_path):
                           "--max-tokens", "20"], capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("Once upon a time") and len(gen.stdout.split()) > 10
+    # It ran the checkpoint as stored, its 8-bit KV cache included: the same text as the engine.
+    want = Engine(str(out)).generate(["Once upon a time"], SamplingParams(max_tokens=20, temperature=0.0))[0]
+    assert Engine(str(out)).config.kv_cache_dtype == "int8"
+    assert gen.stdout.strip() == ("Once upon a time" + want.text).strip()
     # Bad requests fail with a message, not a traceback.
     bad = subprocess.run(cmd[:-6] + ["--out", str(tmp_path / "x"), "--scheme", "w3a8"], capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown quantization scheme 'w3a8'" in bad.stderr and "Traceback" not in bad.stderr
