@@ -98,6 +98,31 @@ int main(int argc, char** argv) {
         }
       });
       std::printf("| %d | w4a8 %s | %.0f | %.1f | %.2fx |\n", m, cpu::dot_isa_name(isa), 1e6 * t, macs / t / 1e9, t_float / t);
+      if (isa != cpu::DotIsa::kAvx512Vnni) continue;
+      // FMPQ (w4a4): 8-channel activation sub-groups, a quarter of them 8-bit.
+      const double t4 = best_of([&] {
+        for (size_t i = 0; i < q.size(); ++i) {
+          const Shape& s = shapes[i];
+          a4_quantize(x[i].data(), m, s.k, s.k, group, nullptr, s.k / kA4SubGroup / 4, &a);
+          cpu::QLinearParams p;
+          p.xq = a.q.data();
+          p.x_scales = a.scales.data();
+          p.x_sums = a.sums.data();
+          p.x_zsums = a.zsums.data();
+          p.act_group = a.act_group;
+          p.w = q[i].data.data();
+          p.w_scales = q[i].scales.data();
+          p.w_zeros = q[i].zeros.data();
+          p.y = y.data();
+          p.m = m;
+          p.n = s.n;
+          p.groups = q[i].groups;
+          p.group = group;
+          p.ldy = s.n;
+          cpu::qlinear_w4a8(p, pool);
+        }
+      });
+      std::printf("| %d | w4a4 %s | %.0f | %.1f | %.2fx |\n", m, cpu::dot_isa_name(isa), 1e6 * t4, macs / t4 / 1e9, t_float / t4);
     }
     cpu::set_active_dot_isa(saved);
   }

@@ -227,25 +227,36 @@ std::vector<DotPath> supported_paths() {
   return out;
 }
 
-// Unpacks every nibble with q4_at and sums products in int64, one sum per activation group (the
-// weight group, or FMPQ's sub-groups of it); the float steps as documented.
+// Unpacks every nibble with q4_at and sums products in int64 per activation group (the weight
+// group, or FMPQ's sub-groups of it); the float steps as documented in quant/q4.h.
 std::vector<float> reference(const Q4Weight& w, const A8Activations& a, const std::vector<float>& bias) {
-  const int64_t G = w.groups(), ag = a.act_group, AG = a.act_groups();
+  const int64_t G = w.groups(), ag = a.act_group, AG = a.act_groups(), subs = w.group / ag;
   std::vector<float> y(a.m * w.n);
   for (int64_t m = 0; m < a.m; ++m)
     for (int64_t n = 0; n < w.n; ++n) {
       float acc = bias.empty() ? 0.0f : bias[n];
-      for (int64_t s = 0; s < AG; ++s) {
-        const int64_t g = s * ag / w.group;
-        int64_t dot = 0, xsum = 0;
-        for (int64_t i = s * ag; i < (s + 1) * ag; ++i) {
-          const int64_t q = a.q[m * a.padded_k() + i];
-          dot += static_cast<int64_t>(q4_at(w, n, i)) * q;
-          xsum += q;
+      for (int64_t g = 0; g < G; ++g) {
+        float t = 0.0f, zsum = 0.0f;
+        for (int64_t s = g * subs; s < (g + 1) * subs; ++s) {
+          int64_t dot = 0, xsum = 0;
+          for (int64_t i = s * ag; i < (s + 1) * ag; ++i) {
+            const int64_t q = a.q[m * a.padded_k() + i];
+            dot += static_cast<int64_t>(q4_at(w, n, i)) * q;
+            xsum += q;
+          }
+          EXPECT_EQ(xsum, a.sums[m * AG + s]);
+          if (subs == 1) {
+            const int64_t d = dot - static_cast<int64_t>(w.zeros[n * G + g]) * xsum;
+            acc = std::fma(w.scales[n * G + g] * a.scales[m * AG + s], static_cast<float>(d), acc);
+          } else {
+            t = std::fma(a.scales[m * AG + s], static_cast<float>(dot), t);
+            zsum = std::fma(a.scales[m * AG + s], static_cast<float>(xsum), zsum);
+          }
         }
-        EXPECT_EQ(xsum, a.sums[m * AG + s]);
-        const int64_t t = dot - static_cast<int64_t>(w.zeros[n * G + g]) * xsum;
-        acc = std::fma(w.scales[n * G + g] * a.scales[m * AG + s], static_cast<float>(t), acc);
+        if (subs > 1) {
+          EXPECT_EQ(zsum, a.zsums[m * G + g]);
+          acc = std::fma(w.scales[n * G + g], std::fma(-static_cast<float>(w.zeros[n * G + g]), zsum, t), acc);
+        }
       }
       y[m * w.n + n] = acc;
     }
@@ -257,6 +268,7 @@ QLinearParams params(const Q4Tiled& w, const A8Activations& a, const std::vector
   p.xq = a.q.data();
   p.x_scales = a.scales.data();
   p.x_sums = a.sums.data();
+  p.x_zsums = a.zsums.empty() ? nullptr : a.zsums.data();
   p.w = w.data.data();
   p.w_scales = w.scales.data();
   p.w_zeros = w.zeros.data();

@@ -45,8 +45,8 @@ struct EngineConfig {
   int quant_group_size = 128;  // a multiple of 32
   // w4a4 (COMET's FMPQ): the share of each linear's input channels (its largest, by calibration
   // magnitude, in sub-groups of 8) whose activations stay 8-bit; the rest are 4-bit. Measured on
-  // stories260K (w4a4kv4, the protocol): 0.25 gives top-1 84.9% / KL 0.092, 0.4 gives
-  // 85.8% / 0.085 (the bar: 85.5% / 0.090).
+  // stories260K (w4a4kv4, the protocol): 0.25 gives top-1 85.1% / KL 0.092, 0.4 gives
+  // 86.1% / 0.086 (the bar: 85.5% / 0.090).
   double quant_a8_fraction = 0.4;
   // KV cache storage: "auto", "float32", "int8" or "int4". The quantized forms keep keys per
   // channel over each full block of block_size tokens and values per token and head: 4-bit KV

@@ -560,6 +560,7 @@ void LlamaModel::qlinear(const float* x, int64_t T, int64_t k, const Q4Tiled& q,
   p.xq = xq_.q.data();
   p.x_scales = xq_.scales.data();
   p.x_sums = xq_.sums.data();
+  p.x_zsums = xq_.zsums.empty() ? nullptr : xq_.zsums.data();
   p.w = q.data.data();
   p.w_scales = q.scales.data();
   p.w_zeros = q.zeros.data();

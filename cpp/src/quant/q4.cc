@@ -331,6 +331,7 @@ void a8_resize(A8Activations* a, int64_t m, int64_t k, int64_t group, int64_t ac
   a->q.resize(static_cast<size_t>(m * a->padded_k()));
   a->scales.resize(m * a->act_groups());
   a->sums.resize(m * a->act_groups());
+  a->zsums.resize(act_group < group ? m * a->groups() : 0);
 }
 
 void a8_quantize_rows(const float* x, int64_t r0, int64_t r1, int64_t ldx, A8Activations* a) {
@@ -391,6 +392,12 @@ void a4_quantize_rows(const float* x, int64_t r0, int64_t r1, int64_t ldx, const
       }
       a->scales[r * S + j] = scale;
       a->sums[r * S + j] = sum;
+    }
+    const int64_t subs = a->group / kA4SubGroup;
+    for (int64_t g = 0; g < a->groups(); ++g) {
+      float c = 0.0f;
+      for (int64_t j = g * subs; j < (g + 1) * subs; ++j) c = std::fma(a->scales[r * S + j], static_cast<float>(a->sums[r * S + j]), c);
+      a->zsums[r * a->groups() + g] = c;
     }
   }
 }

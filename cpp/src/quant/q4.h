@@ -13,9 +13,13 @@
 //
 // The product of a row x and a weight row is, in this exact order (every kernel computes it so,
 // whatever the instruction set and batch size):
-//   y = bias; for each activation group a (in channel order; a weight group g(a) or a part of one):
-//     y = fma(s_w[g(a)] * s_x[a], float(dot_a - z[g(a)] * sum_x[a]), y)
-// with dot_a the int32 sum of q_w * q_x over the activation group.
+//   y = bias; for each group g (one activation group: W4A8):
+//     y = fma(s_w[g] * s_x[g], float(dot_g - z[g] * sum_x[g]), y)
+// or with FMPQ's sub-groups a of g, the int32 sums scaled into a float sum first:
+//   y = bias; for each group g: t = 0; for each sub-group a of g: t = fma(s_x[a], float(dot_a), t)
+//     y = fma(s_w[g], fma(-float(z[g]), zsum_x[g], t), y)
+// with dot the int32 sum of q_w * q_x over the (sub-)group and zsum_x[g] = the same fma chain
+// over float(sum_x[a]) (A8Activations::zsums): per sub-group only a convert and an fma.
 #pragma once
 
 #include <cstdint>
@@ -97,6 +101,9 @@ struct A8Activations {
   std::vector<int8_t> q;      // [m][padded_k], zero past k
   std::vector<float> scales;  // [m][act_groups]
   std::vector<int32_t> sums;  // [m][act_groups]: sum of q over the activation group
+  // Sub-groups (act_group < group): per weight group, the fma chain over its sub-groups a in
+  // order of c = fma(scale_a, float(sum_a), c) from 0: the zero points' term, folded.
+  std::vector<float> zsums;   // [m][groups]
 };
 
 // Quantizes rows x[i * ldx, + k) (i < m) into a (buffers reused), one scale per weight group.

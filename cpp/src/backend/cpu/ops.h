@@ -34,6 +34,7 @@ struct QLinearParams {
   // group): FMPQ's 4-bit sub-groups. Each is its own int32 sum, scaled in float.
   const float* x_scales = nullptr;   // [m][groups * group / act_group]
   const int32_t* x_sums = nullptr;   // [m][groups * group / act_group]
+  const float* x_zsums = nullptr;    // act_group < group: [m][groups], A8Activations::zsums
   const uint8_t* w = nullptr;        // Q4Tiled::data
   const float* w_scales = nullptr;   // Q4Tiled::scales
   const uint8_t* w_zeros = nullptr;  // Q4Tiled::zeros

@@ -28,6 +28,12 @@ struct ScalarDot {
     for (int r = 0; r < 16; ++r)
       y[r] = std::fma(sw[r] * sx, static_cast<float>(acc.v[r] - static_cast<int32_t>(z[r]) * xsum), y[r]);
   }
+  static void accumulate(const Acc& acc, float sx, float* t) {
+    for (int r = 0; r < 16; ++r) t[r] = std::fma(sx, static_cast<float>(acc.v[r]), t[r]);
+  }
+  static void finish_group(const float* t, const float* sw, const uint8_t* z, float zsum, float* y) {
+    for (int r = 0; r < 16; ++r) y[r] = std::fma(sw[r], std::fma(-static_cast<float>(z[r]), zsum, t[r]), y[r]);
+  }
 };
 
 #include "backend/cpu/qlinear_impl.h"
@@ -40,6 +46,7 @@ void qlinear_w4a8(const QLinearParams& p, ThreadPool& pool) {
   ACCEL_DCHECK(p.xq && p.x_scales && p.x_sums && p.w && p.w_scales && p.w_zeros && p.y);
   ACCEL_DCHECK(p.group >= 32 && p.group % 32 == 0 && p.ldy >= p.n);
   ACCEL_DCHECK(p.act_group == 0 || (p.act_group % 8 == 0 && p.group % p.act_group == 0));
+  ACCEL_DCHECK(p.act_group == 0 || p.act_group == p.group || p.x_zsums);
   if (p.m == 0 || p.n == 0) return;
   void (*kernel)(const QLinearParams&, int64_t, int64_t) = qlinear_w4a8_scalar;
   switch (active_dot_isa()) {

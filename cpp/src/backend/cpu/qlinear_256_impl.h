@@ -46,4 +46,17 @@ struct Dot256 {
       _mm256_storeu_ps(y + 8 * h, _mm256_fmadd_ps(c, t, _mm256_loadu_ps(y + 8 * h)));
     }
   }
+  static void accumulate(const Acc& acc, float sx, float* t) {
+    const __m256 vsx = _mm256_set1_ps(sx);
+    for (int h = 0; h < 2; ++h)
+      _mm256_storeu_ps(t + 8 * h, _mm256_fmadd_ps(vsx, _mm256_cvtepi32_ps(acc.h[h]), _mm256_loadu_ps(t + 8 * h)));
+  }
+  static void finish_group(const float* t, const float* sw, const uint8_t* z, float zsum, float* y) {
+    const __m256 vz = _mm256_set1_ps(zsum);
+    for (int h = 0; h < 2; ++h) {
+      const __m256 zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + 8 * h))));
+      const __m256 u = _mm256_fnmadd_ps(zf, vz, _mm256_loadu_ps(t + 8 * h));
+      _mm256_storeu_ps(y + 8 * h, _mm256_fmadd_ps(_mm256_loadu_ps(sw + 8 * h), u, _mm256_loadu_ps(y + 8 * h)));
+    }
+  }
 };

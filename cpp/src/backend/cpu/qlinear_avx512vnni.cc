@@ -40,6 +40,14 @@ struct Avx512VnniDot {
     const __m512 c = _mm512_mul_ps(_mm512_loadu_ps(sw), _mm512_set1_ps(sx));
     _mm512_storeu_ps(y, _mm512_fmadd_ps(c, t, _mm512_loadu_ps(y)));
   }
+  static void accumulate(const Acc& acc, float sx, float* t) {
+    _mm512_storeu_ps(t, _mm512_fmadd_ps(_mm512_set1_ps(sx), _mm512_cvtepi32_ps(acc), _mm512_loadu_ps(t)));
+  }
+  static void finish_group(const float* t, const float* sw, const uint8_t* z, float zsum, float* y) {
+    const __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z))));
+    const __m512 u = _mm512_fnmadd_ps(zf, _mm512_set1_ps(zsum), _mm512_loadu_ps(t));
+    _mm512_storeu_ps(y, _mm512_fmadd_ps(_mm512_loadu_ps(sw), u, _mm512_loadu_ps(y)));
+  }
 };
 
 #include "backend/cpu/qlinear_impl.h"

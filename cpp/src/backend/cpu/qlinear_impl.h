@@ -5,7 +5,10 @@
 //   dot(acc, w, x8)       acc[r] += sum over c < 8 of weight(r, c) * x8[c]
 //   finish(acc, sw, z, sx, xsum, y16)
 //                         y16[r] = fma(sw[r] * sx, float(acc[r] - z[r] * xsum), y16[r])
-// (once per weight group, or per activation sub-group of it: QLinearParams::act_group)
+//                         (once per weight group: W4A8)
+//   accumulate(acc, sx, t16)  t16[r] = fma(sx, float(acc[r]), t16[r])  (per FMPQ sub-group)
+//   finish_group(t16, sw, z, zsum, y16)
+//                         y16[r] = fma(sw[r], fma(-float(z[r]), zsum, t16[r]), y16[r])  (per group)
 // and include this. The integer sums are exact whatever the instructions, and finish is the same
 // lane-wise float arithmetic on every path, so all paths give the same bits, and a row's result
 // does not depend on the batch (each row of x runs the same instruction sequence).
@@ -19,7 +22,7 @@ constexpr int64_t PF = 32;
 
 // NB consecutive 16-row blocks by MB activation rows: each broadcast activation feeds NB weight
 // vectors, each unpacked weight vector MB activation rows.
-template <class D, int NB, int MB>
+template <class D, int NB, int MB, bool kSub>
 void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
   constexpr int64_t R = Q4Tiled::kRows;
   const int64_t G = p.groups, gs = p.group, steps = gs / 8, kp = G * gs;
@@ -31,12 +34,18 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
   }
   const int8_t* x[MB];
   for (int i = 0; i < MB; ++i) x[i] = p.xq + (m0 + i) * kp;
-  // Activation scale groups: the weight group itself (W4A8), or its sub-groups (FMPQ), each an
-  // int32 sum of its own.
+  // Activation scale groups: the weight group itself (W4A8: one int32 sum, finished with the
+  // exact integer zero-point term), or its sub-groups (FMPQ: each int32 sum scaled into a float
+  // sum t, the zero-point term folded into one per group, x_zsums).
   const int64_t ag = p.act_group ? p.act_group : gs, subs = gs / ag, sub_steps = ag / 8, AG = G * subs;
+  alignas(64) float t[NB][MB][R];
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg[NB];
     for (int nb = 0; nb < NB; ++nb) wg[nb] = p.w + ((b0 + nb) * G + g) * steps * 64;
+    if constexpr (kSub)
+      for (int nb = 0; nb < NB; ++nb)
+        for (int i = 0; i < MB; ++i)
+          for (int64_t r = 0; r < R; ++r) t[nb][i][r] = 0.0f;
     for (int64_t s = 0; s < subs; ++s) {
       typename D::Acc acc[NB][MB];
       for (int nb = 0; nb < NB; ++nb)
@@ -57,10 +66,19 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
         const uint8_t* z = p.w_zeros + ((b0 + nb) * G + g) * R;
         for (int i = 0; i < MB; ++i) {
           const int64_t a = (m0 + i) * AG + g * subs + s;
-          D::finish(acc[nb][i], sw, z, p.x_scales[a], p.x_sums[a], y[nb][i]);
+          if constexpr (kSub)
+            D::accumulate(acc[nb][i], p.x_scales[a], t[nb][i]);
+          else
+            D::finish(acc[nb][i], sw, z, p.x_scales[a], p.x_sums[a], y[nb][i]);
         }
       }
     }
+    if constexpr (kSub)
+      for (int nb = 0; nb < NB; ++nb) {
+        const float* sw = p.w_scales + ((b0 + nb) * G + g) * R;
+        const uint8_t* z = p.w_zeros + ((b0 + nb) * G + g) * R;
+        for (int i = 0; i < MB; ++i) D::finish_group(t[nb][i], sw, z, p.x_zsums[(m0 + i) * G + g], y[nb][i]);
+      }
   }
   for (int nb = 0; nb < NB; ++nb) {
     const int64_t rows = std::min<int64_t>(R, p.n - (b0 + nb) * R);
@@ -69,34 +87,41 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
   }
 }
 
-template <class D, int NB, int MB>
+template <class D, int NB, int MB, bool kSub>
 void qlinear_blocks(const QLinearParams& p, int64_t b) {
   int64_t m = 0;
-  for (; m + MB <= p.m; m += MB) qlinear_block<D, NB, MB>(p, b, m);
-  for (; m + 4 <= p.m; m += 4) qlinear_block<D, NB, 4>(p, b, m);
+  for (; m + MB <= p.m; m += MB) qlinear_block<D, NB, MB, kSub>(p, b, m);
+  for (; m + 4 <= p.m; m += 4) qlinear_block<D, NB, 4, kSub>(p, b, m);
   switch (p.m - m) {
-    case 3: qlinear_block<D, NB, 3>(p, b, m); break;
-    case 2: qlinear_block<D, NB, 2>(p, b, m); break;
-    case 1: qlinear_block<D, NB, 1>(p, b, m); break;
+    case 3: qlinear_block<D, NB, 3, kSub>(p, b, m); break;
+    case 2: qlinear_block<D, NB, 2, kSub>(p, b, m); break;
+    case 1: qlinear_block<D, NB, 1, kSub>(p, b, m); break;
     default: break;
   }
 }
 
 // NB row blocks by MB activation rows per pass where they fit, then one block at a time.
-template <class D, int NB, int MB>
+template <class D, int NB, int MB, bool kSub>
 void qlinear_rows_by(const QLinearParams& p, int64_t n0, int64_t n1) {
   constexpr int64_t R = Q4Tiled::kRows;
   const int64_t end = (n1 + R - 1) / R;
   int64_t b = n0 / R;
-  for (; b + NB <= end; b += NB) qlinear_blocks<D, NB, MB>(p, b);
-  for (; b < end; ++b) qlinear_blocks<D, 1, MB>(p, b);
+  for (; b + NB <= end; b += NB) qlinear_blocks<D, NB, MB, kSub>(p, b);
+  for (; b < end; ++b) qlinear_blocks<D, 1, MB, kSub>(p, b);
 }
 
 // D::kBlocks blocks by 4 rows; from D::kWideRows activation rows on, D::kWideBlocks blocks by
 // that many rows (fewer passes over each block's weights). The blocking changes only which
-// outputs are computed together, never how one is, so the results are the same bits.
+// outputs are computed together, never how one is, so the results are the same bits. FMPQ's
+// sub-groups get their own instantiation (kSub), so neither path branches in its inner loop.
+template <class D, bool kSub>
+void qlinear_rows_sub(const QLinearParams& p, int64_t n0, int64_t n1) {
+  if (D::kWideRows > 4 && p.m >= D::kWideRows) return qlinear_rows_by<D, D::kWideBlocks, D::kWideRows, kSub>(p, n0, n1);
+  qlinear_rows_by<D, D::kBlocks, 4, kSub>(p, n0, n1);
+}
+
 template <class D>
 void qlinear_rows(const QLinearParams& p, int64_t n0, int64_t n1) {
-  if (D::kWideRows > 4 && p.m >= D::kWideRows) return qlinear_rows_by<D, D::kWideBlocks, D::kWideRows>(p, n0, n1);
-  qlinear_rows_by<D, D::kBlocks, 4>(p, n0, n1);
+  if (p.act_group && p.act_group < p.group) return qlinear_rows_sub<D, true>(p, n0, n1);
+  qlinear_rows_sub<D, false>(p, n0, n1);
 }
