@@ -71,6 +71,10 @@ def test_speculation_preemption_and_prefix_caching_do_not_change_outputs(stories
     tu.assert_same_outputs(got, ref(16), "speculation")
     assert sum(o.num_accepted_draft_tokens for o in got) > 0
     _idle(engine)
+    # SmartSpec (its start-up profile runs on the quantized cache too).
+    smart = Engine(str(stories_dir), num_threads=2, speculation="lookahead", **kv)
+    tu.assert_same_outputs(smart.generate(prompts, params), ref(16), "smartspec")
+    _idle(smart)
 
     tight = Engine(str(stories_dir), num_threads=2, block_size=4, num_kv_blocks=90, **kv)
     tu.assert_same_outputs(tight.generate(prompts, params), ref(4), "preemption")
