@@ -77,38 +77,16 @@ int main(int argc, char** argv) {
       if (!cpu::dot_isa_supported(isa) || (isa == cpu::DotIsa::kScalar && m > 4)) continue;
       cpu::set_active_dot_isa(isa);
       A8Activations a;
-      const double t = best_of([&] {
+      // One layer's four linears, each input quantized by `quantize` into a.
+      auto layer = [&](auto&& quantize) {
         for (size_t i = 0; i < q.size(); ++i) {
           const Shape& s = shapes[i];
-          a8_quantize(x[i].data(), m, s.k, s.k, group, &a);
+          quantize(x[i].data(), s.k);
           cpu::QLinearParams p;
           p.xq = a.q.data();
           p.x_scales = a.scales.data();
           p.x_sums = a.sums.data();
-          p.w = q[i].data.data();
-          p.w_scales = q[i].scales.data();
-          p.w_zeros = q[i].zeros.data();
-          p.y = y.data();
-          p.m = m;
-          p.n = s.n;
-          p.groups = q[i].groups;
-          p.group = group;
-          p.ldy = s.n;
-          cpu::qlinear_w4a8(p, pool);
-        }
-      });
-      std::printf("| %d | w4a8 %s | %.0f | %.1f | %.2fx |\n", m, cpu::dot_isa_name(isa), 1e6 * t, macs / t / 1e9, t_float / t);
-      if (isa != cpu::DotIsa::kAvx512Vnni) continue;
-      // FMPQ (w4a4): 8-channel activation sub-groups, a quarter of them 8-bit.
-      const double t4 = best_of([&] {
-        for (size_t i = 0; i < q.size(); ++i) {
-          const Shape& s = shapes[i];
-          a4_quantize(x[i].data(), m, s.k, s.k, group, nullptr, s.k / kA4SubGroup / 4, &a);
-          cpu::QLinearParams p;
-          p.xq = a.q.data();
-          p.x_scales = a.scales.data();
-          p.x_sums = a.sums.data();
-          p.x_zsums = a.zsums.data();
+          p.x_zsums = a.zsums.empty() ? nullptr : a.zsums.data();
           p.act_group = a.act_group;
           p.w = q[i].data.data();
           p.w_scales = q[i].scales.data();
@@ -121,6 +99,13 @@ int main(int argc, char** argv) {
           p.ldy = s.n;
           cpu::qlinear_w4a8(p, pool);
         }
+      };
+      const double t = best_of([&] { layer([&](const float* xi, int64_t k) { a8_quantize(xi, m, k, k, group, &a); }); });
+      std::printf("| %d | w4a8 %s | %.0f | %.1f | %.2fx |\n", m, cpu::dot_isa_name(isa), 1e6 * t, macs / t / 1e9, t_float / t);
+      if (isa != cpu::DotIsa::kAvx512Vnni) continue;
+      // FMPQ (w4a4): 8-channel activation sub-groups, a quarter of them 8-bit.
+      const double t4 = best_of([&] {
+        layer([&](const float* xi, int64_t k) { a4_quantize(xi, m, k, k, group, nullptr, k / kA4SubGroup / 4, &a); });
       });
       std::printf("| %d | w4a4 %s | %.0f | %.1f | %.2fx |\n", m, cpu::dot_isa_name(isa), 1e6 * t4, macs / t4 / 1e9, t_float / t4);
     }

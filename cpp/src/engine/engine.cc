@@ -123,7 +123,6 @@ struct Engine::Impl {
   // Per-step scratch (under step_mu).
   BatchPlan plan;
   std::vector<ScheduledSeq> seqs;
-  bool from_quantized_checkpoint = false;
   std::vector<int32_t> released_blocks;  // scratch: release_kv
   std::vector<uint8_t> released_full;
   // Hands the blocks requests let go of to the KV cache (a quantized one drops their float forms).
@@ -173,7 +172,6 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
     ACCEL_CHECK(config.quant_calibration.empty(), InvalidArgument)
         << config.model_path << " is already quantized (" << mc.quant->scheme << "): quant_calibration does not apply";
     m.config.quantization = stored;
-    m.from_quantized_checkpoint = true;
   }
   if (m.config.kv_cache_dtype == "auto") m.config.kv_cache_dtype = mc.quant ? mc.quant->kv_cache : "float32";
   ModelWeights weights = load_weights(mc, config.model_path);
@@ -233,7 +231,7 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   m.publish();
   m.pool = std::make_unique<ThreadPool>(config.num_threads > 0 ? config.num_threads : default_num_threads());
   // Before the profile: it times this model.
-  if (config.quantization != "none" && !m.from_quantized_checkpoint) m.quantize_w4(config);
+  if (config.quantization != "none" && !m.model->config().quant) m.quantize_w4(config);
   if (sc.spec_max_draft > 0 && sc.spec_policy == SpecPolicy::kSmart) {
     m.profile_step_time();
     m.cache->reset();  // the profile wrote blocks nothing holds

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 #include <numeric>
+#include <optional>
 
 #include "backend/cpu/ops.h"
 #include "model/safetensors.h"
@@ -39,6 +40,12 @@ std::vector<float> rope_inv_freq(const RopeConfig& rope, int head_dim) {
 }
 
 namespace {
+
+std::string fmt(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
 
 class WeightLoader {
  public:
@@ -77,17 +84,8 @@ class WeightLoader {
   bool contains(const std::string& name) const { return ckpt_.contains(name); }
 
  private:
-  static std::string fmt(const std::vector<int64_t>& s) {
-    std::string out = "[";
-    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-    return out + "]";
-  }
   const CheckpointReader& ckpt_;
 };
-
-}  // namespace
-
-namespace {
 
 // A quantized checkpoint's tensors, each checked for dtype and shape before use.
 class QuantLoader {
@@ -163,70 +161,37 @@ class QuantLoader {
     return o;
   }
 
-  static std::string fmt(const std::vector<int64_t>& s) {
-    std::string out = "[";
-    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-    return out + "]";
-  }
-
  private:
   const CheckpointReader& ckpt_;
   const ModelConfig& c_;
 };
 
-ModelWeights load_quantized_weights(const ModelConfig& c, const CheckpointReader& ckpt) {
-  const QuantConfig& qc = *c.quant;
-  ACCEL_CHECK(qc.activations != "a4" || qc.act_group == kA4SubGroup, FormatError)
-      << "quantization_config.act_group is " << qc.act_group << "; this engine's FMPQ sub-groups are " << kA4SubGroup;
-  QuantLoader ld(ckpt, c);
-  WeightLoader fl(ckpt);
-  ModelWeights w;
-  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
-  const int64_t Q = c.q_size(), KV = c.kv_size();
-  ld.q8("model.embed_tokens", V, H, &w.embed, &w.embed_scales);
-  if (!c.tie_word_embeddings) ld.q8("lm_head", V, H, &w.lm_head, &w.head_scales);
-  w.final_norm = fl.load("model.norm.weight", {H});
-  w.layers.resize(c.num_layers);
-  for (int l = 0; l < c.num_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    LayerWeights& L = w.layers[l];
-    L.input_norm = fl.load(p + "input_layernorm.weight", {H});
-    L.post_norm = fl.load(p + "post_attention_layernorm.weight", {H});
-    const std::string a = p + "self_attn.", m = p + "mlp.";
-    L.qkv_q = ld.q4({a + "q_proj", a + "k_proj", a + "v_proj"}, {Q, KV, KV}, H);
-    L.o_q = ld.q4({a + "o_proj"}, {H}, Q);
-    L.gate_up_q = ld.q4({m + "gate_proj", m + "up_proj"}, {I, I}, H);
-    L.down_q = ld.q4({m + "down_proj"}, {H}, I);
-    if (c.qkv_bias) L.qkv_b = fl.stack({a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"}, {Q, KV, KV}, 0);
-    if (c.o_bias) L.o_b = fl.load(a + "o_proj.bias", {H});
-    if (c.mlp_bias) {
-      L.gate_up_b = fl.stack({m + "gate_proj.bias", m + "up_proj.bias"}, {I, I}, 0);
-      L.down_b = fl.load(m + "down_proj.bias", {H});
-    }
-    if (qc.activations == "a4") {
-      L.qkv_a = ld.order(a + "qkv_proj", H);
-      L.o_a = ld.order(a + "o_proj", Q);
-      L.gate_up_a = ld.order(m + "gate_up_proj", H);
-      L.down_a = ld.order(m + "down_proj", I);
-    }
-  }
-  return w;
-}
-
 }  // namespace
 
 ModelWeights load_weights(const ModelConfig& c, const std::string& model_dir) {
   CheckpointReader ckpt(model_dir);
-  if (c.quant) return load_quantized_weights(c, ckpt);
   WeightLoader ld(ckpt);
+  // A quantized checkpoint differs only in the embedding, the head and the linears' weights.
+  std::optional<QuantLoader> qld;
+  if (c.quant) {
+    ACCEL_CHECK(c.quant->activations != "a4" || c.quant->act_group == kA4SubGroup, FormatError)
+        << "quantization_config.act_group is " << c.quant->act_group << "; this engine's FMPQ sub-groups are "
+        << kA4SubGroup;
+    qld.emplace(ckpt, c);
+  }
   ModelWeights w;
   const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
   const int64_t Q = c.q_size(), KV = c.kv_size();
-  w.embed = ld.load("model.embed_tokens.weight", {V, H});
-  if (!c.tie_word_embeddings) {
-    ACCEL_CHECK(ld.contains("lm_head.weight"), FormatError)
-        << "checkpoint has no lm_head.weight and the config does not tie word embeddings";
-    w.lm_head = ld.load("lm_head.weight", {V, H});
+  if (qld) {
+    qld->q8("model.embed_tokens", V, H, &w.embed, &w.embed_scales);
+    if (!c.tie_word_embeddings) qld->q8("lm_head", V, H, &w.lm_head, &w.head_scales);
+  } else {
+    w.embed = ld.load("model.embed_tokens.weight", {V, H});
+    if (!c.tie_word_embeddings) {
+      ACCEL_CHECK(ld.contains("lm_head.weight"), FormatError)
+          << "checkpoint has no lm_head.weight and the config does not tie word embeddings";
+      w.lm_head = ld.load("lm_head.weight", {V, H});
+    }
   }
   w.final_norm = ld.load("model.norm.weight", {H});
   w.layers.resize(c.num_layers);
@@ -236,12 +201,25 @@ ModelWeights load_weights(const ModelConfig& c, const std::string& model_dir) {
     L.input_norm = ld.load(p + "input_layernorm.weight", {H});
     L.post_norm = ld.load(p + "post_attention_layernorm.weight", {H});
     const std::string a = p + "self_attn.", m = p + "mlp.";
-    L.qkv_w = ld.stack({a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"}, {Q, KV, KV}, H);
+    if (qld) {
+      L.qkv_q = qld->q4({a + "q_proj", a + "k_proj", a + "v_proj"}, {Q, KV, KV}, H);
+      L.o_q = qld->q4({a + "o_proj"}, {H}, Q);
+      L.gate_up_q = qld->q4({m + "gate_proj", m + "up_proj"}, {I, I}, H);
+      L.down_q = qld->q4({m + "down_proj"}, {H}, I);
+      if (c.quant->activations == "a4") {
+        L.qkv_a = qld->order(a + "qkv_proj", H);
+        L.o_a = qld->order(a + "o_proj", Q);
+        L.gate_up_a = qld->order(m + "gate_up_proj", H);
+        L.down_a = qld->order(m + "down_proj", I);
+      }
+    } else {
+      L.qkv_w = ld.stack({a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"}, {Q, KV, KV}, H);
+      L.o_w = ld.load(a + "o_proj.weight", {H, Q});
+      L.gate_up_w = ld.stack({m + "gate_proj.weight", m + "up_proj.weight"}, {I, I}, H);
+      L.down_w = ld.load(m + "down_proj.weight", {H, I});
+    }
     if (c.qkv_bias) L.qkv_b = ld.stack({a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"}, {Q, KV, KV}, 0);
-    L.o_w = ld.load(a + "o_proj.weight", {H, Q});
     if (c.o_bias) L.o_b = ld.load(a + "o_proj.bias", {H});
-    L.gate_up_w = ld.stack({m + "gate_proj.weight", m + "up_proj.weight"}, {I, I}, H);
-    L.down_w = ld.load(m + "down_proj.weight", {H, I});
     if (c.mlp_bias) {
       L.gate_up_b = ld.stack({m + "gate_proj.bias", m + "up_proj.bias"}, {I, I}, 0);
       L.down_b = ld.load(m + "down_proj.bias", {H});
