@@ -9,6 +9,9 @@
 //   accumulate(acc, sx, t16)  t16[r] = fma(sx, float(acc[r]), t16[r])  (per FMPQ sub-group)
 //   finish_group(t16, sw, z, zsum, y16)
 //                         y16[r] = fma(sw[r], fma(-float(z[r]), zsum, t16[r]), y16[r])  (per group)
+// and kAsmBlocks, kAsmRows: where they are NB and MB, D::asm_steps(acc, wg, x, ldx, j0, j1) sets
+// acc to the sums over steps j0 to j1 of the NB blocks' weight groups wg against the MB rows'
+// group activations (x, rows ldx apart), in place of zero, unpack and dot (0: none);
 // and include this. The integer sums are exact whatever the instructions, and finish is the same
 // lane-wise float arithmetic on every path, so all paths give the same bits, and a row's result
 // does not depend on the batch (each row of x runs the same instruction sequence).
@@ -29,8 +32,12 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
   alignas(64) float y[NB][MB][R];
   for (int nb = 0; nb < NB; ++nb) {
     const int64_t rows = std::min<int64_t>(R, p.n - (b0 + nb) * R);
+    // Whole rows by memcpy: scalar stores read back as one vector would stall store forwarding.
     for (int i = 0; i < MB; ++i)
-      for (int64_t r = 0; r < R; ++r) y[nb][i][r] = p.bias && r < rows ? p.bias[(b0 + nb) * R + r] : 0.0f;
+      if (p.bias && rows == R)
+        std::memcpy(y[nb][i], p.bias + (b0 + nb) * R, sizeof y[nb][i]);
+      else
+        for (int64_t r = 0; r < R; ++r) y[nb][i][r] = p.bias && r < rows ? p.bias[(b0 + nb) * R + r] : 0.0f;
   }
   const int8_t* x[MB];
   for (int i = 0; i < MB; ++i) x[i] = p.xq + (m0 + i) * kp;
@@ -48,17 +55,21 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
           for (int64_t r = 0; r < R; ++r) t[nb][i][r] = 0.0f;
     for (int64_t s = 0; s < subs; ++s) {
       typename D::Acc acc[NB][MB];
-      for (int nb = 0; nb < NB; ++nb)
-        for (int i = 0; i < MB; ++i) acc[nb][i] = D::zero();
-      for (int64_t j = s * sub_steps; j < (s + 1) * sub_steps; ++j) {
-        typename D::W w[NB];
-        for (int nb = 0; nb < NB; ++nb) {
-          __builtin_prefetch(wg[nb] + (j + PF) * 64);
-          w[nb] = D::unpack(wg[nb] + j * 64);
-        }
-        for (int i = 0; i < MB; ++i) {
-          const int8_t* xi = x[i] + g * gs + 8 * j;
-          for (int nb = 0; nb < NB; ++nb) D::dot(acc[nb][i], w[nb], xi);
+      if constexpr (NB == D::kAsmBlocks && MB == D::kAsmRows) {
+        D::asm_steps(acc, wg, x[0] + g * gs, kp, s * sub_steps, (s + 1) * sub_steps);
+      } else {
+        for (int nb = 0; nb < NB; ++nb)
+          for (int i = 0; i < MB; ++i) acc[nb][i] = D::zero();
+        for (int64_t j = s * sub_steps; j < (s + 1) * sub_steps; ++j) {
+          typename D::W w[NB];
+          for (int nb = 0; nb < NB; ++nb) {
+            __builtin_prefetch(wg[nb] + (j + PF) * 64);
+            w[nb] = D::unpack(wg[nb] + j * 64);
+          }
+          for (int i = 0; i < MB; ++i) {
+            const int8_t* xi = x[i] + g * gs + 8 * j;
+            for (int nb = 0; nb < NB; ++nb) D::dot(acc[nb][i], w[nb], xi);
+          }
         }
       }
       for (int nb = 0; nb < NB; ++nb) {
@@ -82,8 +93,13 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
   }
   for (int nb = 0; nb < NB; ++nb) {
     const int64_t rows = std::min<int64_t>(R, p.n - (b0 + nb) * R);
-    for (int i = 0; i < MB; ++i)
-      for (int64_t r = 0; r < rows; ++r) p.y[(m0 + i) * p.ldy + (b0 + nb) * R + r] = y[nb][i][r];
+    for (int i = 0; i < MB; ++i) {
+      float* dst = p.y + (m0 + i) * p.ldy + (b0 + nb) * R;
+      if (rows == R)
+        std::memcpy(dst, y[nb][i], sizeof y[nb][i]);  // fixed size: vector moves, not rep movs
+      else
+        std::memcpy(dst, y[nb][i], rows * sizeof(float));
+    }
   }
 }
 
