@@ -90,8 +90,8 @@ struct EngineStats {
   int last_step_draft_tokens = 0;          // draft nodes in the last step
   int last_step_drafted_seqs = 0;          // requests with a draft in the last step
   std::vector<double> spec_acceptance;     // global acceptance rate by draft depth 1, 2, ...
-  // SmartSpec's step-time model, seconds: c0 + c_tok * tokens + c_kv * KV tokens read + c_seq * seqs
-  // + c_draft * seqs with a draft.
+  // SmartSpec's step-time model, seconds: c0 + c_tok * tokens + c_kv * KV tokens read + c_logit *
+  // rows with logits (sampled rows and draft nodes) + c_draft * seqs with a draft.
   std::vector<double> step_time_coefficients;
 };
 

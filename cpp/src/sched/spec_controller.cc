@@ -14,7 +14,7 @@ namespace accelcore {
 StepFeatures step_features(const BatchPlan& plan) {
   StepFeatures f;
   f.tokens = plan.num_tokens();
-  f.seqs = plan.num_seqs();
+  f.logit_rows = static_cast<double>(plan.logit_rows.size());
   for (int32_t p : plan.positions) f.kv_tokens += p + 1.0;
   // A draft token carries extras; count each sequence once.
   int last_seq = -1;
@@ -31,7 +31,7 @@ StepTimeModel::StepTimeModel(double forgetting) : forgetting_(forgetting) {
 }
 
 void StepTimeModel::accumulate(const StepFeatures& f, double seconds, double weight, double* ata, double* aty) {
-  const double x[kTerms] = {1.0, f.tokens, f.kv_tokens, f.seqs, f.drafted};
+  const double x[kTerms] = {1.0, f.tokens, f.kv_tokens, f.logit_rows, f.drafted};
   for (int i = 0; i < kTerms; ++i) {
     for (int j = 0; j < kTerms; ++j) ata[i * kTerms + j] += weight * x[i] * x[j];
     aty[i] += weight * x[i] * seconds;
@@ -64,12 +64,12 @@ void StepTimeModel::observe(const StepFeatures& f, double seconds) {
 }
 
 double StepTimeModel::predict(const StepFeatures& f) const {
-  return coef_[0] + coef_[1] * f.tokens + coef_[2] * f.kv_tokens + coef_[3] * f.seqs + coef_[4] * f.drafted;
+  return coef_[0] + coef_[1] * f.tokens + coef_[2] * f.kv_tokens + coef_[3] * f.logit_rows + coef_[4] * f.drafted;
 }
 
 // Non-negative least squares by enumeration: with 5 terms, solve the normal equations on every
 // subset of them and keep the best fit whose coefficients are all >= 0 (a term that the data
-// cannot separate, e.g. sequences when every step has one, drops out instead of going negative).
+// cannot separate, e.g. rows with logits when every step has one, drops out instead of going negative).
 void StepTimeModel::refit() {
   std::array<double, kTerms * kTerms> ata = ata_;
   std::array<double, kTerms> aty = aty_;

@@ -1,9 +1,13 @@
 // SmartSpec: how many draft tokens each decoding request gets in a step, chosen to maximise
 // goodput = expected generated tokens / predicted step time.
 //
-//  - StepTimeModel: T = c0 + c_tok * tokens + c_kv * (KV tokens read) + c_seq * sequences
-//    + c_draft * (sequences with a draft), with non-negative coefficients, fitted online by
-//    exponentially weighted least squares.
+//  - StepTimeModel: T = c0 + c_tok * tokens + c_kv * (KV tokens read) + c_logit * (rows whose
+//    logits are computed) + c_draft * (sequences with a draft), with non-negative coefficients,
+//    fitted online by exponentially weighted least squares. A draft node is a row with logits
+//    (the head and the verification), as a decode row is: it is priced c_tok + c_kv * context +
+//    c_logit. (A per-sequence term instead took the head's cost in the start-up profile, and in
+//    steady decoding, where rows, rows with logits and sequences are all equal, nothing separates
+//    them: stories260K at saturation priced a draft node at half what it cost, and drafted.)
 //  - Acceptance: of "the most frequent drafted child of the last accepted node is accepted", as
 //    moving averages per draft depth: globally, globally per length of the matched context suffix
 //    (the trie's signal: a long match predicts well), and per request (starting from the global
@@ -34,10 +38,10 @@
 namespace accelcore {
 
 struct StepFeatures {
-  double tokens = 0;     // rows computed (prompt chunks, decode tokens, draft nodes)
-  double kv_tokens = 0;  // sum over rows of the positions each attends to
-  double seqs = 0;       // sequences in the step
-  double drafted = 0;    // sequences with a draft tree (proposal, tree attention, verification)
+  double tokens = 0;      // rows computed (prompt chunks, decode tokens, draft nodes)
+  double kv_tokens = 0;   // sum over rows of the positions each attends to
+  double logit_rows = 0;  // rows whose logits are computed: a sequence's sampled row, a draft node
+  double drafted = 0;     // sequences with a draft tree (proposal, tree attention, verification)
 };
 
 // The features of a planned step (a row at position p attends to p + 1 positions).
@@ -45,7 +49,7 @@ StepFeatures step_features(const BatchPlan& plan);
 
 class StepTimeModel {
  public:
-  // c0, c_tok, c_kv, c_seq, and c_draft: the fixed cost of drafting for a request (measured on
+  // c0, c_tok, c_kv, c_logit, and c_draft: the fixed cost of drafting for a request (measured on
   // the CPU: the first draft node of a step costs about a row more than the next ones).
   static constexpr int kTerms = 5;
   // forgetting: weight of an observation per later one (0.98: about the last 50 steps count, so
@@ -57,8 +61,8 @@ class StepTimeModel {
   // that terms the recent steps do not vary (no drafts for a while) stay anchored.
   void observe_profile(const StepFeatures& f, double seconds);
   double predict(const StepFeatures& f) const;
-  // Added time of one more row that attends to kv_tokens positions.
-  double row_cost(double kv_tokens) const { return coef_[1] + coef_[2] * kv_tokens; }
+  // Added time of one more row with logits (a draft node) that attends to kv_tokens positions.
+  double row_cost(double kv_tokens) const { return coef_[1] + coef_[2] * kv_tokens + coef_[3]; }
   double draft_cost() const { return coef_[4]; }
   const std::array<double, kTerms>& coefficients() const { return coef_; }
   uint64_t num_observations() const { return n_; }
@@ -72,7 +76,7 @@ class StepTimeModel {
   static void accumulate(const StepFeatures& f, double seconds, double weight, double* ata, double* aty);
 
   double forgetting_;
-  std::array<double, kTerms * kTerms> ata_{};  // weighted sums of x x^T, x = (1, tokens, kv, seqs, drafted)
+  std::array<double, kTerms * kTerms> ata_{};  // weighted sums of x x^T, x = (1, tokens, kv, logit rows, drafted)
   std::array<double, kTerms> aty_{};
   std::array<double, kTerms * kTerms> profile_ata_{};  // the profile's, unweighted
   std::array<double, kTerms> profile_aty_{};
@@ -143,8 +147,9 @@ struct DraftCandidate {
   int chosen = 0;  // output: nodes taken
 };
 
-// Greedy goodput allocation. `base` describes the step without drafts, which samples
-// `base_samples` tokens; at most `budget` draft nodes in all. Returns the predicted goodput.
+// Greedy goodput allocation. `base` describes the rows a draft competes with (the scheduler
+// passes the step's sampled rows: its prompt rows run anyway), which sample `base_samples` tokens;
+// at most `budget` draft nodes in all. Returns the predicted goodput.
 double allocate_drafts(const StepTimeModel& model, const StepFeatures& base, double base_samples, int budget,
                        std::vector<DraftCandidate>* cands);
 
