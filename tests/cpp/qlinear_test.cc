@@ -209,6 +209,38 @@ TEST(A8Format, QuantizesPerTokenAndGroup) {
   EXPECT_GT(a.scales[0], 10 * a.scales[1]);
 }
 
+// The AVX-512 path quantizes whole groups in vectors; it must give the scalar path's bits, ties
+// (x * inv exactly half-way: round to even), clamping, zero groups and the partial last group
+// included.
+TEST(A8Format, EveryPathGivesTheSameBits) {
+  const Isa saved = active_isa();
+  std::mt19937 rng(11);
+  for (int64_t group : {32, 64, 128})
+    for (int64_t k : {group, 3 * group, 5 * group + 17, int64_t{2048}}) {
+      const int64_t m = 5;
+      auto x = random_floats(rng, m * k);
+      for (int64_t i = 0; i < k; ++i) x[2 * k + i] = 0.0f;  // a zero row: scale 1
+      // Row 3: multiples of amax / 254, so x * inv lands on .5 (ties) and on integers.
+      for (int64_t i = 0; i < k; ++i) x[3 * k + i] = static_cast<float>(static_cast<int>(i % 255) - 127) * 0.5f;
+      x[4 * k + 1] = 1e30f;  // one huge value: the rest of its group rounds to 0
+      A8Activations want;
+      set_active_isa(Isa::kScalar);
+      a8_quantize(x.data(), m, k, k, group, &want);
+      for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
+        if (isa > detected_isa()) continue;
+        A8Activations got;
+        set_active_isa(isa);
+        a8_quantize(x.data(), m, k, k, group, &got);
+        const std::string where = std::string(isa_name(isa)) + ", group " + std::to_string(group) + ", k " +
+                                  std::to_string(k);
+        EXPECT_EQ(got.q, want.q) << where;
+        EXPECT_EQ(0, std::memcmp(got.scales.data(), want.scales.data(), want.scales.size() * sizeof(float))) << where;
+        EXPECT_EQ(got.sums, want.sums) << where;
+      }
+    }
+  set_active_isa(saved);
+}
+
 // ---- the kernels against a naive reference ----
 
 struct DotPath {
