@@ -14,7 +14,7 @@ namespace {
 struct ScalarDot {
   static constexpr int kBlocks = 1;  // 16-row blocks per pass
   static constexpr int kWideBlocks = 1, kWideRows = 4;  // no wider pass
-  static constexpr int kAsmBlocks = 0, kAsmRows = 0;
+  static constexpr int kAsmBlocks = 0, kAsmRows = 0, kSubAsmBlocks = 0, kSubAsmRows = 0;
   struct Acc {
     int32_t v[16];
   };

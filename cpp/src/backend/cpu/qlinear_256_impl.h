@@ -15,7 +15,7 @@ inline __m256i broadcast4(const int8_t* x) {
 struct Dot256 {
   static constexpr int kBlocks = 1;  // 16-row blocks per pass (two would spill the 16 registers)
   static constexpr int kWideBlocks = 1, kWideRows = 4;  // no wider pass
-  static constexpr int kAsmBlocks = 0, kAsmRows = 0;
+  static constexpr int kAsmBlocks = 0, kAsmRows = 0, kSubAsmBlocks = 0, kSubAsmRows = 0;
   struct Acc {
     __m256i h[2];
   };

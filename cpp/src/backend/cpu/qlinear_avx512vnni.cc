@@ -155,6 +155,104 @@ struct Avx512VnniDot {
         : [acc] "r"(&acc[0][0]), [mask] "v"(_mm512_set1_epi8(0x0F)), [k] "r"(ldx), [k3] "r"(k3)
         : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "cc", "memory");
   }
+  // FMPQ (w4a4) in 2 blocks by 4 rows, in assembly, for its 8-channel sub-groups (one step each):
+  // per step, each int32 sum is converted and added into the float sum t with one fma by the
+  // sub-group's scale, t = fma(sx, float(acc), t) as accumulate() does, with the 8 float sums and
+  // the 8 int32 ones all in registers (the intrinsic 2x8 tile kept t in memory). Sets t to the
+  // group's sums over its `steps` steps (x_scales: row i's at sx + i * lds, one per step).
+  static constexpr int kSubAsmBlocks = 2, kSubAsmRows = 4;
+  static void asm_sub_steps(float (&t)[2][4][16], const uint8_t* const (&wg)[2], const int8_t* x, int64_t ldx,
+                            const float* sx, int64_t lds, int64_t steps) {
+    const uint8_t* w0 = wg[0];
+    const uint8_t* w1 = wg[1];
+    const int8_t* xa = x;  // rows 0-3: xa + {0, 1, 2, 3} * ldx
+    const int64_t k3 = 3 * ldx, ks = lds * 4, ks3 = 3 * ks;
+    int64_t n = steps;
+    asm volatile(
+        "vpxord %%zmm0, %%zmm0, %%zmm0\n\t"
+        "vpxord %%zmm1, %%zmm1, %%zmm1\n\t"
+        "vpxord %%zmm2, %%zmm2, %%zmm2\n\t"
+        "vpxord %%zmm3, %%zmm3, %%zmm3\n\t"
+        "vpxord %%zmm4, %%zmm4, %%zmm4\n\t"
+        "vpxord %%zmm5, %%zmm5, %%zmm5\n\t"
+        "vpxord %%zmm6, %%zmm6, %%zmm6\n\t"
+        "vpxord %%zmm7, %%zmm7, %%zmm7\n\t"
+        "1:\n\t"
+        "vpsrlw $4, (%[w0]), %%zmm17\n\t"
+        "vpandd (%[w0]), %[mask], %%zmm16\n\t"
+        "vpsrlw $4, (%[w1]), %%zmm19\n\t"
+        "vpandd (%[w1]), %[mask], %%zmm18\n\t"
+        "prefetcht0 2048(%[w0])\n\t"
+        "prefetcht0 2048(%[w1])\n\t"
+        "vpandd %[mask], %%zmm17, %%zmm17\n\t"
+        "vpandd %[mask], %%zmm19, %%zmm19\n\t"
+        "vpxord %%zmm8, %%zmm8, %%zmm8\n\t"
+        "vpxord %%zmm9, %%zmm9, %%zmm9\n\t"
+        "vpxord %%zmm10, %%zmm10, %%zmm10\n\t"
+        "vpxord %%zmm11, %%zmm11, %%zmm11\n\t"
+        "vpxord %%zmm12, %%zmm12, %%zmm12\n\t"
+        "vpxord %%zmm13, %%zmm13, %%zmm13\n\t"
+        "vpxord %%zmm14, %%zmm14, %%zmm14\n\t"
+        "vpxord %%zmm15, %%zmm15, %%zmm15\n\t"
+        "vpbroadcastd (%[xa]), %%zmm20\n\t"
+        "vpdpbusd %%zmm20, %%zmm16, %%zmm8\n\t"
+        "vpdpbusd %%zmm20, %%zmm18, %%zmm12\n\t"
+        "vpbroadcastd (%[xa],%[k]), %%zmm21\n\t"
+        "vpdpbusd %%zmm21, %%zmm16, %%zmm9\n\t"
+        "vpdpbusd %%zmm21, %%zmm18, %%zmm13\n\t"
+        "vpbroadcastd (%[xa],%[k],2), %%zmm22\n\t"
+        "vpdpbusd %%zmm22, %%zmm16, %%zmm10\n\t"
+        "vpdpbusd %%zmm22, %%zmm18, %%zmm14\n\t"
+        "vpbroadcastd (%[xa],%[k3]), %%zmm23\n\t"
+        "vpdpbusd %%zmm23, %%zmm16, %%zmm11\n\t"
+        "vpdpbusd %%zmm23, %%zmm18, %%zmm15\n\t"
+        "vpbroadcastd 4(%[xa]), %%zmm20\n\t"
+        "vpdpbusd %%zmm20, %%zmm17, %%zmm8\n\t"
+        "vpdpbusd %%zmm20, %%zmm19, %%zmm12\n\t"
+        "vpbroadcastd 4(%[xa],%[k]), %%zmm21\n\t"
+        "vpdpbusd %%zmm21, %%zmm17, %%zmm9\n\t"
+        "vpdpbusd %%zmm21, %%zmm19, %%zmm13\n\t"
+        "vpbroadcastd 4(%[xa],%[k],2), %%zmm22\n\t"
+        "vpdpbusd %%zmm22, %%zmm17, %%zmm10\n\t"
+        "vpdpbusd %%zmm22, %%zmm19, %%zmm14\n\t"
+        "vpbroadcastd 4(%[xa],%[k3]), %%zmm23\n\t"
+        "vpdpbusd %%zmm23, %%zmm17, %%zmm11\n\t"
+        "vpdpbusd %%zmm23, %%zmm19, %%zmm15\n\t"
+        "vcvtdq2ps %%zmm8, %%zmm8\n\t"
+        "vfmadd231ps (%[sx])%{1to16%}, %%zmm8, %%zmm0\n\t"
+        "vcvtdq2ps %%zmm9, %%zmm9\n\t"
+        "vfmadd231ps (%[sx],%[ks])%{1to16%}, %%zmm9, %%zmm1\n\t"
+        "vcvtdq2ps %%zmm10, %%zmm10\n\t"
+        "vfmadd231ps (%[sx],%[ks],2)%{1to16%}, %%zmm10, %%zmm2\n\t"
+        "vcvtdq2ps %%zmm11, %%zmm11\n\t"
+        "vfmadd231ps (%[sx],%[ks3])%{1to16%}, %%zmm11, %%zmm3\n\t"
+        "vcvtdq2ps %%zmm12, %%zmm12\n\t"
+        "vfmadd231ps (%[sx])%{1to16%}, %%zmm12, %%zmm4\n\t"
+        "vcvtdq2ps %%zmm13, %%zmm13\n\t"
+        "vfmadd231ps (%[sx],%[ks])%{1to16%}, %%zmm13, %%zmm5\n\t"
+        "vcvtdq2ps %%zmm14, %%zmm14\n\t"
+        "vfmadd231ps (%[sx],%[ks],2)%{1to16%}, %%zmm14, %%zmm6\n\t"
+        "vcvtdq2ps %%zmm15, %%zmm15\n\t"
+        "vfmadd231ps (%[sx],%[ks3])%{1to16%}, %%zmm15, %%zmm7\n\t"
+        "add $64, %[w0]\n\t"
+        "add $64, %[w1]\n\t"
+        "add $8, %[xa]\n\t"
+        "add $4, %[sx]\n\t"
+        "dec %[n]\n\t"
+        "jnz 1b\n\t"
+        "vmovups %%zmm0, 0(%[t])\n\t"
+        "vmovups %%zmm1, 64(%[t])\n\t"
+        "vmovups %%zmm2, 128(%[t])\n\t"
+        "vmovups %%zmm3, 192(%[t])\n\t"
+        "vmovups %%zmm4, 256(%[t])\n\t"
+        "vmovups %%zmm5, 320(%[t])\n\t"
+        "vmovups %%zmm6, 384(%[t])\n\t"
+        "vmovups %%zmm7, 448(%[t])"
+        : [w0] "+r"(w0), [w1] "+r"(w1), [xa] "+r"(xa), [sx] "+r"(sx), [n] "+r"(n)
+        : [t] "r"(&t[0][0][0]), [mask] "v"(_mm512_set1_epi8(0x0F)), [k] "r"(ldx), [k3] "r"(k3), [ks] "r"(ks),
+          [ks3] "r"(ks3)
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "cc", "memory");
+  }
   static void finish(const Acc& acc, const float* sw, const uint8_t* z, float sx, int32_t xsum, float* y) {
     const __m512i z32 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z)));
     const __m512 t = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_mullo_epi32(z32, _mm512_set1_epi32(xsum))));

@@ -11,7 +11,10 @@
 //                         y16[r] = fma(sw[r], fma(-float(z[r]), zsum, t16[r]), y16[r])  (per group)
 // and kAsmBlocks, kAsmRows: where they are NB and MB, D::asm_steps(acc, wg, x, ldx, j0, j1) sets
 // acc to the sums over steps j0 to j1 of the NB blocks' weight groups wg against the MB rows'
-// group activations (x, rows ldx apart), in place of zero, unpack and dot (0: none);
+// group activations (x, rows ldx apart), in place of zero, unpack and dot (0: none); and
+// kSubAsmBlocks, kSubAsmRows: likewise D::asm_sub_steps(t, wg, x, ldx, sx, lds, steps) sets the
+// float sums t of a whole group for FMPQ's 8-channel sub-groups, in place of the sub-group loop
+// (and from 4 rows on the blocking is that one);
 // and include this. The integer sums are exact whatever the instructions, and finish is the same
 // lane-wise float arithmetic on every path, so all paths give the same bits, and a row's result
 // does not depend on the batch (each row of x runs the same instruction sequence).
@@ -49,11 +52,19 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg[NB];
     for (int nb = 0; nb < NB; ++nb) wg[nb] = p.w + ((b0 + nb) * G + g) * steps * 64;
+    bool summed = false;  // t already holds the group's sub-group sums
+    if constexpr (kSub && NB == D::kSubAsmBlocks && MB == D::kSubAsmRows) {
+      if (ag == 8) {
+        D::asm_sub_steps(t, wg, x[0] + g * gs, kp, p.x_scales + m0 * AG + g * subs, AG, steps);
+        summed = true;
+      }
+    }
     if constexpr (kSub)
-      for (int nb = 0; nb < NB; ++nb)
-        for (int i = 0; i < MB; ++i)
-          for (int64_t r = 0; r < R; ++r) t[nb][i][r] = 0.0f;
-    for (int64_t s = 0; s < subs; ++s) {
+      if (!summed)
+        for (int nb = 0; nb < NB; ++nb)
+          for (int i = 0; i < MB; ++i)
+            for (int64_t r = 0; r < R; ++r) t[nb][i][r] = 0.0f;
+    for (int64_t s = 0; s < (summed ? 0 : subs); ++s) {
       typename D::Acc acc[NB][MB];
       if constexpr (NB == D::kAsmBlocks && MB == D::kAsmRows) {
         D::asm_steps(acc, wg, x[0] + g * gs, kp, s * sub_steps, (s + 1) * sub_steps);
@@ -132,6 +143,10 @@ void qlinear_rows_by(const QLinearParams& p, int64_t n0, int64_t n1) {
 // sub-groups get their own instantiation (kSub), so neither path branches in its inner loop.
 template <class D, bool kSub>
 void qlinear_rows_sub(const QLinearParams& p, int64_t n0, int64_t n1) {
+  if constexpr (kSub && D::kSubAsmRows > 0) {
+    if (p.act_group == 8 && p.m >= D::kSubAsmRows)
+      return qlinear_rows_by<D, D::kSubAsmBlocks, D::kSubAsmRows, kSub>(p, n0, n1);
+  }
   if (D::kWideRows > 4 && p.m >= D::kWideRows) return qlinear_rows_by<D, D::kWideBlocks, D::kWideRows, kSub>(p, n0, n1);
   qlinear_rows_by<D, D::kBlocks, 4, kSub>(p, n0, n1);
 }
