@@ -241,6 +241,46 @@ TEST(A8Format, EveryPathGivesTheSameBits) {
   set_active_isa(saved);
 }
 
+// Likewise for FMPQ's sub-groups: the AVX-512 path gathers two through the permutation per vector.
+TEST(A4Format, EveryPathGivesTheSameBits) {
+  const Isa saved = active_isa();
+  std::mt19937 rng(12);
+  int cases = 0;
+  for (int64_t group : {32, 128})
+    for (int64_t k : {int64_t{5}, group, 3 * group + 9})
+      for (int with_perm = 0; with_perm < 2; ++with_perm) {
+        const int64_t m = 4, subs = (k + kA4SubGroup - 1) / kA4SubGroup;
+        auto x = random_floats(rng, m * k);
+        for (int64_t i = 0; i < k; ++i) x[1 * k + i] = 0.0f;                                         // a zero row
+        for (int64_t i = 0; i < k; ++i) x[2 * k + i] = static_cast<float>(static_cast<int>(i % 17) - 8);  // ties
+        x[3 * k] = -1e30f;                                                                            // a huge value
+        std::vector<int32_t> perm(k);
+        std::iota(perm.begin(), perm.end(), 0);
+        std::shuffle(perm.begin(), perm.end(), rng);
+        for (int64_t a8 : {int64_t{0}, subs / 2, subs}) {
+          A8Activations want;
+          set_active_isa(Isa::kScalar);
+          a4_quantize(x.data(), m, k, k, group, with_perm ? perm.data() : nullptr, a8, &want);
+          for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
+            if (isa > detected_isa()) continue;
+            A8Activations got;
+            set_active_isa(isa);
+            a4_quantize(x.data(), m, k, k, group, with_perm ? perm.data() : nullptr, a8, &got);
+            const std::string where = std::string(isa_name(isa)) + ", group " + std::to_string(group) + ", k " +
+                                      std::to_string(k) + ", perm " + std::to_string(with_perm) + ", a8 " +
+                                      std::to_string(a8);
+            EXPECT_EQ(got.q, want.q) << where;
+            EXPECT_EQ(0, std::memcmp(got.scales.data(), want.scales.data(), want.scales.size() * sizeof(float))) << where;
+            EXPECT_EQ(got.sums, want.sums) << where;
+            EXPECT_EQ(0, std::memcmp(got.zsums.data(), want.zsums.data(), want.zsums.size() * sizeof(float))) << where;
+            ++cases;
+          }
+        }
+      }
+  set_active_isa(saved);
+  EXPECT_GT(cases, 0);
+}
+
 // ---- the kernels against a naive reference ----
 
 struct DotPath {

@@ -55,6 +55,11 @@ void qlinear_w4a8_avx512vnni(const QLinearParams& p, int64_t n0, int64_t n1);
 // at x (a multiple of 16) into q, with each group's scale and int32 sum: AVX-512, the same bits
 // as the scalar code, which a8_quantize_rows runs on other machines and for a last partial group.
 void a8_quantize_groups_avx512(const float* x, int64_t n, int64_t group, int8_t* q, float* scales, int32_t* sums);
+// FMPQ activation quantization (quant/q4.h a4_quantize_rows) of one row x of k channels: its
+// `subgroups` 8-channel sub-groups (an even number) through perm (or none), 8 bits from sub-group
+// first8 on, into q, with each sub-group's scale and sum. AVX-512, the scalar code's bits.
+void a4_quantize_subgroups_avx512(const float* x, int64_t k, const int32_t* perm, int64_t subgroups, int64_t first8,
+                                  int8_t* q, float* scales, int32_t* sums);
 
 // Quantized linear, 4-bit weights (Q4Tiled) by float activations: per output, in channel order,
 // y = fma(s * float(q - z), x, y) starting from the bias (qlinear_w4a16_impl.h).
