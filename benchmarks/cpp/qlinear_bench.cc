@@ -34,6 +34,26 @@ double best_of(F&& f) {
   return best;
 }
 
+// One W4A8 (or FMPQ) product: the quantized activations a (m rows) by the tiled weights w into y.
+void qlinear(const A8Activations& a, const Q4Tiled& w, int64_t m, float* y, ThreadPool& pool) {
+  cpu::QLinearParams p;
+  p.xq = a.q.data();
+  p.x_scales = a.scales.data();
+  p.x_sums = a.sums.data();
+  p.x_zsums = a.zsums.empty() ? nullptr : a.zsums.data();
+  p.act_group = a.act_group;
+  p.w = w.data.data();
+  p.w_scales = w.scales.data();
+  p.w_zeros = w.zeros.data();
+  p.y = y;
+  p.m = m;
+  p.n = w.n;
+  p.groups = w.groups;
+  p.group = w.group;
+  p.ldy = w.n;
+  cpu::qlinear_w4a8(p, pool);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -82,22 +102,7 @@ int main(int argc, char** argv) {
         for (size_t i = 0; i < q.size(); ++i) {
           const Shape& s = shapes[i];
           quantize(x[i].data(), s.k);
-          cpu::QLinearParams p;
-          p.xq = a.q.data();
-          p.x_scales = a.scales.data();
-          p.x_sums = a.sums.data();
-          p.x_zsums = a.zsums.empty() ? nullptr : a.zsums.data();
-          p.act_group = a.act_group;
-          p.w = q[i].data.data();
-          p.w_scales = q[i].scales.data();
-          p.w_zeros = q[i].zeros.data();
-          p.y = y.data();
-          p.m = m;
-          p.n = s.n;
-          p.groups = q[i].groups;
-          p.group = group;
-          p.ldy = s.n;
-          cpu::qlinear_w4a8(p, pool);
+          qlinear(a, q[i], m, y.data(), pool);
         }
       };
       const double t = best_of([&] { layer([&](const float* xi, int64_t k) { a8_quantize(xi, m, k, k, group, &a); }); });
@@ -127,22 +132,7 @@ int main(int argc, char** argv) {
     a8_quantize(x.data(), m, 5632, 5632, group, &a5632);
     const double t = best_of([&] {
       for (size_t i = 0; i < layers.size(); ++i) {
-        const Shape& s = shapes[i % 4];
-        const A8Activations& a = s.k == 2048 ? a2048 : a5632;
-        cpu::QLinearParams p;
-        p.xq = a.q.data();
-        p.x_scales = a.scales.data();
-        p.x_sums = a.sums.data();
-        p.w = layers[i].data.data();
-        p.w_scales = layers[i].scales.data();
-        p.w_zeros = layers[i].zeros.data();
-        p.y = y.data();
-        p.m = m;
-        p.n = s.n;
-        p.groups = layers[i].groups;
-        p.group = group;
-        p.ldy = s.n;
-        cpu::qlinear_w4a8(p, pool);
+        qlinear(shapes[i % 4].k == 2048 ? a2048 : a5632, layers[i], m, y.data(), pool);
       }
     }) / kLayers;
     double macs = 0;

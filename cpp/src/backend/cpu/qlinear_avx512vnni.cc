@@ -18,6 +18,39 @@ inline __m512i broadcast4(const int8_t* x) {
   return _mm512_set1_epi32(v);
 }
 
+// The assembly loops' step prologue: the 64 bytes at w0 and at w1 (one 8-channel step of two
+// 16-row blocks) as 4-bit lanes, low nibbles (channels 0-3) in zmm16 / zmm18 and high ones
+// (channels 4-7) in zmm17 / zmm19, and a prefetch of each stream 2 KB (PF steps) ahead.
+#define ACCEL_UNPACK_TWO_BLOCKS                      \
+  "vpsrlw $4, (%[w0]), %%zmm17\n\t"                 \
+  "vpandd (%[w0]), %[mask], %%zmm16\n\t"            \
+  "vpsrlw $4, (%[w1]), %%zmm19\n\t"                 \
+  "vpandd (%[w1]), %[mask], %%zmm18\n\t"            \
+  "prefetcht0 2048(%[w0])\n\t"                      \
+  "prefetcht0 2048(%[w1])\n\t"                      \
+  "vpandd %[mask], %%zmm17, %%zmm17\n\t"            \
+  "vpandd %[mask], %%zmm19, %%zmm19\n\t"
+
+// Zeroing of the accumulator registers the loops use.
+#define ACCEL_ZERO_ZMM0_7              \
+  "vpxord %%zmm0, %%zmm0, %%zmm0\n\t"  \
+  "vpxord %%zmm1, %%zmm1, %%zmm1\n\t"  \
+  "vpxord %%zmm2, %%zmm2, %%zmm2\n\t"  \
+  "vpxord %%zmm3, %%zmm3, %%zmm3\n\t"  \
+  "vpxord %%zmm4, %%zmm4, %%zmm4\n\t"  \
+  "vpxord %%zmm5, %%zmm5, %%zmm5\n\t"  \
+  "vpxord %%zmm6, %%zmm6, %%zmm6\n\t"  \
+  "vpxord %%zmm7, %%zmm7, %%zmm7\n\t"
+#define ACCEL_ZERO_ZMM8_15                \
+  "vpxord %%zmm8, %%zmm8, %%zmm8\n\t"     \
+  "vpxord %%zmm9, %%zmm9, %%zmm9\n\t"     \
+  "vpxord %%zmm10, %%zmm10, %%zmm10\n\t"  \
+  "vpxord %%zmm11, %%zmm11, %%zmm11\n\t"  \
+  "vpxord %%zmm12, %%zmm12, %%zmm12\n\t"  \
+  "vpxord %%zmm13, %%zmm13, %%zmm13\n\t"  \
+  "vpxord %%zmm14, %%zmm14, %%zmm14\n\t"  \
+  "vpxord %%zmm15, %%zmm15, %%zmm15\n\t"
+
 struct Avx512VnniDot {
   static constexpr int kBlocks = 4;  // 16-row blocks per pass: more weight streams in flight (M = 1: 271 -> 162 us)
   static constexpr int kWideBlocks = 2, kWideRows = 8;  // from 8 rows: M = 64 5491 -> 5025 us
@@ -49,38 +82,17 @@ struct Avx512VnniDot {
         for (Acc& a : row) a = zero();
       return;
     }
-    const uint8_t* w0 = wg[0] + j0 * 64;  // 2048 below: the prefetch distance PF * 64
+    const uint8_t* w0 = wg[0] + j0 * 64;
     const uint8_t* w1 = wg[1] + j0 * 64;
     const int8_t* xa = x + 8 * j0;  // rows 0-3: xa + {0, 1, 2, 3} * ldx
     const int8_t* xb = xa + 4 * ldx;  // rows 4-7
     const int64_t k3 = 3 * ldx;
     int64_t n = j1 - j0;
     asm volatile(
-        "vpxord %%zmm0, %%zmm0, %%zmm0\n\t"
-        "vpxord %%zmm1, %%zmm1, %%zmm1\n\t"
-        "vpxord %%zmm2, %%zmm2, %%zmm2\n\t"
-        "vpxord %%zmm3, %%zmm3, %%zmm3\n\t"
-        "vpxord %%zmm4, %%zmm4, %%zmm4\n\t"
-        "vpxord %%zmm5, %%zmm5, %%zmm5\n\t"
-        "vpxord %%zmm6, %%zmm6, %%zmm6\n\t"
-        "vpxord %%zmm7, %%zmm7, %%zmm7\n\t"
-        "vpxord %%zmm8, %%zmm8, %%zmm8\n\t"
-        "vpxord %%zmm9, %%zmm9, %%zmm9\n\t"
-        "vpxord %%zmm10, %%zmm10, %%zmm10\n\t"
-        "vpxord %%zmm11, %%zmm11, %%zmm11\n\t"
-        "vpxord %%zmm12, %%zmm12, %%zmm12\n\t"
-        "vpxord %%zmm13, %%zmm13, %%zmm13\n\t"
-        "vpxord %%zmm14, %%zmm14, %%zmm14\n\t"
-        "vpxord %%zmm15, %%zmm15, %%zmm15\n\t"
+        ACCEL_ZERO_ZMM0_7
+        ACCEL_ZERO_ZMM8_15
         "1:\n\t"
-        "vpsrlw $4, (%[w0]), %%zmm17\n\t"
-        "vpandd (%[w0]), %[mask], %%zmm16\n\t"
-        "vpsrlw $4, (%[w1]), %%zmm19\n\t"
-        "vpandd (%[w1]), %[mask], %%zmm18\n\t"
-        "prefetcht0 2048(%[w0])\n\t"
-        "prefetcht0 2048(%[w1])\n\t"
-        "vpandd %[mask], %%zmm17, %%zmm17\n\t"
-        "vpandd %[mask], %%zmm19, %%zmm19\n\t"
+        ACCEL_UNPACK_TWO_BLOCKS
         "vpbroadcastd (%[xa]), %%zmm21\n\t"
         "vpdpbusd %%zmm21, %%zmm16, %%zmm0\n\t"
         "vpdpbusd %%zmm21, %%zmm18, %%zmm8\n\t"
@@ -169,31 +181,10 @@ struct Avx512VnniDot {
     const int64_t k3 = 3 * ldx, ks = lds * 4, ks3 = 3 * ks;
     int64_t n = steps;
     asm volatile(
-        "vpxord %%zmm0, %%zmm0, %%zmm0\n\t"
-        "vpxord %%zmm1, %%zmm1, %%zmm1\n\t"
-        "vpxord %%zmm2, %%zmm2, %%zmm2\n\t"
-        "vpxord %%zmm3, %%zmm3, %%zmm3\n\t"
-        "vpxord %%zmm4, %%zmm4, %%zmm4\n\t"
-        "vpxord %%zmm5, %%zmm5, %%zmm5\n\t"
-        "vpxord %%zmm6, %%zmm6, %%zmm6\n\t"
-        "vpxord %%zmm7, %%zmm7, %%zmm7\n\t"
+        ACCEL_ZERO_ZMM0_7
         "1:\n\t"
-        "vpsrlw $4, (%[w0]), %%zmm17\n\t"
-        "vpandd (%[w0]), %[mask], %%zmm16\n\t"
-        "vpsrlw $4, (%[w1]), %%zmm19\n\t"
-        "vpandd (%[w1]), %[mask], %%zmm18\n\t"
-        "prefetcht0 2048(%[w0])\n\t"
-        "prefetcht0 2048(%[w1])\n\t"
-        "vpandd %[mask], %%zmm17, %%zmm17\n\t"
-        "vpandd %[mask], %%zmm19, %%zmm19\n\t"
-        "vpxord %%zmm8, %%zmm8, %%zmm8\n\t"
-        "vpxord %%zmm9, %%zmm9, %%zmm9\n\t"
-        "vpxord %%zmm10, %%zmm10, %%zmm10\n\t"
-        "vpxord %%zmm11, %%zmm11, %%zmm11\n\t"
-        "vpxord %%zmm12, %%zmm12, %%zmm12\n\t"
-        "vpxord %%zmm13, %%zmm13, %%zmm13\n\t"
-        "vpxord %%zmm14, %%zmm14, %%zmm14\n\t"
-        "vpxord %%zmm15, %%zmm15, %%zmm15\n\t"
+        ACCEL_UNPACK_TWO_BLOCKS
+        ACCEL_ZERO_ZMM8_15
         "vpbroadcastd (%[xa]), %%zmm20\n\t"
         "vpdpbusd %%zmm20, %%zmm16, %%zmm8\n\t"
         "vpdpbusd %%zmm20, %%zmm18, %%zmm12\n\t"
@@ -270,6 +261,9 @@ struct Avx512VnniDot {
 };
 
 #include "backend/cpu/qlinear_impl.h"
+#undef ACCEL_UNPACK_TWO_BLOCKS
+#undef ACCEL_ZERO_ZMM0_7
+#undef ACCEL_ZERO_ZMM8_15
 
 }  // namespace
 
