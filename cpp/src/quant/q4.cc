@@ -378,6 +378,7 @@ void a4_quantize_rows(const float* x, int64_t r0, int64_t r1, int64_t ldx, const
   const int64_t first8 = (k + kA4SubGroup - 1) / kA4SubGroup - a8_subgroups;  // sub-groups from here: 8 bits
   float row[kA4SubGroup];
   const bool vectors = cpu::active_isa() == cpu::Isa::kAvx512;  // the same bits, two sub-groups a vector
+  ACCEL_DCHECK(S % 2 == 0);  // kp is a multiple of the group (at least 32 channels)
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * ldx;
     if (vectors)

@@ -69,7 +69,8 @@ double StepTimeModel::predict(const StepFeatures& f) const {
 
 // Non-negative least squares by enumeration: with 5 terms, solve the normal equations on every
 // subset of them and keep the best fit whose coefficients are all >= 0 (a term that the data
-// cannot separate, e.g. rows with logits when every step has one, drops out instead of going negative).
+// cannot separate, e.g. rows with logits when every step has one, drops out instead of going
+// negative).
 void StepTimeModel::refit() {
   std::array<double, kTerms * kTerms> ata = ata_;
   std::array<double, kTerms> aty = aty_;

@@ -165,7 +165,9 @@ struct Avx512VnniDot {
         "vmovdqu64 %%zmm15, 960(%[acc])"
         : [w0] "+r"(w0), [w1] "+r"(w1), [xa] "+r"(xa), [xb] "+r"(xb), [n] "+r"(n)
         : [acc] "r"(&acc[0][0]), [mask] "v"(_mm512_set1_epi8(0x0F)), [k] "r"(ldx), [k3] "r"(k3)
-        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "cc", "memory");
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
+          "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm21", "xmm22", "xmm23",
+          "xmm24", "xmm25", "xmm26", "cc", "memory");
   }
   // FMPQ (w4a4) in 2 blocks by 4 rows, in assembly, for its 8-channel sub-groups (one step each):
   // per step, each int32 sum is converted and added into the float sum t with one fma by the
@@ -242,7 +244,9 @@ struct Avx512VnniDot {
         : [w0] "+r"(w0), [w1] "+r"(w1), [xa] "+r"(xa), [sx] "+r"(sx), [n] "+r"(n)
         : [t] "r"(&t[0][0][0]), [mask] "v"(_mm512_set1_epi8(0x0F)), [k] "r"(ldx), [k3] "r"(k3), [ks] "r"(ks),
           [ks3] "r"(ks3)
-        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "cc", "memory");
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
+          "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22",
+          "xmm23", "cc", "memory");
   }
   static void finish(const Acc& acc, const float* sw, const uint8_t* z, float sx, int32_t xsum, float* y) {
     const __m512i z32 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z)));
