@@ -362,7 +362,7 @@ TEST(QLinearW4A8, EveryPathIsBitExactAgainstTheReference) {
   std::mt19937 rng(4);
   int cases = 0;
   for (int64_t group : {32, 64, 128, 256})
-    for (int64_t m : {1, 3, 16, 17})
+    for (int64_t m : {1, 3, 16, 17, 25})
       for (int64_t n : {1, 7, 33, 48})
         for (int64_t k : {int64_t{5}, group - 1, group, 3 * group + 9}) {
           const auto wf = random_floats(rng, n * k, 0.1f);
@@ -435,7 +435,7 @@ TEST(QLinearW4A4, EveryPathIsBitExactAgainstTheReference) {
   std::mt19937 rng(8);
   int cases = 0;
   for (int64_t group : {32, 128})
-    for (int64_t m : {1, 5, 16})
+    for (int64_t m : {1, 5, 16, 21})
       for (int64_t n : {7, 48})
         for (int64_t k : {int64_t{5}, group + 9, 3 * group}) {
           const auto wf = random_floats(rng, n * k, 0.1f);

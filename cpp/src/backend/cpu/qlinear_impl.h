@@ -26,85 +26,93 @@
 // tokens/s, batch 16 293 -> 324 (distances 16 to 128 measured; 32 was steadiest).
 constexpr int64_t PF = 32;
 
-// NB consecutive 16-row blocks by MB activation rows: each broadcast activation feeds NB weight
-// vectors, each unpacked weight vector MB activation rows.
-template <class D, int NB, int MB, bool kSub>
+// NB consecutive 16-row blocks by P passes of MB activation rows: each broadcast activation feeds
+// NB weight vectors, each unpacked weight vector MB activation rows, and a weight group is read
+// by the P passes in turn while it is in L1 (then the next group's stream from memory overlaps
+// all P passes' arithmetic, instead of one pass streaming the whole row block and the others
+// computing from L2).
+template <class D, int NB, int MB, int P, bool kSub>
 void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
   constexpr int64_t R = Q4Tiled::kRows;
+  constexpr int M = P * MB;  // activation rows in all
   const int64_t G = p.groups, gs = p.group, steps = gs / 8, kp = G * gs;
-  alignas(64) float y[NB][MB][R];
+  alignas(64) float y[NB][M][R];
   for (int nb = 0; nb < NB; ++nb) {
     const int64_t rows = std::min<int64_t>(R, p.n - (b0 + nb) * R);
     // Whole rows by memcpy: scalar stores read back as one vector would stall store forwarding.
-    for (int i = 0; i < MB; ++i)
+    for (int i = 0; i < M; ++i)
       if (p.bias && rows == R)
         std::memcpy(y[nb][i], p.bias + (b0 + nb) * R, sizeof y[nb][i]);
       else
         for (int64_t r = 0; r < R; ++r) y[nb][i][r] = p.bias && r < rows ? p.bias[(b0 + nb) * R + r] : 0.0f;
   }
-  const int8_t* x[MB];
-  for (int i = 0; i < MB; ++i) x[i] = p.xq + (m0 + i) * kp;
+  const int8_t* x[M];
+  for (int i = 0; i < M; ++i) x[i] = p.xq + (m0 + i) * kp;
   // Activation scale groups: the weight group itself (W4A8: one int32 sum, finished with the
   // exact integer zero-point term), or its sub-groups (FMPQ: each int32 sum scaled into a float
   // sum t, the zero-point term folded into one per group, x_zsums).
   const int64_t ag = p.act_group ? p.act_group : gs, subs = gs / ag, sub_steps = ag / 8, AG = G * subs;
-  alignas(64) float t[NB][MB][R];
+  alignas(64) float t[NB][MB][R];  // one pass's, for one group
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg[NB];
     for (int nb = 0; nb < NB; ++nb) wg[nb] = p.w + ((b0 + nb) * G + g) * steps * 64;
-    bool summed = false;  // t already holds the group's sub-group sums
-    if constexpr (kSub && NB == D::kSubAsmBlocks && MB == D::kSubAsmRows) {
-      if (ag == 8) {
-        D::asm_sub_steps(t, wg, x[0] + g * gs, kp, p.x_scales + m0 * AG + g * subs, AG, steps);
-        summed = true;
+    for (int pass = 0; pass < P; ++pass) {
+      const int i0 = pass * MB;  // the pass's first row (of M)
+      bool summed = false;       // t already holds the group's sub-group sums
+      if constexpr (kSub && NB == D::kSubAsmBlocks && MB == D::kSubAsmRows) {
+        if (ag == 8) {
+          D::asm_sub_steps(t, wg, x[i0] + g * gs, kp, p.x_scales + (m0 + i0) * AG + g * subs, AG, steps);
+          summed = true;
+        }
       }
-    }
-    if constexpr (kSub)
-      if (!summed)
-        for (int nb = 0; nb < NB; ++nb)
-          for (int i = 0; i < MB; ++i)
-            for (int64_t r = 0; r < R; ++r) t[nb][i][r] = 0.0f;
-    for (int64_t s = 0; s < (summed ? 0 : subs); ++s) {
-      typename D::Acc acc[NB][MB];
-      if constexpr (NB == D::kAsmBlocks && MB == D::kAsmRows) {
-        D::asm_steps(acc, wg, x[0] + g * gs, kp, s * sub_steps, (s + 1) * sub_steps);
-      } else {
-        for (int nb = 0; nb < NB; ++nb)
-          for (int i = 0; i < MB; ++i) acc[nb][i] = D::zero();
-        for (int64_t j = s * sub_steps; j < (s + 1) * sub_steps; ++j) {
-          typename D::W w[NB];
-          for (int nb = 0; nb < NB; ++nb) {
-            __builtin_prefetch(wg[nb] + (j + PF) * 64);
-            w[nb] = D::unpack(wg[nb] + j * 64);
+      if constexpr (kSub)
+        if (!summed)
+          for (int nb = 0; nb < NB; ++nb)
+            for (int i = 0; i < MB; ++i)
+              for (int64_t r = 0; r < R; ++r) t[nb][i][r] = 0.0f;
+      for (int64_t s = 0; s < (summed ? 0 : subs); ++s) {
+        typename D::Acc acc[NB][MB];
+        if constexpr (NB == D::kAsmBlocks && MB == D::kAsmRows) {
+          D::asm_steps(acc, wg, x[i0] + g * gs, kp, s * sub_steps, (s + 1) * sub_steps);
+        } else {
+          for (int nb = 0; nb < NB; ++nb)
+            for (int i = 0; i < MB; ++i) acc[nb][i] = D::zero();
+          for (int64_t j = s * sub_steps; j < (s + 1) * sub_steps; ++j) {
+            typename D::W w[NB];
+            for (int nb = 0; nb < NB; ++nb) {
+              __builtin_prefetch(wg[nb] + (j + PF) * 64);
+              w[nb] = D::unpack(wg[nb] + j * 64);
+            }
+            for (int i = 0; i < MB; ++i) {
+              const int8_t* xi = x[i0 + i] + g * gs + 8 * j;
+              for (int nb = 0; nb < NB; ++nb) D::dot(acc[nb][i], w[nb], xi);
+            }
           }
+        }
+        for (int nb = 0; nb < NB; ++nb) {
+          const float* sw = p.w_scales + ((b0 + nb) * G + g) * R;
+          const uint8_t* z = p.w_zeros + ((b0 + nb) * G + g) * R;
           for (int i = 0; i < MB; ++i) {
-            const int8_t* xi = x[i] + g * gs + 8 * j;
-            for (int nb = 0; nb < NB; ++nb) D::dot(acc[nb][i], w[nb], xi);
+            const int64_t a = (m0 + i0 + i) * AG + g * subs + s;
+            if constexpr (kSub)
+              D::accumulate(acc[nb][i], p.x_scales[a], t[nb][i]);
+            else
+              D::finish(acc[nb][i], sw, z, p.x_scales[a], p.x_sums[a], y[nb][i0 + i]);
           }
         }
       }
-      for (int nb = 0; nb < NB; ++nb) {
-        const float* sw = p.w_scales + ((b0 + nb) * G + g) * R;
-        const uint8_t* z = p.w_zeros + ((b0 + nb) * G + g) * R;
-        for (int i = 0; i < MB; ++i) {
-          const int64_t a = (m0 + i) * AG + g * subs + s;
-          if constexpr (kSub)
-            D::accumulate(acc[nb][i], p.x_scales[a], t[nb][i]);
-          else
-            D::finish(acc[nb][i], sw, z, p.x_scales[a], p.x_sums[a], y[nb][i]);
+      if constexpr (kSub)
+        for (int nb = 0; nb < NB; ++nb) {
+          const float* sw = p.w_scales + ((b0 + nb) * G + g) * R;
+          const uint8_t* z = p.w_zeros + ((b0 + nb) * G + g) * R;
+          for (int i = 0; i < MB; ++i)
+            D::finish_group(t[nb][i], sw, z, p.x_zsums[(m0 + i0 + i) * G + g], y[nb][i0 + i]);
         }
-      }
     }
-    if constexpr (kSub)
-      for (int nb = 0; nb < NB; ++nb) {
-        const float* sw = p.w_scales + ((b0 + nb) * G + g) * R;
-        const uint8_t* z = p.w_zeros + ((b0 + nb) * G + g) * R;
-        for (int i = 0; i < MB; ++i) D::finish_group(t[nb][i], sw, z, p.x_zsums[(m0 + i) * G + g], y[nb][i]);
-      }
   }
   for (int nb = 0; nb < NB; ++nb) {
     const int64_t rows = std::min<int64_t>(R, p.n - (b0 + nb) * R);
-    for (int i = 0; i < MB; ++i) {
+    for (int i = 0; i < M; ++i) {
       float* dst = p.y + (m0 + i) * p.ldy + (b0 + nb) * R;
       if (rows == R)
         std::memcpy(dst, y[nb][i], sizeof y[nb][i]);  // fixed size: vector moves, not rep movs
@@ -114,41 +122,45 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
   }
 }
 
-template <class D, int NB, int MB, bool kSub>
+template <class D, int NB, int MB, int P, bool kSub>
 void qlinear_blocks(const QLinearParams& p, int64_t b) {
   int64_t m = 0;
-  for (; m + MB <= p.m; m += MB) qlinear_block<D, NB, MB, kSub>(p, b, m);
-  for (; m + 4 <= p.m; m += 4) qlinear_block<D, NB, 4, kSub>(p, b, m);
+  for (; m + P * MB <= p.m; m += P * MB) qlinear_block<D, NB, MB, P, kSub>(p, b, m);
+  for (; m + MB <= p.m; m += MB) qlinear_block<D, NB, MB, 1, kSub>(p, b, m);
+  for (; m + 4 <= p.m; m += 4) qlinear_block<D, NB, 4, 1, kSub>(p, b, m);
   switch (p.m - m) {
-    case 3: qlinear_block<D, NB, 3, kSub>(p, b, m); break;
-    case 2: qlinear_block<D, NB, 2, kSub>(p, b, m); break;
-    case 1: qlinear_block<D, NB, 1, kSub>(p, b, m); break;
+    case 3: qlinear_block<D, NB, 3, 1, kSub>(p, b, m); break;
+    case 2: qlinear_block<D, NB, 2, 1, kSub>(p, b, m); break;
+    case 1: qlinear_block<D, NB, 1, 1, kSub>(p, b, m); break;
     default: break;
   }
 }
 
-// NB row blocks by MB activation rows per pass where they fit, then one block at a time.
-template <class D, int NB, int MB, bool kSub>
+// NB row blocks by P passes of MB activation rows where they fit, then one block at a time.
+template <class D, int NB, int MB, int P, bool kSub>
 void qlinear_rows_by(const QLinearParams& p, int64_t n0, int64_t n1) {
   constexpr int64_t R = Q4Tiled::kRows;
   const int64_t end = (n1 + R - 1) / R;
   int64_t b = n0 / R;
-  for (; b + NB <= end; b += NB) qlinear_blocks<D, NB, MB, kSub>(p, b);
-  for (; b < end; ++b) qlinear_blocks<D, 1, MB, kSub>(p, b);
+  for (; b + NB <= end; b += NB) qlinear_blocks<D, NB, MB, P, kSub>(p, b);
+  for (; b < end; ++b) qlinear_blocks<D, 1, MB, P, kSub>(p, b);
 }
 
 // D::kBlocks blocks by 4 rows; from D::kWideRows activation rows on, D::kWideBlocks blocks by
-// that many rows (fewer passes over each block's weights). The blocking changes only which
-// outputs are computed together, never how one is, so the results are the same bits. FMPQ's
-// sub-groups get their own instantiation (kSub), so neither path branches in its inner loop.
+// that many rows (fewer passes over each block's weights), kPasses of them per weight group. The
+// blocking changes only which outputs are computed together, never how one is, so the results
+// are the same bits. FMPQ's sub-groups get their own instantiation (kSub), so neither path
+// branches in its inner loop.
 template <class D, bool kSub>
 void qlinear_rows_sub(const QLinearParams& p, int64_t n0, int64_t n1) {
+  constexpr int kPasses = 2;
   if constexpr (kSub && D::kSubAsmRows > 0) {
     if (p.act_group == 8 && p.m >= D::kSubAsmRows)
-      return qlinear_rows_by<D, D::kSubAsmBlocks, D::kSubAsmRows, kSub>(p, n0, n1);
+      return qlinear_rows_by<D, D::kSubAsmBlocks, D::kSubAsmRows, 2 * kPasses, kSub>(p, n0, n1);
   }
-  if (D::kWideRows > 4 && p.m >= D::kWideRows) return qlinear_rows_by<D, D::kWideBlocks, D::kWideRows, kSub>(p, n0, n1);
-  qlinear_rows_by<D, D::kBlocks, 4, kSub>(p, n0, n1);
+  if (D::kWideRows > 4 && p.m >= D::kWideRows)
+    return qlinear_rows_by<D, D::kWideBlocks, D::kWideRows, kPasses, kSub>(p, n0, n1);
+  qlinear_rows_by<D, D::kBlocks, 4, 1, kSub>(p, n0, n1);
 }
 
 template <class D>
