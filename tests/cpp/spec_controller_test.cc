@@ -670,6 +670,33 @@ TEST(SpecController, TheCheapBoundFollowsTheRequestsLastMatch) {
   EXPECT_LT(short_only.first_node_bound(&r), 0.1f);
 }
 
+// The bound no lookup can beat: at least every request's own first-node bound, whatever its last
+// match and record; below 1 once only rejections were seen.
+TEST(SpecController, TheLikeliestFirstNodeBoundsEveryRequest) {
+  SpecController sc(SpecPolicy::kSmart, 2, 32);
+  EXPECT_FLOAT_EQ(sc.max_first_node_rate(), 1.0f);  // (prior 0.5 + bonus 0.3) x 1.25, capped: worth a look
+  const int32_t all[2] = {0, 1};
+  std::vector<Request> seen(600);
+  for (size_t i = 0; i < seen.size(); ++i) {
+    DraftTree t = chain(2);
+    t.match = 1 + static_cast<int>(i % 20);
+    sc.on_verified(&seen[i], t, all, i % 3 == 0 ? 2 : 0);  // a third accepted
+  }
+  const float best = sc.max_first_node_rate();
+  for (size_t i = 0; i < seen.size(); i += 7)
+    for (int m : {0, 1, 3, 8, 16, 40}) {
+      seen[i].spec_match = m;
+      EXPECT_LE(sc.first_node_bound(&seen[i]), best) << "request " << i << ", match " << m;
+    }
+  SpecController rejected(SpecPolicy::kSmart, 2, 32);
+  for (size_t i = 0; i < seen.size(); ++i) {
+    DraftTree t = chain(2);
+    t.match = 1 + static_cast<int>(i % 20);
+    rejected.on_verified(&seen[i], t, all, 0);
+  }
+  EXPECT_LT(rejected.max_first_node_rate(), 0.2f);
+}
+
 TEST(SpecController, CalibrationDoesNotScaleTheExplorationBonus) {
   // Every draft matched by 1 token rejected: the calibration factor falls to its floor, yet a
   // match length never tried keeps at least the exploration bonus, so it still gets tried.

@@ -164,13 +164,19 @@ float SpecController::rate(const Request* r, int d) const {
 float SpecController::request_factor(const Request* r, int d) const {
   if (r->spec_accept.empty()) return 1.0f;
   // Mostly a brake: the match-length rates already credit a request that matches long.
-  return std::clamp(r->spec_accept[d] / std::max(global_[d], 1e-3f), 0.25f, 1.25f);
+  return std::clamp(r->spec_accept[d] / std::max(global_[d], 1e-3f), 0.25f, kMaxRequestFactor);
 }
 
 float SpecController::first_node_bound(const Request* r) const {
   if (r->spec_match < 0) return 1.0f;
   const int b = std::min(bucket(r->spec_match + 1), num_buckets_ - 1);
   return std::min(1.0f, optimistic(b * (max_depth_ + 1) + 1) * request_factor(r, 1));
+}
+
+float SpecController::max_first_node_rate() const {
+  float best = 0.0f;
+  for (int b = 0; b < num_buckets_; ++b) best = std::max(best, optimistic(b * (max_depth_ + 1) + 1));
+  return std::min(1.0f, best * kMaxRequestFactor);
 }
 
 void SpecController::relax(Request* r) {

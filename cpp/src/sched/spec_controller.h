@@ -105,6 +105,10 @@ class SpecController {
   // raise goodput, and still proposes every kProbeInterval steps to refresh the match.
   float first_node_bound(const Request* r) const;
   static constexpr int kProbeInterval = 16;
+  // What any request's first draft node is worth at most: the highest optimistic rate over the
+  // match lengths, with the most a request's own record may raise it. Where even this cannot
+  // raise goodput, no lookup (nor periodic probe) can find a draft that pays.
+  float max_first_node_rate() const;
   // r went through a step without a draft: its rates move a little toward the global ones.
   void relax(Request* r);
 
@@ -121,6 +125,7 @@ class SpecController {
   static constexpr float kRelax = 0.05f;         // per step without a draft
   static constexpr float kExplore = 0.3f;
   static constexpr float kCalibrationAlpha = 0.05f;
+  static constexpr float kMaxRequestFactor = 1.25f;  // a request's own rate over the global one, capped
   static constexpr int kMatchBuckets = 6;        // match lengths 1, 2, 3-4, 5-8, 9-16, 17+
   static int bucket(int match);
   float request_factor(const Request* r, int d) const;
