@@ -744,6 +744,8 @@ INSTANTIATE_TEST_SUITE_P(
                       DraftAttnCase{4, 1, 64, 5, 4},     // head_dim 64 with another block size
                       DraftAttnCase{6, 2, 8, 5, 0},      // small head dims, generic block sizes
                       DraftAttnCase{6, 2, 8, 16, 2},
+                      DraftAttnCase{8, 2, 8, 16, 0},     //   head dim 8 at block size 16, no window
+                      DraftAttnCase{6, 3, 8, 1, 0},      //   ... and at block size 1
                       DraftAttnCase{6, 3, 12, 5, 0},
                       DraftAttnCase{4, 2, 12, 5, 1},     //   window 1: a node sees only itself
                       DraftAttnCase{4, 4, 12, 16, 9},
@@ -753,6 +755,88 @@ INSTANTIATE_TEST_SUITE_P(
       return "h" + std::to_string(c.num_heads) + "_kv" + std::to_string(c.num_kv_heads) + "_d" +
              std::to_string(c.head_dim) + "_bs" + std::to_string(c.block_size) + "_w" + std::to_string(c.window);
     });
+
+// Head dim 8 has a kernel of its own on AVX-512, which gathers blocks of other sizes into
+// 16-position blocks: every block size must give the bits block size 16 gives (an engine's
+// outputs do not depend on its block size), also when threads split a token's kv heads, and with
+// more query heads per kv head than the kernel runs at once.
+TEST(PagedAttentionHeadDim8, EveryBlockSizeAndThreadSplitGivesTheSameBits) {
+  constexpr int H = 20, kvh = 2, hd = 8, kv_size = kvh * hd;
+  const std::vector<int> lens = {1, 17, 300, 161};
+  std::mt19937 rng(8);
+  std::vector<std::vector<float>> K, V;
+  for (int len : lens) {
+    K.push_back(testing::random_floats(rng, static_cast<size_t>(len) * kv_size));
+    V.push_back(testing::random_floats(rng, static_cast<size_t>(len) * kv_size));
+  }
+  // Queries: the last 3 positions of each sequence (fewer where shorter).
+  std::vector<int32_t> positions, seq_of_token;
+  for (int s = 0; s < static_cast<int>(lens.size()); ++s)
+    for (int p = std::max(0, lens[s] - 3); p < lens[s]; ++p) positions.push_back(p), seq_of_token.push_back(s);
+  const int64_t T = static_cast<int64_t>(positions.size());
+  const std::vector<float> q = testing::random_floats(rng, static_cast<size_t>(T) * H * hd, -2.0f, 2.0f);
+
+  auto run = [&](int bs, int threads, int window) {
+    std::vector<int32_t> tables, table_offset;
+    int next = 0;
+    for (int len : lens) {
+      table_offset.push_back(static_cast<int32_t>(tables.size()));
+      for (int b = 0; b < (len + bs - 1) / bs; ++b) tables.push_back(next++);
+    }
+    std::vector<float> kc(static_cast<size_t>(next) * kvh * bs * hd, kNaN), vc(kc.size(), kNaN);
+    for (int s = 0; s < static_cast<int>(lens.size()); ++s) {
+      std::vector<int64_t> slots;
+      for (int p = 0; p < lens[s]; ++p) slots.push_back(static_cast<int64_t>(tables[table_offset[s] + p / bs]) * bs + p % bs);
+      KvWriteParams wp;
+      wp.k = K[s].data();
+      wp.v = V[s].data();
+      wp.ld = kv_size;
+      wp.k_cache = kc.data();
+      wp.v_cache = vc.data();
+      wp.slots = slots.data();
+      wp.num_tokens = lens[s];
+      wp.num_kv_heads = kvh;
+      wp.head_dim = hd;
+      wp.block_size = bs;
+      write_kv(wp);
+    }
+    AttentionParams ap;
+    ap.q = q.data();
+    ap.k_cache = kc.data();
+    ap.v_cache = vc.data();
+    ap.positions = positions.data();
+    ap.seq_of_token = seq_of_token.data();
+    ap.block_tables = tables.data();
+    ap.block_table_offset = table_offset.data();
+    ap.num_tokens = T;
+    ap.ldq = H * hd;
+    ap.num_heads = H;
+    ap.num_kv_heads = kvh;
+    ap.head_dim = hd;
+    ap.block_size = bs;
+    ap.window = window;
+    ap.scale = 0.35f;
+    std::vector<float> out(static_cast<size_t>(T) * H * hd, kNaN);
+    ap.out = out.data();
+    ThreadPool pool(threads);
+    paged_attention(ap, pool);
+    return out;
+  };
+  IsaGuard guard;
+  for (const IsaPath& path : supported_paths()) {
+    set_active_isa(path.isa);
+    for (int window : {0, 21}) {
+      const std::vector<float> want = run(16, 1, window);
+      for (float f : want) ASSERT_TRUE(std::isfinite(f));
+      for (int bs : {16, 1, 5, 32})
+        for (int threads : {1, 3}) {
+          const std::vector<float> got = run(bs, threads, window);
+          ASSERT_EQ(0, std::memcmp(got.data(), want.data(), want.size() * sizeof(float)))
+              << isa_name(path.isa) << " block size " << bs << ", " << threads << " threads, window " << window;
+        }
+    }
+  }
+}
 
 // ---- copy_kv_slot: moves one token's K and V (verified draft nodes to their positions) ----
 
