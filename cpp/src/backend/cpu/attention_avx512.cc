@@ -15,8 +15,8 @@ namespace accelcore::cpu {
 namespace avx512_impl {
 #include "backend/cpu/attention_impl.h"
 
-// Head dim 8 (stories260K and other small models). The generic kernel above spends most of its
-// time here weighting positions one at a time. This one computes the very same floating-point
+// Head dim 8 (stories260K and other small models), where the generic kernel above spends most of
+// its time weighting positions one at a time. This one computes the very same floating-point
 // operations in the same order (so every output bit is unchanged), restructured around "virtual
 // blocks" of 16 consecutive positions aligned to multiples of 16: position j always sits in lane
 // j mod 16, whatever the block size and whether it is read in order from the paged cache or from a
