@@ -149,13 +149,14 @@ TEST(Q4Gptq, LowersTheOutputErrorOnCorrelatedInputs) {
 }
 
 TEST(Q4Gptq, WithUncorrelatedInputsItIsRoundToNearest) {
-  // H a multiple of the identity: nothing to compensate, so GPTQ rounds as RTN does (no clipping).
+  // H a multiple of the identity: nothing to compensate, so GPTQ rounds as RTN does (with the
+  // same clip search for the groups' parameters).
   std::mt19937 rng(9);
   const int64_t k = 70, n = 5, group = 32;
   std::vector<double> h(k * k, 0.0);
   for (int64_t i = 0; i < k; ++i) h[i * k + i] = 3.0;
   const auto w = random_floats(rng, n * k);
-  const Q4Weight a = q4_quantize_gptq(w.data(), n, k, group, h.data()), b = q4_quantize_rtn(w.data(), n, k, group, false);
+  const Q4Weight a = q4_quantize_gptq(w.data(), n, k, group, h.data()), b = q4_quantize_rtn(w.data(), n, k, group, true);
   EXPECT_EQ(a.packed, b.packed);
   EXPECT_EQ(a.scales, b.scales);
   EXPECT_EQ(a.zeros, b.zeros);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 
 #include "backend/cpu/cpu_features.h"
 #include "backend/cpu/ops.h"
@@ -37,6 +38,26 @@ void range_to_scale(float lo, float hi, float* scale, uint8_t* zero) {
 uint8_t quantize_one(float x, float scale, uint8_t zero) {
   // |x / scale| is at most about 20 (a clipped value over a shrunk range): the trick applies.
   return static_cast<uint8_t>(std::clamp(round_even(x / scale) + zero, 0.0f, 15.0f));
+}
+
+// A group's scale and zero point from its range x[0, len), or with clip_search from the range
+// shrunk by 0 to 25% in steps of 5% that gives the least squared error.
+void group_params(const float* x, int64_t len, bool clip_search, float* scale_out, uint8_t* zero_out) {
+  float lo = x[0], hi = x[0];
+  for (int64_t i = 1; i < len; ++i) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
+  float best_err = INFINITY;
+  for (int step = 0; step <= (clip_search ? 5 : 0); ++step) {
+    const float ratio = 1.0f - 0.05f * step;
+    float scale;
+    uint8_t zero;
+    range_to_scale(lo * ratio, hi * ratio, &scale, &zero);
+    float err = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      const float d = scale * (static_cast<float>(quantize_one(x[i], scale, zero)) - zero) - x[i];
+      err += d * d;
+    }
+    if (err < best_err) best_err = err, *scale_out = scale, *zero_out = zero;
+  }
 }
 
 }  // namespace
@@ -76,25 +97,8 @@ Q4Weight q4_quantize_rtn(const float* w, int64_t n, int64_t k, int64_t group, bo
     for (int64_t g = 0; g < G; ++g) {
       const float* x = w + r * k + g * group;
       const int64_t len = std::min(group, k - g * group);
-      float lo = x[0], hi = x[0];
-      for (int64_t i = 1; i < len; ++i) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
-      float best_err = INFINITY, best_scale = 1.0f;
-      uint8_t best_zero = 0;
-      for (int step = 0; step <= (clip_search ? 5 : 0); ++step) {
-        const float ratio = 1.0f - 0.05f * step;
-        float scale;
-        uint8_t zero;
-        range_to_scale(lo * ratio, hi * ratio, &scale, &zero);
-        float err = 0;
-        for (int64_t i = 0; i < len; ++i) {
-          const float d = scale * (static_cast<float>(quantize_one(x[i], scale, zero)) - zero) - x[i];
-          err += d * d;
-        }
-        if (err < best_err) best_err = err, best_scale = scale, best_zero = zero;
-      }
-      out.scales[r * G + g] = best_scale;
-      out.zeros[r * G + g] = best_zero;
-      for (int64_t i = 0; i < len; ++i) q[r * kp + g * group + i] = quantize_one(x[i], best_scale, best_zero);
+      group_params(x, len, clip_search, &out.scales[r * G + g], &out.zeros[r * G + g]);
+      for (int64_t i = 0; i < len; ++i) q[r * kp + g * group + i] = quantize_one(x[i], out.scales[r * G + g], out.zeros[r * G + g]);
     }
   q4_pack(q.data(), &out);
   return out;
@@ -127,15 +131,28 @@ Q4Weight q4_quantize_gptq(const float* w, int64_t n, int64_t k, int64_t group, c
   check_group(group);
   ACCEL_CHECK(n > 0 && k > 0, InvalidArgument) << "cannot quantize a " << n << " x " << k << " matrix";
   ACCEL_CHECK(damp > 0, InvalidArgument) << "GPTQ damping must be positive, got " << damp;
-  std::vector<double> H(h, h + k * k), W(w, w + n * k);
+  // A channel no input ever used (H[i][i] = 0): its weights cannot matter, so they are zeroed
+  // before they can widen a group's range.
+  std::vector<float> w0(w, w + n * k);
+  for (int64_t i = 0; i < k; ++i)
+    if (h[i * k + i] <= 0)
+      for (int64_t r = 0; r < n; ++r) w0[r * k + i] = 0.0f;
+  // Columns are quantized by decreasing H[i][i] (the GPTQ paper's act-order: the columns whose
+  // error costs most go first, while most others can still absorb it), so the groups' parameters
+  // are fixed up front, from the weights, with the clip search.
+  std::vector<int64_t> order(k);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return h[a * k + a] > h[b * k + b]; });
+  std::vector<double> H(k * k), W(n * k);  // in processing order
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < k; ++j) H[i * k + j] = h[order[i] * k + order[j]];
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t i = 0; i < k; ++i) W[r * k + i] = w0[r * k + order[i]];
   double mean_diag = 0;
   for (int64_t i = 0; i < k; ++i) mean_diag += H[i * k + i];
   mean_diag /= static_cast<double>(k);
   for (int64_t i = 0; i < k; ++i) {
-    if (H[i * k + i] <= 0) {  // a channel no input ever used: its weights cannot matter
-      H[i * k + i] = 1;
-      for (int64_t r = 0; r < n; ++r) W[r * k + i] = 0;
-    }
+    if (H[i * k + i] <= 0) H[i * k + i] = 1;
     H[i * k + i] += damp * (mean_diag > 0 ? mean_diag : 1.0);
   }
   // U upper with U^T U = H^-1: invert H through its Cholesky factor, then factor the inverse.
@@ -168,27 +185,19 @@ Q4Weight q4_quantize_gptq(const float* w, int64_t n, int64_t k, int64_t group, c
   out.scales.resize(n * G);
   out.zeros.resize(n * G);
   std::vector<uint8_t> q(static_cast<size_t>(n * kp), 0);
-  for (int64_t i = 0; i < k; ++i) {
-    const int64_t g = i / group;
-    if (i % group == 0) {
-      const int64_t len = std::min(group, k - i);
-      for (int64_t r = 0; r < n; ++r) {
-        float lo = static_cast<float>(W[r * k + i]), hi = lo;
-        for (int64_t c = 1; c < len; ++c) {
-          lo = std::min(lo, static_cast<float>(W[r * k + i + c]));
-          hi = std::max(hi, static_cast<float>(W[r * k + i + c]));
-        }
-        range_to_scale(lo, hi, &out.scales[r * G + g], &out.zeros[r * G + g]);
-      }
-    }
-    const double d = U(i, i);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t g = 0; g < G; ++g)
+      group_params(w0.data() + r * k + g * group, std::min(group, k - g * group), /*clip_search=*/true, &out.scales[r * G + g], &out.zeros[r * G + g]);
+  for (int64_t ii = 0; ii < k; ++ii) {
+    const int64_t i = order[ii], g = i / group;
+    const double d = U(ii, ii);
     for (int64_t r = 0; r < n; ++r) {
       const float s = out.scales[r * G + g];
       const uint8_t z = out.zeros[r * G + g];
-      const uint8_t qv = quantize_one(static_cast<float>(W[r * k + i]), s, z);
+      const uint8_t qv = quantize_one(static_cast<float>(W[r * k + ii]), s, z);
       q[r * kp + i] = qv;
-      const double err = (W[r * k + i] - static_cast<double>(s) * (static_cast<double>(qv) - z)) / d;
-      for (int64_t j = i + 1; j < k; ++j) W[r * k + j] -= err * U(i, j);
+      const double err = (W[r * k + ii] - static_cast<double>(s) * (static_cast<double>(qv) - z)) / d;
+      for (int64_t j = ii + 1; j < k; ++j) W[r * k + j] -= err * U(ii, j);
     }
   }
   q4_pack(q.data(), &out);

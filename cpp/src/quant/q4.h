@@ -48,9 +48,10 @@ Q4Weight q4_quantize_rtn(const float* w, int64_t n, int64_t k, int64_t group, bo
 
 // GPTQ (Frantar et al., 2022): column by column, each column's rounding error is pushed onto the
 // columns not yet quantized through the Cholesky factor of the inverse Hessian H = sum of x x^T
-// over calibration inputs x ([k, k], row-major), so that x W^T, not W itself, stays close. A
-// group's scale and zero point come from its columns as they are when the group starts. damp:
-// added to H's diagonal, as a fraction of its mean (dead channels, H[i][i] = 0, get weight 0).
+// over calibration inputs x ([k, k], row-major), so that x W^T, not W itself, stays close. The
+// columns go by decreasing H[i][i] (act-order); each group's scale and zero point are fixed
+// first, as q4_quantize_rtn's clip search chooses them. damp: added to H's diagonal, as a
+// fraction of its mean (dead channels, H[i][i] = 0, get weight 0).
 Q4Weight q4_quantize_gptq(const float* w, int64_t n, int64_t k, int64_t group, const double* h, double damp = 0.01);
 
 // W as floats, [n, k].
