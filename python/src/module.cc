@@ -162,7 +162,8 @@ NB_MODULE(_core, m) {
       .def_ro("last_step_draft_tokens", &EngineStats::last_step_draft_tokens)
       .def_ro("last_step_drafted_seqs", &EngineStats::last_step_drafted_seqs)
       .def_ro("spec_acceptance", &EngineStats::spec_acceptance)
-      .def_ro("step_time_coefficients", &EngineStats::step_time_coefficients);
+      .def_ro("step_time_coefficients", &EngineStats::step_time_coefficients)
+      .def_ro("spec_lookup_cost_s", &EngineStats::spec_lookup_cost_s);
 
   nb::class_<Engine>(m, "Engine")
       .def(nb::init<const EngineConfig&>(), "config"_a, nb::call_guard<nb::gil_scoped_release>())

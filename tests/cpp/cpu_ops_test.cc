@@ -19,6 +19,7 @@
 #include "backend/cpu/cpu_features.h"
 #include "backend/cpu/ops.h"
 #include "kv/kv_cache.h"
+#include "quant/kvq.h"
 #include "test_util.h"
 #include "util/thread_pool.h"
 
@@ -920,6 +921,42 @@ TEST(CopyKvSlot, KvCacheMovesTheTokenInEveryLayer) {
     EXPECT_EQ(0, std::memcmp(cache.k(l), k[l].data(), n * sizeof(float))) << "layer " << l;
     EXPECT_EQ(0, std::memcmp(cache.v(l), v[l].data(), n * sizeof(float))) << "layer " << l;
   }
+}
+
+// The start-up timing passes read blocks nothing wrote: zero_blocks(n) zeroes exactly the first n
+// blocks of every layer (float pools), and of a quantized cache the records, which then read as
+// zeros.
+TEST(KvCache, ZeroBlocksClearsTheFirstBlocksOnly) {
+  KvCacheShape shape;
+  shape.num_layers = 2;
+  shape.num_blocks = 6;
+  shape.num_kv_heads = 2;
+  shape.block_size = 4;
+  shape.head_dim = 8;
+  KvCache cache(shape);
+  const size_t fpb = shape.floats_per_block(), n = shape.num_blocks * fpb;
+  for (int l = 0; l < 2; ++l) std::fill(cache.k(l), cache.k(l) + n, kNaN), std::fill(cache.v(l), cache.v(l) + n, kNaN);
+  cache.zero_blocks(4);
+  for (int l = 0; l < 2; ++l)
+    for (size_t i = 0; i < n; ++i) {
+      ASSERT_EQ(cache.k(l)[i] == 0.0f, i < 4 * fpb) << "layer " << l << " K float " << i;
+      ASSERT_EQ(cache.v(l)[i] == 0.0f, i < 4 * fpb) << "layer " << l << " V float " << i;
+    }
+
+  shape.kv_bits = 4;
+  KvCache q(shape);
+  q.zero_blocks(3);
+  const KvqLayout lay = shape.layout();
+  std::vector<float> kt(fpb / shape.num_kv_heads), vv(kt.size());
+  for (int l = 0; l < 2; ++l)
+    for (int b = 0; b < 3; ++b)
+      for (int h = 0; h < shape.num_kv_heads; ++h) {
+        const uint8_t* rec = q.records(l) + (static_cast<size_t>(b) * shape.num_kv_heads + h) * lay.bytes;
+        for (size_t i = 0; i < lay.bytes; ++i) ASSERT_EQ(rec[i], 0) << "layer " << l << " block " << b;
+        kvq_dequantize_k(lay, rec, kt.data());
+        kvq_dequantize_v(lay, rec, vv.data());
+        for (size_t i = 0; i < kt.size(); ++i) ASSERT_TRUE(kt[i] == 0.0f && vv[i] == 0.0f);
+      }
 }
 
 }  // namespace

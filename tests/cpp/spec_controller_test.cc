@@ -869,10 +869,17 @@ struct StepStats {
   double time = 0;
 };
 
+// The scheduler's clock in the fake: every reading advances it by g_lookup_seconds, so a lookup
+// (read before and after) costs exactly that, whatever the machine's speed.
+double g_lookup_seconds = 0, g_fake_now = 0;
+double fake_clock() { return g_fake_now += g_lookup_seconds; }
+
 class SpecFake {
  public:
   SpecFake(const SchedulerConfig& cfg, const TrueCost& cost, uint32_t seed, double noise = 0.02)
-      : cfg_(cfg), sched_(cfg), cost_(cost), rng_(seed), noise_(noise) {}
+      : cfg_(cfg), sched_(cfg), cost_(cost), rng_(seed), noise_(noise) {
+    sched_.set_clock(fake_clock);
+  }
 
   Scheduler& sched() { return sched_; }
 
@@ -909,6 +916,7 @@ class SpecFake {
 
   bool step() {
     sched_.schedule(&plan_, &seqs_, &failed_);
+    if (sched_.last_lookup_seconds() > 0) ++lookup_steps;
     INV_CHECK(failed_.empty(), failed_.size() << " requests failed");
     if (!check_plan()) return false;
     StepStats ss;
@@ -954,6 +962,7 @@ class SpecFake {
     return t;
   }
   int max_draft_seen = 0;
+  int lookup_steps = 0;  // steps whose planning looked up a draft (with g_lookup_seconds > 0)
   uint64_t preemptions() const { return sched_.counters().num_preemptions; }
 
  private:
@@ -1238,6 +1247,35 @@ TEST(SpecControllerSmart, LowLoadHighAcceptanceDraftsLong) {
     EXPECT_LT(ex.total_time() * 3, off.total_time()) << ex.total_time() << " s vs " << off.total_time() << " s";
     std::printf("[ info ] low load, %d request(s): %.2f draft nodes per drafted step, %.2f tokens per step, %ld steps\n",
                 num, mean, static_cast<double>(tokens) / sampled, sampled / num);
+  }
+}
+
+// 3b'. A lone request whose drafts would pay on their own, but whose every lookup costs more than
+// any first node could gain: after the first lookup has measured that, no more lookups (the
+// engine's step time leaves lookups out, and the fake's cost has none). With (nearly) free lookups
+// the same request looks up and drafts in nearly every step.
+TEST(SpecControllerSmart, LookupsThatCannotPayForThemselvesAreNotMade) {
+  const TrueCost cost{1e-3, 2e-5, 1e-9, 1e-5};  // a step of about 1 ms, a row of 30 us
+  for (double lookup : {1e-9, 2e-3}) {  // about free, and twice a whole step
+    g_lookup_seconds = lookup;
+    SpecFake ex(spec_config(SpecPolicy::kSmart, 2048, 200), cost, 21);
+    ex.profile();
+    ex.add(1, 0.9, 300);
+    const bool ok = ex.run();
+    g_lookup_seconds = 0;
+    ASSERT_TRUE(ok);
+    ex.expect_all_exact();
+    const int steps = static_cast<int>(ex.steps.size());
+    EXPECT_NEAR(ex.sched().spec()->model().lookup_cost(), lookup, lookup * 1e-6);
+    std::printf("[ info ] lookups costing %.0f us: %d of %d steps looked up, %.2f tokens per step\n", lookup * 1e6,
+                ex.lookup_steps, steps, 300.0 / steps);
+    if (lookup < 1e-6) {
+      EXPECT_GE(ex.lookup_steps, steps * 9 / 10);
+      EXPECT_GE(ex.stats[1].drafted_steps, ex.stats[1].decode_steps * 9 / 10);
+    } else {
+      EXPECT_LE(ex.lookup_steps, 1);
+      EXPECT_EQ(ex.stats[1].drafted_steps, ex.lookup_steps);
+    }
   }
 }
 

@@ -91,8 +91,9 @@ struct EngineStats {
   int last_step_drafted_seqs = 0;          // requests with a draft in the last step
   std::vector<double> spec_acceptance;     // global acceptance rate by draft depth 1, 2, ...
   // SmartSpec's step-time model, seconds: c0 + c_tok * tokens + c_kv * KV tokens read + c_logit *
-  // rows with logits (sampled rows and draft nodes) + c_draft * seqs with a draft.
+  // rows with logits (sampled rows and draft nodes) + c_draft * seqs with a draft; lookups apart.
   std::vector<double> step_time_coefficients;
+  double spec_lookup_cost_s = 0;  // SmartSpec's measured cost of one draft lookup (not in the fit)
 };
 
 class Engine {

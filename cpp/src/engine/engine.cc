@@ -117,6 +117,7 @@ struct Engine::Impl {
   // sleeping cores. Under step_mu.
   Clock::time_point last_step_start, last_step_end;
   StepFeatures last_step_features;
+  double last_step_lookup_s = 0;  // its draft lookups' time, which the model keeps apart
   bool last_step_observable = false;
   static constexpr std::chrono::microseconds kIdleGap{1000};
 
@@ -286,6 +287,14 @@ void Engine::Impl::profile_step_time() {
   const Shape shapes[] = {{1, 1, 16},  {1, 1, 256}, {1, 4, 64},  {1, 16, 128}, {1, 64, 0},  {4, 1, 64},
                           {8, 1, 256}, {8, 2, 32},  {16, 1, 64}, {2, 8, 512},  {1, 1, 128, 1}, {1, 1, 128, 4},
                           {4, 1, 64, 2}, {32, 1, 64}, {32, 1, 64, 1}};
+  // The shapes read made-up contexts: zero the blocks they use (see KvCache::zero_blocks).
+  int32_t used = 0;
+  for (const Shape& sh : shapes) {
+    const int per_seq = std::min(sh.context + sh.tokens + sh.draft, info.max_model_len);
+    const int32_t blocks = (per_seq + bs - 1) / bs * sh.seqs;
+    if (blocks <= num_total_blocks) used = std::max(used, blocks);
+  }
+  cache->zero_blocks(used);
   for (const Shape& sh : shapes) {
     const int per_seq = std::min(sh.context + sh.tokens + sh.draft, info.max_model_len);
     const int blocks_per_seq = (per_seq + bs - 1) / bs;
@@ -401,6 +410,7 @@ void Engine::Impl::publish() {
     counters.spec_acceptance.assign(spec->global_rates().begin() + 1, spec->global_rates().end());
     const auto& c = spec->model().coefficients();
     counters.step_time_coefficients.assign(c.begin(), c.end());
+    counters.spec_lookup_cost_s = spec->model().lookup_cost();
   } else {
     counters.spec_policy = config.speculation == "lookahead" ? "off" : "";
   }
@@ -574,9 +584,11 @@ std::vector<RequestOutput> Engine::step() {
   if (m.plan.num_tokens() > 0) {
     const double step_s = std::chrono::duration<double>(Clock::now() - t0).count();
     const bool after_idle = t0 - m.last_step_end >= Impl::kIdleGap;
-    if (m.last_step_observable && !after_idle)
-      m.scheduler->observe_step(m.last_step_features, std::chrono::duration<double>(t0 - m.last_step_start).count());
+    if (m.last_step_observable && !after_idle)  // the model predicts steps without their lookups
+      m.scheduler->observe_step(m.last_step_features,
+                                std::chrono::duration<double>(t0 - m.last_step_start).count() - m.last_step_lookup_s);
     m.last_step_features = step_features(m.plan);
+    m.last_step_lookup_s = m.scheduler->last_lookup_seconds();
     m.last_step_start = t0;
     m.last_step_observable = !after_idle;
     ++m.counters.num_steps;

@@ -1,6 +1,7 @@
 #include "kv/kv_cache.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "backend/cpu/ops.h"
 #include "util/check.h"
@@ -44,6 +45,8 @@ void KvCache::give_stage(int32_t block) {
       for (FloatBuffer& b : *pools) {
         FloatBuffer grown(new_n * fpb);
         if (old_n) std::memcpy(grown.data(), b.data(), old_n * fpb * sizeof(float));
+        // Zeroed: a stage given to a block nothing wrote (the start-up timing passes) is read.
+        std::memset(grown.data() + old_n * fpb, 0, (new_n - old_n) * fpb * sizeof(float));
         b = std::move(grown);
       }
     stage_block_.resize(new_n, -1);
@@ -61,6 +64,18 @@ void KvCache::drop_stage(int32_t block) {
   stage_block_[s] = -1;
   free_stages_.push_back(s);
   stage_[block] = -1;
+}
+
+void KvCache::zero_blocks(int32_t count) {
+  ACCEL_DCHECK(count >= 0 && count <= shape_.num_blocks);
+  if (quantized()) {
+    const size_t bytes = static_cast<size_t>(shape_.num_kv_heads) * shape_.layout().bytes;
+    for (auto& q : q_) std::memset(q.get(), 0, bytes * count);
+    return;
+  }
+  const size_t floats = static_cast<size_t>(count) * shape_.floats_per_block();
+  for (auto* pools : {&k_, &v_})
+    for (FloatBuffer& b : *pools) std::memset(b.data(), 0, floats * sizeof(float));
 }
 
 void KvCache::reset() {

@@ -68,6 +68,10 @@ class KvCache {
   }
   // Forgets every block's state (after start-up passes that used the pool without allocating).
   void reset();
+  // Zeroes blocks [0, count): K and V, or their quantized records. The start-up timing passes read
+  // made-up contexts that nothing wrote, and whatever freed memory held there (denormals, NaNs)
+  // made their floating point seconds slower, now and then.
+  void zero_blocks(int32_t count);
 
   // Moves one token's K and V, in every layer, from slot src to slot dst (verified draft nodes;
   // both in blocks the last step wrote).

@@ -1,6 +1,7 @@
 #include "sched/scheduler.h"
 
 #include <algorithm>
+#include <chrono>
 #include <string>
 
 #include "util/check.h"
@@ -206,6 +207,7 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
   // only: they never cause a preemption or delay a request.
   std::vector<DraftTree> drafts(picks_.size());
   last_draft_tokens_ = last_drafted_seqs_ = 0;
+  last_lookup_s_ = 0;
   if (drafter_ && budget > 0) plan_drafts(budget, &drafts);
   for (size_t i = 0; i < picks_.size(); ++i) {
     last_draft_tokens_ += drafts[i].size();
@@ -223,6 +225,10 @@ void Scheduler::take_released(std::vector<int32_t>* blocks, std::vector<uint8_t>
   full->clear();
   allocator_.take_released(blocks);
   for (int32_t b : *blocks) full->push_back(allocator_.is_cached(b));
+}
+
+double Scheduler::steady_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 void Scheduler::propose(Request* r, int max_nodes, DraftTree* out) {
@@ -288,21 +294,27 @@ void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
     // No draft can pay where even the likeliest first node any request could have would not
     // raise goodput (a deeper node is no likelier and costs no less), as under full load, where
     // every row costs what a decode row does: then skip the lookup altogether, periodic probe
-    // included (stories260K at 1600 req/s: the probes' lookups cost about 5% of a step).
-    if (best_rate / std::max(model.row_cost(c.kv_tokens), 1e-12) <= base_goodput) {
+    // included (stories260K at 1600 req/s: the probes' lookups cost about 5% of a step). A first
+    // node must also pay for the lookup that finds it: a lone stories260K request's lookups took
+    // 3-5 us of a 23 us step, more than its drafts gained.
+    const double first_cost = model.row_cost(c.kv_tokens) + model.draft_cost() + model.lookup_cost();
+    if (best_rate / std::max(first_cost, 1e-12) <= base_goodput) {
       spec_->relax(r);
       continue;
     }
     // The cheap check: if even the likeliest first node would not raise goodput, skip the lookup,
     // unless the request's last proposal is old (its text may have become predictable).
     const bool probe = ++r->spec_steps_unprobed >= SpecController::kProbeInterval;
-    if (!probe &&
-        spec_->first_node_bound(r) / std::max(model.row_cost(c.kv_tokens) + model.draft_cost(), 1e-12) <= base_goodput) {
+    if (!probe && spec_->first_node_bound(r) / std::max(first_cost, 1e-12) <= base_goodput) {
       spec_->relax(r);
       continue;
     }
     DraftTree t;
+    const double t0 = clock_();
     propose(r, k, &t);
+    const double lookup_s = clock_() - t0;
+    spec_->model().observe_lookup(lookup_s);
+    last_lookup_s_ += lookup_s;
     r->spec_match = t.match;
     r->spec_steps_unprobed = 0;
     if (t.size() == 0) continue;

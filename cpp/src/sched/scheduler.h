@@ -89,6 +89,11 @@ class Scheduler {
   // Draft nodes and requests with a draft in the last planned step.
   int last_draft_tokens() const { return last_draft_tokens_; }
   int last_drafted_seqs() const { return last_drafted_seqs_; }
+  // Seconds the last planned step spent looking up drafts (SmartSpec times each lookup).
+  double last_lookup_seconds() const { return last_lookup_s_; }
+  // The clock that times lookups (seconds); tests replace it to make lookups cost what they say.
+  using Clock = double (*)();
+  void set_clock(Clock clock) { clock_ = clock; }
 
   void add(std::unique_ptr<Request> req);
   Request* find(RequestId id);
@@ -143,6 +148,9 @@ class Scheduler {
   };
   std::vector<Pick> picks_;  // scratch: the sequences of the step being planned
   int last_draft_tokens_ = 0, last_drafted_seqs_ = 0;
+  double last_lookup_s_ = 0;
+  Clock clock_ = steady_seconds;
+  static double steady_seconds();
   // SmartSpec: steps between the steps that vary their shape for the step-time model.
   static constexpr int kCostProbeInterval = 32;
   int steps_since_cost_probe_ = 0;

@@ -63,6 +63,15 @@ void StepTimeModel::observe(const StepFeatures& f, double seconds) {
   if (n_ <= 64 || n_ % 8 == 0) refit();
 }
 
+void StepTimeModel::observe_lookup(double seconds) {
+  if (!(seconds >= 0) || !std::isfinite(seconds)) return;
+  // A mean over the first ones, a moving average after; one that took 10x the average (the
+  // thread descheduled) counts as 10x.
+  if (lookups_ > 0) seconds = std::min(seconds, 10 * lookup_cost_);
+  lookup_cost_ += std::max(kLookupAlpha, 1.0 / (lookups_ + 1.0)) * (seconds - lookup_cost_);
+  ++lookups_;
+}
+
 double StepTimeModel::predict(const StepFeatures& f) const {
   return coef_[0] + coef_[1] * f.tokens + coef_[2] * f.kv_tokens + coef_[3] * f.logit_rows + coef_[4] * f.drafted;
 }

@@ -21,6 +21,9 @@
 //    so that cells never tried (long matches, say) get tried and measured. The rates are scaled
 //    by a calibration factor (accepted nodes over predicted, as measured) before the bonus is
 //    added: overconfidence in the cells tried must not bar the others from being tried.
+//  - Lookups: the drafter's proposal is timed by the scheduler (a moving average per lookup) and
+//    kept out of the fit; a request is looked up only where its likeliest first node could pay
+//    for a row, c_draft and the lookup.
 //  - Allocation (allocate_drafts): moves of all requests ranked by their marginal goodput
 //    (expected accepted nodes / added step time), taken greedily while goodput rises and the
 //    token budget lasts; a request's first move is its best-ratio prefix (it alone pays
@@ -64,6 +67,12 @@ class StepTimeModel {
   // Added time of one more row with logits (a draft node) that attends to kv_tokens positions.
   double row_cost(double kv_tokens) const { return coef_[1] + coef_[2] * kv_tokens + coef_[3]; }
   double draft_cost() const { return coef_[4]; }
+  // One draft lookup (the drafter's proposal for a request), measured by the scheduler around
+  // each call, as a moving average, and kept out of the fit: a lone request looks up every step,
+  // so a fitted term could not be told from c0, and a lookup costs even when it finds nothing.
+  // Observed step times are given without their lookups' time (the engine subtracts it).
+  void observe_lookup(double seconds);
+  double lookup_cost() const { return lookup_cost_; }
   const std::array<double, kTerms>& coefficients() const { return coef_; }
   uint64_t num_observations() const { return n_; }
   bool ready() const { return n_ >= kMinObservations; }
@@ -83,6 +92,9 @@ class StepTimeModel {
   int profile_n_ = 0;
   std::array<double, kTerms> coef_{};
   uint64_t n_ = 0;
+  static constexpr double kLookupAlpha = 0.05;
+  double lookup_cost_ = 0;
+  uint64_t lookups_ = 0;
 };
 
 enum class SpecPolicy { kOff, kFixed, kSmart };
