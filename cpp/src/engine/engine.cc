@@ -287,18 +287,11 @@ void Engine::Impl::profile_step_time() {
   const Shape shapes[] = {{1, 1, 16},  {1, 1, 256}, {1, 4, 64},  {1, 16, 128}, {1, 64, 0},  {4, 1, 64},
                           {8, 1, 256}, {8, 2, 32},  {16, 1, 64}, {2, 8, 512},  {1, 1, 128, 1}, {1, 1, 128, 4},
                           {4, 1, 64, 2}, {32, 1, 64}, {32, 1, 64, 1}};
-  // The shapes read made-up contexts: zero the blocks they use (see KvCache::zero_blocks).
-  int32_t used = 0;
-  for (const Shape& sh : shapes) {
-    const int per_seq = std::min(sh.context + sh.tokens + sh.draft, info.max_model_len);
-    const int32_t blocks = (per_seq + bs - 1) / bs * sh.seqs;
-    if (blocks <= num_total_blocks) used = std::max(used, blocks);
-  }
-  cache->zero_blocks(used);
   for (const Shape& sh : shapes) {
     const int per_seq = std::min(sh.context + sh.tokens + sh.draft, info.max_model_len);
     const int blocks_per_seq = (per_seq + bs - 1) / bs;
     if (per_seq <= sh.tokens + sh.draft || blocks_per_seq * sh.seqs > num_total_blocks || per_seq > pool_tokens) continue;
+    cache->zero_blocks(blocks_per_seq * sh.seqs);  // made-up contexts: see KvCache::zero_blocks
     plan.clear();
     auto slot = [&](int q, int i) { return static_cast<int64_t>(q * blocks_per_seq + i / bs) * bs + i % bs; };
     for (int q = 0; q < sh.seqs; ++q) {
