@@ -71,7 +71,9 @@ int main(int argc, char** argv) {
     std::vector<float> w(static_cast<size_t>(s.n) * s.k);
     for (float& v : w) v = 0.05f * normal(rng);
     q.push_back(q4_tile(q4_quantize_rtn(w.data(), s.n, s.k, group, false)));
-    f.push_back(std::move(w));
+    std::vector<float> panels(static_cast<size_t>(cpu::linear_packed_size(s.n, s.k)));
+    cpu::linear_pack(w.data(), s.n, s.k, panels.data());
+    f.push_back(std::move(panels));
   }
   std::printf("threads %d; one TinyLlama layer's four linears, group %d\n", threads, group);
   std::printf("| M | path | us | GMAC/s | vs float32 |\n|---|---|---|---|---|\n");

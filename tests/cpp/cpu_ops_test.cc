@@ -70,7 +70,7 @@ TEST(CpuFeatures, ReportsPathsUnderTest) {
 // and y rows carry sentinel padding (a kernel must never write past n).
 struct LinearProblem {
   int64_t m, n, k, ldx, ldy;
-  std::vector<float> x, w, bias, y;
+  std::vector<float> x, w, wp, bias, y;  // w row-major (the reference's), wp its panels (the kernels')
   LinearProblem(std::mt19937& rng, int64_t m_, int64_t n_, int64_t k_)
       : m(m_), n(n_), k(k_), ldx(k_ + 3), ldy(n_ + 2) {
     x.assign(m * ldx, kNaN);
@@ -79,6 +79,8 @@ struct LinearProblem {
       std::copy(row.begin(), row.end(), x.begin() + r * ldx);
     }
     w = testing::random_floats(rng, n * k);
+    wp.resize(linear_packed_size(n, k));
+    linear_pack(w.data(), n, k, wp.data());
     bias = testing::random_floats(rng, n, -2.0f, 2.0f);
     reset_y();
   }
@@ -86,7 +88,7 @@ struct LinearProblem {
   LinearParams params(bool with_bias) {
     LinearParams p;
     p.x = x.data();
-    p.w = w.data();
+    p.w = wp.data();
     p.bias = with_bias ? bias.data() : nullptr;
     p.y = y.data();
     p.m = m;
@@ -149,6 +151,40 @@ TEST(Linear, EveryIsaPathMatchesReferenceOnOddSizes) {
             ASSERT_EQ(0, std::memcmp(full.data(), prob.y.data(), full.size() * sizeof(float))) << what << " split in half";
           }
         }
+      }
+    }
+  }
+}
+
+TEST(Linear, PackAndUnpackRoundTripWithZeroPadding) {
+  std::mt19937 rng(15);
+  for (int64_t n : {1, 16, 17, 40}) {
+    const int64_t k = 9;
+    const std::vector<float> w = testing::random_floats(rng, n * k);
+    std::vector<float> packed(linear_packed_size(n, k), kNaN), back(n * k, kNaN);
+    linear_pack(w.data(), n, k, packed.data());
+    for (int64_t c = n; c < (n + kLinearPanel - 1) / kLinearPanel * kLinearPanel; ++c)
+      for (int64_t i = 0; i < k; ++i) ASSERT_EQ(packed[((c / kLinearPanel) * k + i) * kLinearPanel + c % kLinearPanel], 0.0f);
+    linear_unpack(packed.data(), n, k, back.data());
+    ASSERT_EQ(0, std::memcmp(w.data(), back.data(), w.size() * sizeof(float))) << "n=" << n;
+  }
+}
+
+// Every path does each output's fused multiply-adds in the same order, so they agree to the bit
+// (what lets a model give the same tokens on every machine).
+TEST(Linear, EveryIsaPathGivesTheScalarPathsBits) {
+  std::mt19937 rng(16);
+  for (int64_t m : {1, 2, 3, 7, 13}) {
+    for (int64_t n : {5, 16, 80, 130}) {
+      LinearProblem prob(rng, m, n, 37);
+      prob.reset_y();
+      linear_scalar(prob.params(true), 0, n);
+      const std::vector<float> scalar = prob.y;
+      for (const IsaPath& path : supported_paths()) {
+        prob.reset_y();
+        path.kernel(prob.params(true), 0, n);
+        ASSERT_EQ(0, std::memcmp(scalar.data(), prob.y.data(), scalar.size() * sizeof(float)))
+            << describe(path, m, n, 37, true) << " differs from the scalar path";
       }
     }
   }
@@ -221,7 +257,7 @@ TEST(Linear, RowOfABatchIsBitIdenticalToThatRowAlone) {
   }
 }
 
-TEST(RmsNorm, MatchesReference) {
+TEST(RmsNorm, MatchesReferenceOnEveryIsaPath) {
   std::mt19937 rng(14);
   for (int64_t d : {1, 8, 37, 64}) {
     const int64_t m = 4;
@@ -253,6 +289,16 @@ TEST(RmsNorm, MatchesReference) {
       p.out = inplace.data();
       rms_norm(p);
       EXPECT_EQ(0, std::memcmp(inplace.data(), out.data(), out.size() * sizeof(float)));
+      // Every instruction set gives the scalar path's bits.
+      IsaGuard guard;
+      for (const IsaPath& path : supported_paths()) {
+        set_active_isa(path.isa);
+        std::vector<float> y(m * d, kNaN);
+        p.x = x.data();
+        p.out = y.data();
+        rms_norm(p);
+        EXPECT_EQ(0, std::memcmp(y.data(), out.data(), out.size() * sizeof(float))) << isa_name(path.isa) << " d=" << d;
+      }
     }
   }
 }
@@ -331,22 +377,32 @@ TEST(ApplyRope, ScoresDependOnlyOnRelativePosition) {
   EXPECT_NEAR(dot(rotated(q, 123), rotated(q, 123)), dot(q, q), 1e-4);
 }
 
-TEST(SiluMul, MatchesReference) {
+TEST(SiluMul, EveryIsaPathMatchesReferenceWithTheSameBits) {
   std::mt19937 rng(17);
-  const int64_t m = 3, d = 21;
+  const int64_t m = 3, d = 37;  // rows longer than a vector, with a tail
   std::vector<float> gu = testing::random_floats(rng, m * 2 * d, -6.0f, 6.0f);
   gu[0] = 30.0f;
   gu[1] = -30.0f;
   gu[2] = -100.0f;  // exp(100) overflows float: the result must still be ~0, not NaN
   gu[3] = 0.0f;
-  std::vector<float> out(m * d, kNaN);
-  silu_mul(gu.data(), out.data(), m, d);
+  gu[4] = 95.0f;    // exp(-95) underflows: silu is x itself
+  gu[5] = -87.5f;
+  std::vector<float> scalar(m * d, kNaN);
+  silu_mul_scalar(gu.data(), scalar.data(), m, d);
   for (int64_t r = 0; r < m; ++r)
     for (int64_t i = 0; i < d; ++i) {
       const double g = gu[r * 2 * d + i], u = gu[r * 2 * d + d + i];
       const double want = g / (1.0 + std::exp(-g)) * u;
-      EXPECT_NEAR(out[r * d + i], want, 1e-6 + 1e-6 * std::abs(want)) << "row " << r << " i " << i;
+      EXPECT_NEAR(scalar[r * d + i], want, 1e-30 + 1e-6 * std::abs(want)) << "row " << r << " i " << i;
     }
+  IsaGuard guard;
+  for (const IsaPath& path : supported_paths()) {
+    set_active_isa(path.isa);
+    std::vector<float> out(m * d, kNaN);
+    silu_mul(gu.data(), out.data(), m, d);
+    EXPECT_EQ(0, std::memcmp(scalar.data(), out.data(), out.size() * sizeof(float)))
+        << isa_name(path.isa) << " differs from the scalar path";
+  }
 }
 
 TEST(AddInplace, Adds) {

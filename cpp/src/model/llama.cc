@@ -168,6 +168,20 @@ class QuantLoader {
 
 }  // namespace
 
+// A [rows, k] row-major matrix in the float linear's panel layout, and back.
+static FloatBuffer packed(const FloatBuffer& w, int64_t k) {
+  const int64_t rows = static_cast<int64_t>(w.size()) / k;
+  FloatBuffer p(static_cast<size_t>(cpu::linear_packed_size(rows, k)));
+  cpu::linear_pack(w.data(), rows, k, p.data());
+  return p;
+}
+
+static FloatBuffer unpacked(const FloatBuffer& p, int64_t rows, int64_t k) {
+  FloatBuffer w(static_cast<size_t>(rows * k));
+  cpu::linear_unpack(p.data(), rows, k, w.data());
+  return w;
+}
+
 ModelWeights load_weights(const ModelConfig& c, const std::string& model_dir) {
   CheckpointReader ckpt(model_dir);
   WeightLoader ld(ckpt);
@@ -213,10 +227,10 @@ ModelWeights load_weights(const ModelConfig& c, const std::string& model_dir) {
         L.down_a = qld->order(m + "down_proj", I);
       }
     } else {
-      L.qkv_w = ld.stack({a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"}, {Q, KV, KV}, H);
-      L.o_w = ld.load(a + "o_proj.weight", {H, Q});
-      L.gate_up_w = ld.stack({m + "gate_proj.weight", m + "up_proj.weight"}, {I, I}, H);
-      L.down_w = ld.load(m + "down_proj.weight", {H, I});
+      L.qkv_w = packed(ld.stack({a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"}, {Q, KV, KV}, H), H);
+      L.o_w = packed(ld.load(a + "o_proj.weight", {H, Q}), Q);
+      L.gate_up_w = packed(ld.stack({m + "gate_proj.weight", m + "up_proj.weight"}, {I, I}, H), H);
+      L.down_w = packed(ld.load(m + "down_proj.weight", {H, I}), I);
     }
     if (c.qkv_bias) L.qkv_b = ld.stack({a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"}, {Q, KV, KV}, 0);
     if (c.o_bias) L.o_b = ld.load(a + "o_proj.bias", {H});
@@ -235,11 +249,32 @@ LlamaModel::LlamaModel(ModelConfig config, ModelWeights weights)
     const std::string& a = config_.quant->activations;
     act_quant_ = a == "a16" ? ActQuant::kFloat : a == "a4" ? ActQuant::kFmpq : ActQuant::kInt8;
     build_q8_head();
+  } else {
+    // The float head in the linear's panels; a tied one is the embedding too, whose rows are then
+    // read from the panels (embed_row) rather than kept twice.
+    const int64_t V = config_.vocab_size, H = config_.hidden_size;
+    head_panels_ = FloatBuffer(static_cast<size_t>(cpu::linear_packed_size(V, H)));
+    cpu::linear_pack(w_.head(), V, H, head_panels_.data());
+    (w_.lm_head.empty() ? w_.embed : w_.lm_head) = FloatBuffer();
   }
+}
+
+void LlamaModel::embed_row(int32_t token, float* out) const {
+  const int64_t H = config_.hidden_size;
+  if (!w_.embed.empty()) {
+    std::memcpy(out, w_.embed.data() + static_cast<int64_t>(token) * H, H * sizeof(float));
+    return;
+  }
+  const float* p = head_panels_.data() + (token / cpu::kLinearPanel) * H * cpu::kLinearPanel + token % cpu::kLinearPanel;
+  for (int64_t i = 0; i < H; ++i) out[i] = p[i * cpu::kLinearPanel];
 }
 
 void LlamaModel::round_embeddings_int8() {
   const int64_t V = config_.vocab_size, H = config_.hidden_size;
+  if (!head_panels_.empty()) {  // the float head back in rows (the embedding, when tied)
+    (w_.embed.empty() ? w_.embed : w_.lm_head) = unpacked(head_panels_, V, H);
+    head_panels_ = FloatBuffer();
+  }
   auto round = [&](FloatBuffer* w, std::vector<float>* scales) {
     Q8Rows r = q8_quantize_rows(w->data(), V, H);
     q8_dequantize(r, w->data());
@@ -368,8 +403,11 @@ static void add_gram(std::vector<double>* h, const float* x, int64_t T, int64_t 
 void LlamaModel::quantize_layer_w4(int l, int group_size, const LayerHessian* h, double a8_fraction, bool gptq) {
   const ActQuant act = act_quant_;
   ACCEL_CHECK(act != ActQuant::kFmpq || h, InvalidArgument) << "w4a4 (FMPQ) needs calibration data";
-  auto quantize = [&](FloatBuffer* f, int64_t rows, const std::vector<double>* hess, Q4Tiled* q, ActOrder* order) {
-    const int64_t cols = static_cast<int64_t>(f->size()) / rows;
+  auto quantize = [&](FloatBuffer* packed_w, int64_t rows, int64_t cols, const std::vector<double>* hess, Q4Tiled* q,
+                      ActOrder* order) {
+    FloatBuffer rows_w = unpacked(*packed_w, rows, cols);
+    *packed_w = FloatBuffer();
+    FloatBuffer* f = &rows_w;
     if (act == ActQuant::kFmpq) {
       // Channels by increasing calibration magnitude (mean square: the Hessian's diagonal), so the
       // outliers share the last sub-groups, which stay 8-bit; the weight's columns and the
@@ -399,14 +437,14 @@ void LlamaModel::quantize_layer_w4(int l, int group_size, const LayerHessian* h,
       *q = q4_tile(hess && gptq ? q4_quantize_gptq(f->data(), rows, cols, group_size, hess->data())
                                 : q4_quantize_rtn(f->data(), rows, cols, group_size, /*clip_search=*/true));
     }
-    *f = FloatBuffer();
   };
   const ModelConfig& c = config_;
   LayerWeights& L = w_.layers[l];
-  quantize(&L.qkv_w, c.q_size() + 2 * c.kv_size(), h ? &(*h)[0] : nullptr, &L.qkv_q, &L.qkv_a);
-  quantize(&L.o_w, c.hidden_size, h ? &(*h)[1] : nullptr, &L.o_q, &L.o_a);
-  quantize(&L.gate_up_w, 2 * c.intermediate_size, h ? &(*h)[2] : nullptr, &L.gate_up_q, &L.gate_up_a);
-  quantize(&L.down_w, c.hidden_size, h ? &(*h)[3] : nullptr, &L.down_q, &L.down_a);
+  const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_size();
+  quantize(&L.qkv_w, Q + 2 * c.kv_size(), H, h ? &(*h)[0] : nullptr, &L.qkv_q, &L.qkv_a);
+  quantize(&L.o_w, H, Q, h ? &(*h)[1] : nullptr, &L.o_q, &L.o_a);
+  quantize(&L.gate_up_w, 2 * I, H, h ? &(*h)[2] : nullptr, &L.gate_up_q, &L.gate_up_a);
+  quantize(&L.down_w, H, I, h ? &(*h)[3] : nullptr, &L.down_q, &L.down_a);
 }
 
 void LlamaModel::quantize_weights_w4(int group_size, ActQuant act, const std::function<void(int, int)>& progress) {
@@ -450,7 +488,7 @@ void LlamaModel::quantize_weights_w4_calibrated(const std::vector<std::vector<in
       p.positions.push_back(static_cast<int32_t>(i));
       p.slots.push_back(i);
       p.seq_of_token.push_back(0);
-      std::memcpy(X[s].data() + i * H, w_.embed.data() + static_cast<int64_t>(seqs[s][i]) * H, H * sizeof(float));
+      embed_row(seqs[s][i], X[s].data() + i * H);
     }
   }
   auto pass = [&](int l, bool keep) {
@@ -638,9 +676,7 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
     return;
   }
   prepare(plan);
-  for (int64_t t = 0; t < T; ++t) {
-    std::memcpy(x_.data() + t * H, w_.embed.data() + static_cast<int64_t>(plan.token_ids[t]) * H, H * sizeof(float));
-  }
+  for (int64_t t = 0; t < T; ++t) embed_row(plan.token_ids[t], x_.data() + t * H);
   if (cache.quantized()) cache.begin_step(plan);
   const int64_t* slots = cache.slots(plan);
   for (int l = 0; l < c.num_layers; ++l) run_layer(l, plan, cache, slots, pool);
@@ -655,7 +691,7 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
   cpu::rms_norm({rows_.data(), w_.final_norm.data(), rows_.data(), R, H, c.rms_norm_eps});
   logits->resize(std::max<int64_t>(R, 1) * c.vocab_size);
   if (head_q_.n == 0) {
-    cpu::linear({rows_.data(), w_.head(), nullptr, logits->data(), R, c.vocab_size, H, H, c.vocab_size}, pool);
+    cpu::linear({rows_.data(), head_panels_.data(), nullptr, logits->data(), R, c.vocab_size, H, H, c.vocab_size}, pool);
     return;
   }
   // The 8-bit head: its two 4-bit halves (8-bit activations, float ones for w4a16), then summed.

@@ -31,6 +31,7 @@ enum class ActQuant { kFloat, kInt8, kFmpq };
 
 struct LayerWeights {
   FloatBuffer input_norm, post_norm;
+  // The float matrices in the linear kernel's panels (cpu::linear_pack); biases plain.
   FloatBuffer qkv_w, qkv_b;      // [q + 2 kv, hidden]: q, k, v projections stacked
   FloatBuffer o_w, o_b;          // [hidden, q]
   FloatBuffer gate_up_w, gate_up_b;  // [2 * intermediate, hidden]: gate then up
@@ -41,6 +42,7 @@ struct LayerWeights {
   ActOrder qkv_a, o_a, gate_up_a, down_a;  // kFmpq
 };
 
+// As loaded; a float model moves its head into LlamaModel's panels.
 struct ModelWeights {
   FloatBuffer embed;      // [vocab, hidden]
   FloatBuffer lm_head;    // [vocab, hidden]; empty when tied to embed
@@ -117,6 +119,7 @@ class LlamaModel {
   bool produce(int64_t T, int64_t k, const float* x, const Q4Tiled& q, const ActOrder& order, ThreadPool& pool,
                const std::function<void(int64_t, int64_t)>& fn);
   void build_q8_head();
+  void embed_row(int32_t token, float* out) const;  // the token's embedding, hidden floats
 
   ModelConfig config_;
   ModelWeights w_;
@@ -128,6 +131,9 @@ class LlamaModel {
   // halves' outputs.
   Q4Tiled head_q_;
   FloatBuffer head_y_;
+  // Float models: the head in the linear's panels. The row-major matrix it came from is dropped
+  // (lm_head, or a tied embedding, read back from here) until a 4-bit scheme rounds it.
+  FloatBuffer head_panels_;
   LayerHessian* hessians_ = nullptr;   // calibration: run_layer adds its inputs' Gram matrices
   bool hessian_diag_only_ = false;     // ... or only their diagonals
   ActQuant act_quant_ = ActQuant::kInt8;  // what the quantized linears take as input

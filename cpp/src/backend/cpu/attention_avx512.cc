@@ -22,7 +22,7 @@ namespace avx512_impl {
 // j mod 16, whatever the block size and whether it is read in order from the paged cache or from a
 // draft token's own slots. Per virtual block and query head:
 // - scores s = ((q0 k0 + q4 k4) + (q1 k1 + q5 k5)) + ((q2 k2 + q6 k6) + (q3 k3 + q7 k7)), scaled;
-// - e = exp(s - max) (attention_impl.h's softmax_exp, lane-wise), summed per lane (= position mod
+// - e = exp(s - max) (exp_impl.h's exp_approx, lane-wise), summed per lane (= position mod
 //   16) in position order, the lanes then added in sum_tree16's tree;
 // - the weighted sum w_j v_j with w_j = e_j / sum, accumulated in position order per parity (even
 //   positions in the low 8 lanes, odd in the high 8), as 8 multiplies and adds of two positions
@@ -35,7 +35,8 @@ namespace {
 
 constexpr int kD = 8, kL = 16, kHeads = 8;  // query heads per pass over the blocks
 
-// softmax_exp() on 16 lanes, the same operations (no fused multiply-adds).
+// exp_approx() on 16 lanes, the same operations (no fused multiply-adds; its upper clamp, a no-op
+// for a softmax's x <= 0, left out).
 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 magic = _mm512_set1_ps(12582912.0f);

@@ -10,6 +10,7 @@
 //
 // Not a standalone header: the including file defines the namespace.
 
+#include "backend/cpu/exp_impl.h"
 #include "quant/kvq_dequant_impl.h"
 
 // A 16-float vector in GCC's vector extension: one zmm on the AVX-512 path, split into smaller
@@ -51,29 +52,6 @@ class Scratch {
   float* p_ = nullptr;
   size_t cap_ = 0;
 };
-
-// exp(x) for the softmax's x <= 0 (Cephes' expf: range reduction by ln 2 and a degree-5
-// polynomial, about 1 ulp). Plain arithmetic, so the compiler vectorises the loops that call it,
-// and a lane computes exactly what a lone call computes. Inputs below -87 (results under 1.7e-38,
-// nothing next to the maximum's exp(0) = 1) are clamped to keep the exponent normal.
-inline float softmax_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  // n = round(x / ln 2) by the 1.5 * 2^23 trick: plain adds, which vectorise (std::floor may not).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 // The maximum of x[0, n) (-inf when empty). Maximum is exact whatever the order, so 16 lanes
 // that the compiler vectorises give the same value as a sequential scan (finite inputs).
@@ -217,8 +195,8 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
       for (int32_t j = lo; j <= hi; ++j) s[j] *= p.scale;
       for (int e = extra_first; e < n_extra; ++e) xs[e] *= p.scale;
       float mx = std::max(max_of(s + lo, hi - lo + 1), max_of(xs + extra_first, n_extra - extra_first));
-      for (int32_t j = lo; j <= hi; ++j) s[j] = softmax_exp(s[j] - mx);
-      for (int e = extra_first; e < n_extra; ++e) xs[e] = softmax_exp(xs[e] - mx);
+      for (int32_t j = lo; j <= hi; ++j) s[j] = exp_approx(s[j] - mx);
+      for (int e = extra_first; e < n_extra; ++e) xs[e] = exp_approx(xs[e] - mx);
       float part[16] = {};
       add_by_position(part, s, lo, hi, b0 * bs);
       add_by_position(part, xs, extra_first, n_extra - 1, last + 1);

@@ -1,22 +1,11 @@
 #include <cmath>
 #include <cstring>
 
+#include "backend/cpu/cpu_features.h"
 #include "backend/cpu/ops.h"
 #include "util/check.h"
 
 namespace accelcore::cpu {
-
-void rms_norm(const RmsNormParams& p) {
-  ACCEL_DCHECK(p.x && p.weight && p.out && p.d > 0);
-  for (int64_t m = 0; m < p.m; ++m) {
-    const float* x = p.x + m * p.d;
-    float* o = p.out + m * p.d;
-    double ss = 0.0;
-    for (int64_t i = 0; i < p.d; ++i) ss += static_cast<double>(x[i]) * x[i];
-    const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(p.d) + p.eps));
-    for (int64_t i = 0; i < p.d; ++i) o[i] = p.weight[i] * (x[i] * inv);
-  }
-}
 
 void apply_rope(const RopeParams& p) {
   const int64_t half = p.head_dim / 2;
@@ -34,12 +23,29 @@ void apply_rope(const RopeParams& p) {
   }
 }
 
+namespace scalar_impl {
+#include "backend/cpu/elementwise_impl.h"
+}  // namespace scalar_impl
+
+void rms_norm_scalar(const RmsNormParams& p) { scalar_impl::rms_norm_rows(p); }
+void silu_mul_scalar(const float* gate_up, float* out, int64_t m, int64_t d) {
+  scalar_impl::silu_mul_rows(gate_up, out, m, d);
+}
+
+void rms_norm(const RmsNormParams& p) {
+  ACCEL_DCHECK(p.x && p.weight && p.out && p.d > 0);
+  switch (active_isa()) {
+    case Isa::kAvx512: return rms_norm_avx512(p);
+    case Isa::kAvx2: return rms_norm_avx2(p);
+    case Isa::kScalar: return rms_norm_scalar(p);
+  }
+}
+
 void silu_mul(const float* gate_up, float* out, int64_t m, int64_t d) {
-  for (int64_t r = 0; r < m; ++r) {
-    const float* g = gate_up + r * 2 * d;
-    const float* u = g + d;
-    float* o = out + r * d;
-    for (int64_t i = 0; i < d; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  switch (active_isa()) {
+    case Isa::kAvx512: return silu_mul_avx512(gate_up, out, m, d);
+    case Isa::kAvx2: return silu_mul_avx2(gate_up, out, m, d);
+    case Isa::kScalar: return silu_mul_scalar(gate_up, out, m, d);
   }
 }
 

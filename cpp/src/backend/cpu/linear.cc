@@ -8,15 +8,27 @@
 
 namespace accelcore::cpu {
 
-// The obviously right path, and the reference the SIMD paths are tested against (to rounding).
+void linear_pack(const float* w, int64_t n, int64_t k, float* packed) {
+  std::fill(packed, packed + linear_packed_size(n, k), 0.0f);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t i = 0; i < k; ++i) packed[((r / kLinearPanel) * k + i) * kLinearPanel + r % kLinearPanel] = w[r * k + i];
+}
+
+void linear_unpack(const float* packed, int64_t n, int64_t k, float* w) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t i = 0; i < k; ++i) w[r * k + i] = packed[((r / kLinearPanel) * k + i) * kLinearPanel + r % kLinearPanel];
+}
+
+// The obviously right path, and the reference the SIMD paths are tested against: each output
+// accumulated by fused multiply-adds over k in order, as they do (linear_impl.h).
 void linear_scalar(const LinearParams& p, int64_t n0, int64_t n1) {
   for (int64_t m = 0; m < p.m; ++m) {
     const float* x = p.x + m * p.ldx;
     for (int64_t n = n0; n < n1; ++n) {
-      const float* w = p.w + n * p.k;
+      const float* w = p.w + (n / kLinearPanel) * p.k * kLinearPanel + n % kLinearPanel;
       float acc = 0.0f;
-      for (int64_t i = 0; i < p.k; ++i) acc += x[i] * w[i];
-      p.y[m * p.ldy + n] = acc + (p.bias ? p.bias[n] : 0.0f);
+      for (int64_t i = 0; i < p.k; ++i) acc = std::fma(x[i], w[i * kLinearPanel], acc);
+      p.y[m * p.ldy + n] = p.bias ? acc + p.bias[n] : acc;
     }
   }
 }
@@ -38,7 +50,7 @@ void linear(const LinearParams& p, ThreadPool& pool) {
     kernel(p, 0, p.n);
     return;
   }
-  const int64_t grain = 24;  // a multiple of every kernel's column block (4 and 6)
+  const int64_t grain = 4 * kLinearPanel;  // a multiple of every kernel's panel block
   pool.parallel_for(p.n, grain, [&](int64_t b, int64_t e) { kernel(p, b, e); });
 }
 

@@ -12,14 +12,13 @@ namespace {
 
 struct Avx512 {
   using Vec = __m512;
-  using Mask = __mmask16;
   static constexpr int kWidth = 16;
   static Vec zero() { return _mm512_setzero_ps(); }
   static Vec load(const float* p) { return _mm512_loadu_ps(p); }
-  static Mask tail_mask(int n) { return static_cast<Mask>((1u << n) - 1); }
-  static Vec load_masked(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static Vec set1(float x) { return _mm512_set1_ps(x); }
+  static void store(float* p, Vec a) { _mm512_storeu_ps(p, a); }
+  static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
   static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-  static float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
 };
 
 #include "backend/cpu/linear_impl.h"
@@ -27,8 +26,10 @@ struct Avx512 {
 }  // namespace
 
 void linear_avx512(const LinearParams& p, int64_t n0, int64_t n1) {
-  // 4 tokens x 6 weight rows: 24 accumulators, 10 loads per 24 FMAs (measured best on Zen 5).
-  linear_blocks<Avx512, 6>(p, n0, n1);
+  // 6 tokens x 4 panels: 24 accumulators, 4 loads and 6 broadcasts per 24 FMAs. One or two tokens
+  // take 8 panels, so that at least 8 independent FMA chains hide the FMA latency.
+  if (p.m <= 2) return linear_panels<Avx512, 2, 8>(p, n0, n1);
+  linear_panels<Avx512, 6, 4>(p, n0, n1);
 }
 
 namespace {

@@ -10,17 +10,29 @@
 
 namespace accelcore::cpu {
 
+// The float linear's weight layout: panels of kLinearPanel output columns, each [k][kLinearPanel]
+// row-major (panel q holds columns 16 q .. 16 q + 15, zero past n), so a kernel reads one vector
+// per input channel for 16 outputs.
+constexpr int kLinearPanel = 16;
+inline int64_t linear_packed_size(int64_t n, int64_t k) {
+  return (n + kLinearPanel - 1) / kLinearPanel * kLinearPanel * k;
+}
+// w [n, k] row-major (the Hugging Face layout) into panels (linear_packed_size(n, k) floats), and back.
+void linear_pack(const float* w, int64_t n, int64_t k, float* packed);
+void linear_unpack(const float* packed, int64_t n, int64_t k, float* w);
+
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); x row stride ldx, y row stride ldy.
 struct LinearParams {
   const float* x = nullptr;
-  const float* w = nullptr;     // [n, k] row-major (the Hugging Face layout)
+  const float* w = nullptr;     // panels (linear_pack)
   const float* bias = nullptr;  // [n] or null
   float* y = nullptr;
   int64_t m = 0, n = 0, k = 0;
   int64_t ldx = 0, ldy = 0;
 };
 void linear(const LinearParams& p, ThreadPool& pool);
-// The single-ISA kernels behind linear(), over output columns [n0, n1); exposed for tests.
+// The single-ISA kernels behind linear(), over output columns [n0, n1); exposed for tests. All give
+// the same bits (linear_impl.h).
 void linear_scalar(const LinearParams& p, int64_t n0, int64_t n1);
 void linear_avx2(const LinearParams& p, int64_t n0, int64_t n1);
 void linear_avx512(const LinearParams& p, int64_t n0, int64_t n1);
@@ -88,6 +100,10 @@ struct RmsNormParams {
   float eps = 1e-6f;
 };
 void rms_norm(const RmsNormParams& p);
+// The single-ISA kernels behind rms_norm(), all with the same bits; exposed for tests.
+void rms_norm_scalar(const RmsNormParams& p);
+void rms_norm_avx2(const RmsNormParams& p);
+void rms_norm_avx512(const RmsNormParams& p);
 
 // Rotary embedding in the rotate_half convention, in place on [m, num_heads, head_dim] rows.
 // cos/sin: [m, head_dim / 2] for each row's position.
@@ -101,6 +117,10 @@ void apply_rope(const RopeParams& p);
 
 // gate_up: [m, 2 * d] (gate then up); out[m, d] = silu(gate) * up.
 void silu_mul(const float* gate_up, float* out, int64_t m, int64_t d);
+// The single-ISA kernels behind silu_mul(), all with the same bits; exposed for tests.
+void silu_mul_scalar(const float* gate_up, float* out, int64_t m, int64_t d);
+void silu_mul_avx2(const float* gate_up, float* out, int64_t m, int64_t d);
+void silu_mul_avx512(const float* gate_up, float* out, int64_t m, int64_t d);
 
 // Paged attention over a ragged batch. The KV pool of one layer holds K as
 // [num_blocks][num_kv_heads][head_dim][block_size] (transposed within a block) and V as
