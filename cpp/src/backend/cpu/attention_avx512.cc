@@ -16,47 +16,46 @@ namespace avx512_impl {
 #include "backend/cpu/attention_impl.h"
 
 // Head dim 8 (stories260K and other small models), where the generic kernel above spends most of
-// its time weighting positions one at a time. This one computes the very same floating-point
-// operations in the same order (so every output bit is unchanged), restructured around "virtual
-// blocks" of 16 consecutive positions aligned to multiples of 16: position j always sits in lane
-// j mod 16, whatever the block size and whether it is read in order from the paged cache or from a
-// draft token's own slots. Per virtual block and query head:
-// - scores s = ((q0 k0 + q4 k4) + (q1 k1 + q5 k5)) + ((q2 k2 + q6 k6) + (q3 k3 + q7 k7)), scaled;
-// - e = exp(s - max) (exp_impl.h's exp_approx, lane-wise), summed per lane (= position mod
-//   16) in position order, the lanes then added in sum_tree16's tree;
-// - the weighted sum w_j v_j with w_j = e_j / sum, accumulated in position order per parity (even
-//   positions in the low 8 lanes, odd in the high 8), as 8 multiplies and adds of two positions
-//   each: V's 16 x 8 block is 8 vectors of two rows.
+// its time weighting positions one at a time. This one is built around "virtual blocks" of 16
+// consecutive positions aligned to multiples of 16: position j always sits in lane j mod 16,
+// whatever the block size and whether it is read in order from the paged cache or from a draft
+// token's own slots, so a token's bits do not depend on either (nor on the thread split). Per
+// virtual block and query head:
+// - scores s = q'0 k0 + q'1 k1 + ... + q'7 k7 in that order (fused multiply-adds), q' = q * scale;
+// - e = exp(s - max) (exp16), summed per lane in position order, the lanes then added in a tree;
+// - the e-weighted sum of V, accumulated by fused multiply-adds in position order per parity (even
+//   positions in the low 8 lanes, odd in the high 8), two positions per vector: V's 16 x 8 block
+//   is 8 vectors of two rows; the two halves added and divided by the sum at the end.
+// It rounds differently from the generic kernel (the scalar and AVX2 paths), within float error.
 // Blocks the paged cache does not hold as one aligned 16-position float block (other block sizes,
 // quantized blocks, lanes from draft slots) are copied or dequantized into staging first, and
 // lanes outside the token's range are masked. A token's query heads run side by side (those of all
-// its kv heads in the thread's range), so their dependent addition chains overlap.
+// its kv heads in the thread's range), so their dependent chains overlap.
 namespace {
 
 constexpr int kD = 8, kL = 16, kHeads = 8;  // query heads per pass over the blocks
 
-// exp_approx() on 16 lanes, the same operations (no fused multiply-adds; its upper clamp, a no-op
-// for a softmax's x <= 0, left out).
+// exp(x) on 16 lanes for the softmax's x <= 0: exp_approx()'s range reduction and polynomial
+// with fused multiply-adds, x / ln 2 rounded by roundscale and the power of two applied by scalef
+// (which needs no clamp: far below, the result is 0).
 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
-  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
-  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
   __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r), _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
 }
 
 inline __m256 high8(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
 
-// sum_tree16() of the 16 lanes.
+// The 16 lanes added in a fixed tree.
 inline float sum16(__m512 v) {
   const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), high8(v));
   const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
@@ -70,17 +69,82 @@ struct VBlock {
   __mmask16 valid;  // lanes whose positions are in range
 };
 
+// One pass over a token's virtual blocks for NX query heads (from head x0 of kv head h0 on),
+// their accumulators in registers.
+struct HeadPass {
+  const AttentionParams& p;
+  const VBlock* blocks;  // [kv head][nvb]
+  float* scores;         // [head][nvb][16]
+  int32_t nvb;
+  int group;
+  int64_t t;
+  int h0, x0;
+};
+
+template <int NX>
+void attend_heads(const HeadPass& hp) {
+  const AttentionParams& p = hp.p;
+  const int32_t nvb = hp.nvb;
+  const VBlock* hb[NX];
+  float* sc[NX];
+  __m512 mx[NX];
+  // Scores (the query pre-scaled) and their maximum over the valid lanes.
+  for (int x = 0; x < NX; ++x) {
+    hb[x] = hp.blocks + static_cast<size_t>((hp.x0 + x) / hp.group) * nvb;
+    sc[x] = hp.scores + static_cast<size_t>(hp.x0 + x) * nvb * kL;
+    const float* q = p.q + hp.t * p.ldq + static_cast<int64_t>(hp.h0 * hp.group + hp.x0 + x) * kD;
+    __m512 qb[kD];
+    for (int c = 0; c < kD; ++c) qb[c] = _mm512_set1_ps(q[c] * p.scale);
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int32_t i = 0; i < nvb; ++i) {
+      const float* kt = hb[x][i].kt;
+      __m512 si = _mm512_mul_ps(qb[0], _mm512_loadu_ps(kt));
+      for (int c = 1; c < kD; ++c) si = _mm512_fmadd_ps(qb[c], _mm512_loadu_ps(kt + c * kL), si);
+      _mm512_storeu_ps(sc[x] + i * kL, si);
+      m = _mm512_mask_max_ps(m, hb[x][i].valid, m, si);
+    }
+    mx[x] = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  }
+  // e = exp(s - max), summed per lane, and the e-weighted sum of V, block by block with the heads
+  // side by side; normalised once at the end.
+  __m512 idx[kD];
+  for (int k = 0; k < kD; ++k)
+    idx[k] = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_set1_epi32(2 * k),
+                                                  _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)));
+  __m512 sum[NX], acc[NX];
+  for (int x = 0; x < NX; ++x) sum[x] = acc[x] = _mm512_setzero_ps();
+  for (int32_t i = 0; i < nvb; ++i) {
+    for (int x = 0; x < NX; ++x) {
+      const VBlock& vb = hb[x][i];
+      const __m512 e = _mm512_maskz_mov_ps(vb.valid, exp16(_mm512_sub_ps(_mm512_loadu_ps(sc[x] + i * kL), mx[x])));
+      sum[x] = _mm512_add_ps(sum[x], e);
+      if (vb.valid == 0xFFFF) {
+        for (int k = 0; k < kD; ++k)
+          acc[x] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_castps_si512(idx[k]), e), _mm512_loadu_ps(vb.v + 2 * k * kD), acc[x]);
+      } else {
+        // Edge blocks: only the positions in range are added (others may hold anything).
+        for (int k = 0; k < kD; ++k) {
+          const __mmask16 pair = static_cast<__mmask16>(((vb.valid >> (2 * k)) & 1 ? 0x00FF : 0) |
+                                                        ((vb.valid >> (2 * k + 1)) & 1 ? 0xFF00 : 0));
+          acc[x] = _mm512_mask3_fmadd_ps(_mm512_permutexvar_ps(_mm512_castps_si512(idx[k]), e),
+                                         _mm512_maskz_loadu_ps(pair, vb.v + 2 * k * kD), acc[x], pair);
+        }
+      }
+    }
+  }
+  float* out = p.out + hp.t * static_cast<int64_t>(p.num_heads) * kD + static_cast<int64_t>(hp.h0 * hp.group + hp.x0) * kD;
+  for (int x = 0; x < NX; ++x) {
+    const __m256 inv = _mm256_set1_ps(1.0f / sum16(sum[x]));
+    _mm256_storeu_ps(out + x * kD, _mm256_mul_ps(_mm256_add_ps(_mm512_castps512_ps256(acc[x]), high8(acc[x])), inv));
+  }
+}
+
 void attend_d8(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
   const int group = p.num_heads / p.num_kv_heads, bs = p.block_size;
   const int64_t head_floats = static_cast<int64_t>(bs) * kD;
   const KvqLayout lay = kvq_layout(p.kv_bits, kD, bs);
   Scratch scores, stage, dk(p.kv_bits ? head_floats : 0), dv(p.kv_bits ? head_floats : 0);
   std::vector<VBlock> blocks;
-  alignas(64) static const int32_t kPairIdx[kD][kL] = {
-#define ACCEL_PAIR(k) {2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, \
-                       2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1}
-      ACCEL_PAIR(0), ACCEL_PAIR(1), ACCEL_PAIR(2), ACCEL_PAIR(3), ACCEL_PAIR(4), ACCEL_PAIR(5), ACCEL_PAIR(6), ACCEL_PAIR(7)};
-#undef ACCEL_PAIR
   auto pool_block = [&](int32_t block) -> int64_t { return p.stage_of_block ? p.stage_of_block[block] : block; };
 
   for (int64_t item = item_begin; item < item_end;) {
@@ -125,9 +189,21 @@ void attend_d8(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
           }
           continue;
         }
-        // Position by position: from the cache (any block size, quantized or not) or a draft slot.
-        for (int c = 0; c < 2 * kL * kD; ++c) sk[c] = 0.0f;
-        for (int l = la; l <= lz; ++l) {
+        // A draft token's block of the cache (block size 16, in float): its in-order lanes copied
+        // whole, the lanes past them then replaced or masked. Otherwise position by
+        // position: from the cache (any block size, quantized or not) or a draft slot.
+        int l0 = la;
+        if (bs == kL && base <= last && !(p.kv_bits && b < own_block)) {
+          const int64_t h = (pool_block(table[b]) * p.num_kv_heads + kvh) * head_floats;
+          for (int c = 0; c < kD; ++c) {
+            _mm512_storeu_ps(sk + c * kL, _mm512_loadu_ps(p.k_cache + h + c * kL));
+            _mm512_storeu_ps(sv + c * kL, _mm512_loadu_ps(p.v_cache + h + c * kL));
+          }
+          l0 = std::max(la, last - base + 1);
+        } else {
+          for (int c = 0; c < 2 * kD; ++c) _mm512_storeu_ps(sk + c * kL, _mm512_setzero_ps());
+        }
+        for (int l = l0; l <= lz; ++l) {
           const int32_t j = base + l;
           const float *kcol, *vrow;  // channel c at kcol[c * bs]
           if (j <= last) {
@@ -157,65 +233,19 @@ void attend_d8(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
     }
 
     // Query heads in passes of kHeads; head x = (kv head h0 + x / group, its query head x % group).
-    const __m512 scale = _mm512_set1_ps(p.scale);
     const int heads = nh * group;
     for (int x0 = 0; x0 < heads; x0 += kHeads) {
-      const int nx = std::min(kHeads, heads - x0);
-      __m512 inv[kHeads], acc[kHeads];
-      for (int x = 0; x < nx; ++x) {
-        const VBlock* hb = blocks.data() + static_cast<size_t>((x0 + x) / group) * nvb;
-        const float* q = p.q + t * p.ldq + static_cast<int64_t>(h0 * group + x0 + x) * kD;
-        float* s = scores.data() + static_cast<size_t>(x0 + x) * nvb * kL;
-        __m512 qb[kD];
-        for (int c = 0; c < kD; ++c) qb[c] = _mm512_set1_ps(q[c]);
-        // Scaled scores and their maximum over the valid lanes.
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int32_t i = 0; i < nvb; ++i) {
-          const float* kt = hb[i].kt;
-          __m512 a[4];
-          for (int u = 0; u < 4; ++u)
-            a[u] = _mm512_add_ps(_mm512_mul_ps(qb[u], _mm512_loadu_ps(kt + u * kL)),
-                                 _mm512_mul_ps(qb[u + 4], _mm512_loadu_ps(kt + (u + 4) * kL)));
-          const __m512 si = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])), scale);
-          _mm512_storeu_ps(s + i * kL, si);
-          mx = _mm512_mask_max_ps(mx, hb[i].valid, mx, si);
-        }
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        // e = exp(s - max) in place, summed per lane in position order.
-        __m512 sum = _mm512_setzero_ps();
-        for (int32_t i = 0; i < nvb; ++i) {
-          const __m512 e = _mm512_maskz_mov_ps(hb[i].valid, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i * kL), m)));
-          _mm512_storeu_ps(s + i * kL, e);
-          sum = _mm512_add_ps(sum, e);
-        }
-        inv[x] = _mm512_set1_ps(1.0f / sum16(sum));
-        acc[x] = _mm512_setzero_ps();
+      const HeadPass hp{p, blocks.data(), scores.data(), nvb, group, t, h0, x0};
+      switch (std::min(kHeads, heads - x0)) {
+        case 8: attend_heads<8>(hp); break;
+        case 7: attend_heads<7>(hp); break;
+        case 6: attend_heads<6>(hp); break;
+        case 5: attend_heads<5>(hp); break;
+        case 4: attend_heads<4>(hp); break;
+        case 3: attend_heads<3>(hp); break;
+        case 2: attend_heads<2>(hp); break;
+        default: attend_heads<1>(hp); break;
       }
-      // The weighted sum, block by block with the heads side by side.
-      for (int32_t i = 0; i < nvb; ++i) {
-        for (int x = 0; x < nx; ++x) {
-          const VBlock& vb = blocks[static_cast<size_t>((x0 + x) / group) * nvb + i];
-          const __m512 w = _mm512_mul_ps(_mm512_loadu_ps(scores.data() + (static_cast<size_t>(x0 + x) * nvb + i) * kL), inv[x]);
-          if (vb.valid == 0xFFFF) {
-#pragma GCC unroll 8
-            for (int k = 0; k < kD; ++k) {
-              const __m512 wk = _mm512_permutexvar_ps(_mm512_load_si512(kPairIdx[k]), w);
-              acc[x] = _mm512_add_ps(acc[x], _mm512_mul_ps(wk, _mm512_loadu_ps(vb.v + 2 * k * kD)));
-            }
-          } else {
-            // Edge blocks: only the positions in range are added (others may hold anything).
-            for (int k = 0; k < kD; ++k) {
-              const __mmask16 pair = static_cast<__mmask16>(((vb.valid >> (2 * k)) & 1 ? 0x00FF : 0) |
-                                                            ((vb.valid >> (2 * k + 1)) & 1 ? 0xFF00 : 0));
-              if (pair == 0) continue;
-              const __m512 wk = _mm512_permutexvar_ps(_mm512_load_si512(kPairIdx[k]), w);
-              acc[x] = _mm512_mask_add_ps(acc[x], pair, acc[x], _mm512_mul_ps(wk, _mm512_maskz_loadu_ps(pair, vb.v + 2 * k * kD)));
-            }
-          }
-        }
-      }
-      float* out = p.out + t * static_cast<int64_t>(p.num_heads) * kD + static_cast<int64_t>(h0 * group + x0) * kD;
-      for (int x = 0; x < nx; ++x) _mm256_storeu_ps(out + x * kD, _mm256_add_ps(_mm512_castps512_ps256(acc[x]), high8(acc[x])));
     }
   }
 }
