@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <future>
+#include <mutex>
 #include <iostream>
 #include <map>
 #include <random>
@@ -627,6 +629,103 @@ TEST(Drafter, OutputsDraftOnceIndexedAndIndexingIsBounded) {
   EXPECT_GT(d.global_bytes() - pending_bytes, 5 * after_part);
   EXPECT_GE(propose(d, {out[10], out[11]}, 1, 1, &t), 2);
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{out[12]}));
+}
+
+}  // namespace
+
+// The store's lock, as the background thread holds it while it indexes.
+struct DrafterTestAccess {
+  static std::mutex& store(Drafter& d) { return d.mu_; }
+};
+
+namespace {
+
+// While another thread holds the store (the background indexer may be preempted holding it), the
+// stepping thread's calls return at once: a new output waits in the inbox, a proposal drafts from
+// the context alone, dropping takes from the inbox. Afterwards the store is what a store given
+// the same outputs in the same order holds.
+TEST(Drafter, TheSteppingThreadNeverWaitsForABusyStore) {
+  Drafter d(config(100, 4, 4)), ref(config(100, 4, 4));
+  std::mt19937 rng(15);
+  auto random_output = [&] {
+    std::vector<int32_t> o(60);
+    for (auto& x : o) x = static_cast<int32_t>(rng() % 100);
+    return o;
+  };
+  const auto a = random_output(), b = random_output(), c = random_output();
+  d.add_output(a.data(), 60);
+  d.flush();
+  std::promise<void> held, release;
+  std::thread holder([&] {
+    std::lock_guard<std::mutex> lock(DrafterTestAccess::store(d));
+    held.set_value();
+    release.get_future().wait();
+  });
+  held.get_future().wait();
+  auto calls = std::async(std::launch::async, [&] {
+    d.add_output(b.data(), 60);
+    d.add_output(c.data(), 60);
+    EXPECT_EQ(d.num_pending_tokens(), 120u);
+    DraftTree t;
+    // a's text is in the store only: nothing to draft while it is busy.
+    EXPECT_EQ(propose(d, {a[10], a[11], a[12]}, 4, 4, &t), 0);
+    // The context's own repetition still drafts.
+    EXPECT_GE(propose(d, {7, 8, 9, 5, 7, 8}, 4, 4, &t), 2);
+    EXPECT_EQ(t.tokens, (std::vector<int32_t>{9, 5, 7, 8}));
+    d.drop_pending(60);  // b, the oldest, goes
+    EXPECT_EQ(d.num_pending_tokens(), 60u);
+  });
+  const bool returned = calls.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+  release.set_value();
+  holder.join();
+  calls.get();
+  ASSERT_TRUE(returned) << "a call waited for the busy store";
+  d.flush();
+  ref.add_output(a.data(), 60);
+  ref.add_output(c.data(), 60);
+  ref.flush();
+  EXPECT_EQ(d.num_global_sequences(), 2u);
+  EXPECT_EQ(d.global_bytes(), ref.global_bytes());
+  for (const auto* o : {&a, &b, &c}) {
+    DraftTree x, y;
+    const std::vector<int32_t> ctx(o->begin() + 20, o->begin() + 23);
+    ASSERT_EQ(propose(d, ctx, 4, 4, &x), propose(ref, ctx, 4, 4, &y));
+    ASSERT_EQ(x.tokens, y.tokens);
+  }
+}
+
+// Under sustained load the scheduler drops waiting outputs instead of indexing them on the
+// critical path: the oldest wholly pending ones go; indexed and partly indexed ones stay, and the
+// store then holds exactly what a store given only the kept outputs holds.
+TEST(Drafter, DropPendingDropsTheOldestWhollyPendingOutputs) {
+  Drafter d(config(100, 4, 4)), ref(config(100, 4, 4));
+  std::mt19937 rng(13);
+  std::vector<std::vector<int32_t>> outs(6);
+  for (auto& o : outs) {
+    o.resize(100);
+    for (auto& x : o) x = static_cast<int32_t>(rng() % 100);
+    d.add_output(o.data(), 100);
+  }
+  d.index(150);  // outputs 0 whole, 1 in part
+  EXPECT_EQ(d.num_pending_tokens(), 450u);
+  d.drop_pending(460);  // nothing to do
+  EXPECT_EQ(d.num_global_sequences(), 6u);
+  d.drop_pending(220);  // 2, 3 and 4 go (450 -> 150): 50 of 1 and all of 5 are left pending
+  EXPECT_EQ(d.num_pending_tokens(), 150u);
+  EXPECT_EQ(d.num_global_sequences(), 3u);
+  d.drop_pending(0);  // 5 goes; the rest of 1 is pending, but 1 is partly indexed: it stays
+  EXPECT_EQ(d.num_pending_tokens(), 50u);
+  EXPECT_EQ(d.num_global_sequences(), 2u);
+  d.flush();
+  for (int k : {0, 1}) ref.add_output(outs[k].data(), 100);
+  ref.flush();
+  EXPECT_EQ(d.global_bytes(), ref.global_bytes());
+  for (int k = 0; k < 6; ++k) {
+    DraftTree a, b;
+    const std::vector<int32_t> ctx(outs[k].begin(), outs[k].begin() + 3);
+    ASSERT_EQ(propose(d, ctx, 4, 4, &a), propose(ref, ctx, 4, 4, &b)) << "output " << k;
+    ASSERT_EQ(a.tokens, b.tokens) << "output " << k;
+  }
 }
 
 TEST(Drafter, BackgroundIndexingIndexesEverythingAndKeepsTheBound) {

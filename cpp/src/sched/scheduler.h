@@ -154,8 +154,8 @@ class Scheduler {
   // SmartSpec: steps between the steps that vary their shape for the step-time model.
   static constexpr int kCostProbeInterval = 32;
   int steps_since_cost_probe_ = 0;
-  // Finished outputs waiting for the draft store beyond which each step indexes some itself.
-  static constexpr size_t kMaxIndexBacklog = 4096, kIndexTokensPerStep = 256;
+  // Finished outputs waiting for the draft store beyond which the oldest are dropped.
+  static constexpr size_t kMaxIndexBacklog = 4096;
 };
 
 }  // namespace accelcore

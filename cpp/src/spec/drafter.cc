@@ -1,6 +1,7 @@
 #include "spec/drafter.h"
 
 #include <algorithm>
+#include <chrono>
 #include <queue>
 
 #include <pthread.h>
@@ -40,9 +41,13 @@ void Drafter::background_loop() {
   pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    cv_.wait(lock, [&] { return stop_ || pending_tokens_ > 0; });
+    // add_output does not take mu_ to notify (it must not wait for this thread), so a wake-up
+    // may come just before the wait: the timeout bounds what that delays.
+    cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return stop_ || pending_tokens_ > 0; });
     if (stop_) return;
-    // Small parts, so that a proposal waiting for the lock waits little.
+    if (pending_tokens_ == 0) continue;
+    // Small parts, so that the store is seldom busy when the stepping thread wants it.
+    take_inbox_locked();
     index_locked(kBackgroundChunk);
     lock.unlock();
     std::this_thread::yield();
@@ -52,20 +57,35 @@ void Drafter::background_loop() {
 
 void Drafter::add_output(const int32_t* output, int n) {
   if (n <= 0) return;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stored_.push_back({std::vector<int32_t>(output, output + n), 0});
-    global_bytes_ += n * sizeof(int32_t);
-    pending_tokens_ += n;
-    evict_until_within_bound();
+  std::vector<int32_t> tokens(output, output + n);
+  pending_tokens_ += n;
+  std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);
+  if (lock.owns_lock()) {
+    take_inbox_locked();  // older ones first
+    store_locked(std::move(tokens));
+  } else {
+    std::lock_guard<std::mutex> in(inbox_mu_);
+    inbox_.push_back(std::move(tokens));
   }
   cv_.notify_one();
 }
 
-size_t Drafter::num_pending_tokens() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return pending_tokens_;
+void Drafter::store_locked(std::vector<int32_t>&& tokens) {
+  global_bytes_ += tokens.size() * sizeof(int32_t);
+  stored_.push_back({std::move(tokens), 0});
+  evict_until_within_bound();
 }
+
+void Drafter::take_inbox_locked() {
+  std::deque<std::vector<int32_t>> taken;
+  {
+    std::lock_guard<std::mutex> in(inbox_mu_);
+    taken.swap(inbox_);
+  }
+  for (auto& t : taken) store_locked(std::move(t));
+}
+
+size_t Drafter::num_pending_tokens() const { return pending_tokens_; }
 
 size_t Drafter::global_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
@@ -74,11 +94,36 @@ size_t Drafter::global_bytes() const {
 
 size_t Drafter::num_global_sequences() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return stored_.size();
+  std::lock_guard<std::mutex> in(inbox_mu_);
+  return stored_.size() + inbox_.size();
+}
+
+void Drafter::drop_pending(size_t max_tokens) {
+  std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);
+  if (lock.owns_lock()) {
+    take_inbox_locked();
+    // Outputs from `first` on have no window indexed (the one at num_indexed_ may be in part).
+    const size_t first = num_indexed_ + (num_indexed_ < stored_.size() && stored_[num_indexed_].indexed > 0 ? 1 : 0);
+    size_t last = first;
+    while (pending_tokens_ > max_tokens && last < stored_.size()) {
+      const size_t n = stored_[last].tokens.size();
+      pending_tokens_ -= n;
+      global_bytes_ -= n * sizeof(int32_t);
+      ++last;
+    }
+    stored_.erase(stored_.begin() + static_cast<std::ptrdiff_t>(first), stored_.begin() + static_cast<std::ptrdiff_t>(last));
+    return;
+  }
+  std::lock_guard<std::mutex> in(inbox_mu_);
+  while (pending_tokens_ > max_tokens && !inbox_.empty()) {
+    pending_tokens_ -= inbox_.front().size();
+    inbox_.pop_front();
+  }
 }
 
 void Drafter::index(size_t max_tokens) {
   std::lock_guard<std::mutex> lock(mu_);
+  take_inbox_locked();
   index_locked(max_tokens);
 }
 
@@ -137,7 +182,9 @@ int Drafter::propose(const int32_t* context, int n, int max_nodes, int max_depth
       own_match = std::max(own_match, len);
     }
   }
-  std::lock_guard<std::mutex> lock(mu_);  // the store, to the end
+  // The store, to the end; while the background thread holds it, the context alone serves.
+  std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);
+  const bool store = lock.owns_lock();
   // The store's longest suffix with something after it. Monotone in m (the occurrence of a suffix
   // also holds every shorter suffix, followed by the same token), so a binary search finds it.
   auto store_node = [&](int m) {
@@ -145,7 +192,7 @@ int Drafter::propose(const int32_t* context, int n, int max_nodes, int max_depth
     return g != TokenTrie::kNone && global_.first_child(g) != TokenTrie::kNone ? g : TokenTrie::kNone;
   };
   int store_match = 0;
-  for (int lo = 1, hi = std::min(n, config_.max_match); lo <= hi;) {
+  for (int lo = 1, hi = store ? std::min(n, config_.max_match) : 0; lo <= hi;) {
     const int mid = (lo + hi) / 2;
     if (store_node(mid) != TokenTrie::kNone) {
       store_match = mid;

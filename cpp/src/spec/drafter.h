@@ -8,6 +8,10 @@
 //    index() or flush(), or by a background thread (start_background_indexing) that runs only
 //    when a core is otherwise idle, so that indexing (about a microsecond per token) stays off
 //    the steps' critical path.
+// The stepping thread never waits for that thread, which may be preempted while it holds the
+// store (it runs at the lowest priority; a step once waited 0.7 ms for it): add_output puts an
+// output in an inbox when the store is busy, propose then drafts from the context alone, and
+// num_pending_tokens is a plain read.
 //
 // Retrieval rule: the longest suffix of the context (up to max_match tokens) that occurred before
 // in either source; below it, the draft is grown best first by path frequency (counts of the
@@ -15,6 +19,7 @@
 // max_depth. Ties go to the lower token id, so drafts are deterministic.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -66,13 +71,18 @@ class Drafter {
   // meanwhile, from one thread (the engine's stepping thread; propose's scratch is not shared).
   void start_background_indexing();
 
-  // A finished request's output joins the store, pending until indexed.
+  // A finished request's output joins the store, pending until indexed (in the inbox while the
+  // store is busy: it joins the store, in order, when the store is next taken).
   void add_output(const int32_t* output, int n);
 
   // Indexes up to max_tokens tokens (windows starting at them) of pending outputs, oldest first.
   void index(size_t max_tokens);
   void flush() { index(SIZE_MAX); }
   size_t num_pending_tokens() const;
+  // Drops the oldest outputs that are wholly pending until at most max_tokens tokens are pending:
+  // under a load that leaves no core idle, the store skips outputs rather than index them on the
+  // steps' critical path (about a microsecond per token). Only the inbox's while the store is busy.
+  void drop_pending(size_t max_tokens);
 
   // Proposes a draft after context[0, n) from the context's own earlier occurrences and the
   // indexed store. Returns the match length used (0: no draft). search_context false: the store
@@ -80,13 +90,17 @@ class Drafter {
   int propose(const int32_t* context, int n, int max_nodes, int max_depth, DraftTree* out, bool search_context = true);
 
   // Bytes of the store (nodes and stored outputs, pending ones included); never above the bound.
+  // Outputs in the inbox come on top (the scheduler keeps them under its backlog bound).
   size_t global_bytes() const;
-  size_t num_global_sequences() const;  // pending ones included
+  size_t num_global_sequences() const;  // pending ones included, the inbox's too
 
  private:
+  friend struct DrafterTestAccess;  // holds the store from another thread
   static constexpr size_t kBackgroundChunk = 32;  // tokens the background thread indexes per lock
   // Under mu_.
   void index_locked(size_t max_tokens);
+  void take_inbox_locked();  // the inbox's outputs join stored_, in order
+  void store_locked(std::vector<int32_t>&& tokens);
   void evict_until_within_bound();
   void background_loop();
 
@@ -106,7 +120,10 @@ class Drafter {
   };
   std::deque<Stored> stored_;
   size_t num_indexed_ = 0;
-  size_t pending_tokens_ = 0;  // tokens whose windows are not indexed yet
+  std::atomic<size_t> pending_tokens_{0};  // tokens whose windows are not indexed yet (inbox included)
+  // Outputs that came while the store was busy (under inbox_mu_, taken after mu_ if both).
+  mutable std::mutex inbox_mu_;
+  std::deque<std::vector<int32_t>> inbox_;
   size_t global_bytes_ = 0;
   // Scratch of propose: the continuations of the context's own occurrences of the match, as a
   // trie (rebuilt by each call), and the (end, match length) of candidate occurrences.
