@@ -96,7 +96,7 @@ class Drafter {
 
  private:
   friend struct DrafterTestAccess;  // holds the store from another thread
-  static constexpr size_t kBackgroundChunk = 32;  // tokens the background thread indexes per lock
+  static constexpr size_t kBackgroundChunk = 8;  // tokens the background thread indexes per lock
   // Under mu_.
   void index_locked(size_t max_tokens);
   void take_inbox_locked();  // the inbox's outputs join stored_, in order
