@@ -252,10 +252,9 @@ LlamaModel::LlamaModel(ModelConfig config, ModelWeights weights)
   } else {
     // The float head in the linear's panels; a tied one is the embedding too, whose rows are then
     // read from the panels (embed_row) rather than kept twice.
-    const int64_t V = config_.vocab_size, H = config_.hidden_size;
-    head_panels_ = FloatBuffer(static_cast<size_t>(cpu::linear_packed_size(V, H)));
-    cpu::linear_pack(w_.head(), V, H, head_panels_.data());
-    (w_.lm_head.empty() ? w_.embed : w_.lm_head) = FloatBuffer();
+    FloatBuffer& head = w_.lm_head.empty() ? w_.embed : w_.lm_head;
+    head_panels_ = packed(head, config_.hidden_size);
+    head = FloatBuffer();
   }
 }
 
