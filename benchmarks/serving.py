@@ -9,8 +9,9 @@ mean_ttft_s, p99_ttft_s, mean_tpot_s, p99_tpot_s, throughput_tok_s and per-reque
     python benchmarks/serving.py --model ../shared/models/stories260K --rate 20 --num-requests 200
 
 Speculation policies (SmartSpec): `--speculation off,fixed:4,fixed:8,smartspec --rate 0.5,2,8`
-runs every policy at every rate, each on a fresh engine whose draft store is first warmed with
-`--warmup` sampled stories (identical for every policy: speculation does not change outputs),
+runs every policy at every rate, each on a fresh engine that first generates `--warmup` sampled
+stories (identical for every policy, "off" included: they warm the draft store, and every engine
+starts from the same earlier traffic),
 and prints latency per policy and rate (`--plot FILE.png` draws latency against rate;
 `--repeat N` runs each N times, interleaved, and reports medians).
 `--model wide-stories` is stories260K embedded in a larger network (benchmarks/common.py:
@@ -135,7 +136,10 @@ def run_one(args, model: str, policy: str, rate: float):
         enable_prefix_caching=args.enable_prefix_caching,
         **policy_options(policy),
     )
-    if args.warmup and policy != "off":
+    # Every engine serves the same earlier traffic, "off" too: it warms the draft store, and it
+    # leaves the KV pool and the allocator as a server's would be (a fresh engine's first requests
+    # ran at a different speed, faster or slower, enough to move the comparison by 5-15%).
+    if args.warmup:
         bos = engine.model_info.bos_token_id or 1
         engine.generate([[bos]] * args.warmup,
                         [SamplingParams(max_tokens=args.warmup_len, temperature=1.0, seed=10_000 + i) for i in range(args.warmup)])
@@ -203,7 +207,7 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--enable-prefix-caching", action="store_true")
     ap.add_argument("--speculation", default="off", help="off | fixed:K | smartspec[:K]; a comma list compares them")
-    ap.add_argument("--warmup", type=int, default=100, help="stories generated to warm the draft store (speculation)")
+    ap.add_argument("--warmup", type=int, default=100, help="stories every engine generates first (they warm the draft store)")
     ap.add_argument("--warmup-len", type=int, default=128)
     ap.add_argument("--json", default=None, help="write the summaries (and per-request records) here")
     ap.add_argument("--plot", default=None, help="PNG of mean latency against rate per policy")

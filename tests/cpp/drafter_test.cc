@@ -728,6 +728,31 @@ TEST(Drafter, DropPendingDropsTheOldestWhollyPendingOutputs) {
   }
 }
 
+// After the stepping thread says it is busy, the background thread leaves the pending outputs
+// alone for the quiet window (here long, so that the check cannot race it; indexing all 2000
+// tokens takes about 1.5 ms), then indexes them all.
+TEST(Drafter, BackgroundIndexingWaitsWhileTheSteppingThreadIsBusy) {
+  DrafterConfig c = config(100, 4, 4);
+  c.background_quiet = std::chrono::milliseconds(300);
+  Drafter d(c);
+  d.start_background_indexing();
+  std::mt19937 rng(16);
+  std::vector<int32_t> out(2000);
+  for (auto& x : out) x = static_cast<int32_t>(rng() % 100);
+  const auto busy = std::chrono::steady_clock::now();
+  d.note_busy();
+  d.add_output(out.data(), static_cast<int>(out.size()));
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const size_t pending = d.num_pending_tokens();
+  if (std::chrono::steady_clock::now() - busy < c.background_quiet) {
+    EXPECT_EQ(pending, 2000u);
+  }
+  for (int wait = 0; wait < 2000 && d.num_pending_tokens() > 0; ++wait)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_EQ(d.num_pending_tokens(), 0u);
+  EXPECT_GE(std::chrono::steady_clock::now() - busy, c.background_quiet);
+}
+
 TEST(Drafter, BackgroundIndexingIndexesEverythingAndKeepsTheBound) {
   const size_t memory = 20000;
   Drafter d(config(50, 4, 4, memory)), ref(config(50, 4, 4, memory));

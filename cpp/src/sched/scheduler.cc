@@ -132,8 +132,15 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
   int budget = config_.max_num_batched_tokens;
   // Starting from an idle engine, every finished output is in the draft store first (the
   // background thread has usually indexed them all by then): a request arriving after others
-  // finished drafts from them, whatever the timing.
-  if (drafter_ && running_.empty() && drafter_->num_pending_tokens() > 0) drafter_->flush();
+  // finished drafts from them, whatever the timing. A backlog left by a busy stretch is cut to
+  // kMaxIdleFlush tokens first (about 0.7 ms of indexing for the new request to wait).
+  if (drafter_) {
+    if (running_.empty() && drafter_->num_pending_tokens() > 0) {
+      drafter_->drop_pending(kMaxIdleFlush);
+      drafter_->flush();
+    }
+    drafter_->note_busy();
+  }
 
   // Running requests first, in admission order. One that cannot get a block preempts the most
   // recently admitted request (possibly itself), which comes later in the order: nothing picked

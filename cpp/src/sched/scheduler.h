@@ -154,8 +154,9 @@ class Scheduler {
   // SmartSpec: steps between the steps that vary their shape for the step-time model.
   static constexpr int kCostProbeInterval = 32;
   int steps_since_cost_probe_ = 0;
-  // Finished outputs waiting for the draft store beyond which the oldest are dropped.
-  static constexpr size_t kMaxIndexBacklog = 4096;
+  // Finished outputs waiting for the draft store beyond which the oldest are dropped; at most
+  // kMaxIdleFlush of them are indexed by a step that starts from an idle engine.
+  static constexpr size_t kMaxIndexBacklog = 4096, kMaxIdleFlush = 1024;
 };
 
 }  // namespace accelcore

@@ -46,6 +46,13 @@ void Drafter::background_loop() {
     cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return stop_ || pending_tokens_ > 0; });
     if (stop_) return;
     if (pending_tokens_ == 0) continue;
+    const auto quiet = std::chrono::steady_clock::now().time_since_epoch() - std::chrono::nanoseconds(last_busy_ns_);
+    if (quiet < config_.background_quiet) {
+      lock.unlock();
+      std::this_thread::sleep_for(config_.background_quiet - quiet);
+      lock.lock();
+      continue;
+    }
     // Small parts, so that the store is seldom busy when the stepping thread wants it.
     take_inbox_locked();
     index_locked(kBackgroundChunk);
@@ -53,6 +60,10 @@ void Drafter::background_loop() {
     std::this_thread::yield();
     lock.lock();
   }
+}
+
+void Drafter::note_busy() {
+  last_busy_ns_ = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 void Drafter::add_output(const int32_t* output, int n) {
