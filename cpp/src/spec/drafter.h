@@ -6,8 +6,8 @@
 //  - a global store of the outputs of finished requests, with counts, under a hard memory bound:
 //    when over it, the oldest stored outputs are removed whole. Outputs wait until indexed: by
 //    index() or flush(), or by a background thread (start_background_indexing) that runs only
-//    when a core is otherwise idle, so that indexing (about a microsecond per token) stays off
-//    the steps' critical path.
+//    when a core is otherwise idle and the steps pause, so that indexing (about a microsecond per
+//    token) stays off the steps' critical path.
 // The stepping thread never waits for that thread, which may be preempted while it holds the
 // store (it runs at the lowest priority; a step once waited 0.7 ms for it): add_output puts an
 // output in an inbox when the store is busy, propose then drafts from the context alone, and
@@ -77,7 +77,8 @@ class Drafter {
   // The stepping thread is working (a step is being scheduled). While steps follow each other the
   // background thread stays off the cores: run beside them it took a core from the thread pool
   // whenever the pool's spinning worker yielded (stories260K at 1600 and 6400 req/s: 7-10% slower
-  // than without it); their backlog is dropped instead (drop_pending).
+  // than without it); under a load that never pauses the backlog is dropped instead
+  // (drop_pending).
   void note_busy();
 
   // A finished request's output joins the store, pending until indexed (in the inbox while the
