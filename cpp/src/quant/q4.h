@@ -25,6 +25,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "util/buffer.h"
+
 namespace accelcore {
 
 struct Q4Weight {
@@ -68,7 +70,7 @@ struct Q4Tiled {
   static constexpr int64_t kRows = 16;
   int64_t n = 0, k = 0, group = 0, groups = 0;
   int64_t blocks() const { return (n + kRows - 1) / kRows; }
-  std::vector<uint8_t> data;    // [blocks][groups][group / 8][64]
+  std::vector<uint8_t, ArrayAllocator<uint8_t>> data;  // [blocks][groups][group / 8][64]
   std::vector<float> scales;    // [blocks][groups][16]
   std::vector<uint8_t> zeros;   // [blocks][groups][16]
 };

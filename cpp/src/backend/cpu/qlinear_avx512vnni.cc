@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 
 #include "backend/cpu/ops.h"
@@ -51,6 +52,83 @@ inline __m512i broadcast4(const int8_t* x) {
   "vpxord %%zmm14, %%zmm14, %%zmm14\n\t"  \
   "vpxord %%zmm15, %%zmm15, %%zmm15\n\t"
 
+// The 2-block by 8-row step loop (asm_steps, asm_group): zmm0-7 and zmm8-15 the two blocks' 8
+// rows, the steps' weights at w0 / w1, rows 0-3 at xa + {0, 1, 2, 3} * k and rows 4-7 at xb.
+#define ACCEL_STEPS_2X8 \
+  ACCEL_ZERO_ZMM0_7 \
+  ACCEL_ZERO_ZMM8_15 \
+  "1:\n\t" \
+  ACCEL_UNPACK_TWO_BLOCKS \
+  "vpbroadcastd (%[xa]), %%zmm21\n\t" \
+  "vpdpbusd %%zmm21, %%zmm16, %%zmm0\n\t" \
+  "vpdpbusd %%zmm21, %%zmm18, %%zmm8\n\t" \
+  "vpbroadcastd (%[xa],%[k]), %%zmm22\n\t" \
+  "vpdpbusd %%zmm22, %%zmm16, %%zmm1\n\t" \
+  "vpdpbusd %%zmm22, %%zmm18, %%zmm9\n\t" \
+  "vpbroadcastd (%[xa],%[k],2), %%zmm23\n\t" \
+  "vpdpbusd %%zmm23, %%zmm16, %%zmm2\n\t" \
+  "vpdpbusd %%zmm23, %%zmm18, %%zmm10\n\t" \
+  "vpbroadcastd (%[xa],%[k3]), %%zmm24\n\t" \
+  "vpdpbusd %%zmm24, %%zmm16, %%zmm3\n\t" \
+  "vpdpbusd %%zmm24, %%zmm18, %%zmm11\n\t" \
+  "vpbroadcastd (%[xb]), %%zmm25\n\t" \
+  "vpdpbusd %%zmm25, %%zmm16, %%zmm4\n\t" \
+  "vpdpbusd %%zmm25, %%zmm18, %%zmm12\n\t" \
+  "vpbroadcastd (%[xb],%[k]), %%zmm26\n\t" \
+  "vpdpbusd %%zmm26, %%zmm16, %%zmm5\n\t" \
+  "vpdpbusd %%zmm26, %%zmm18, %%zmm13\n\t" \
+  "vpbroadcastd (%[xb],%[k],2), %%zmm21\n\t" \
+  "vpdpbusd %%zmm21, %%zmm16, %%zmm6\n\t" \
+  "vpdpbusd %%zmm21, %%zmm18, %%zmm14\n\t" \
+  "vpbroadcastd (%[xb],%[k3]), %%zmm22\n\t" \
+  "vpdpbusd %%zmm22, %%zmm16, %%zmm7\n\t" \
+  "vpdpbusd %%zmm22, %%zmm18, %%zmm15\n\t" \
+  "vpbroadcastd 4(%[xa]), %%zmm23\n\t" \
+  "vpdpbusd %%zmm23, %%zmm17, %%zmm0\n\t" \
+  "vpdpbusd %%zmm23, %%zmm19, %%zmm8\n\t" \
+  "vpbroadcastd 4(%[xa],%[k]), %%zmm24\n\t" \
+  "vpdpbusd %%zmm24, %%zmm17, %%zmm1\n\t" \
+  "vpdpbusd %%zmm24, %%zmm19, %%zmm9\n\t" \
+  "vpbroadcastd 4(%[xa],%[k],2), %%zmm25\n\t" \
+  "vpdpbusd %%zmm25, %%zmm17, %%zmm2\n\t" \
+  "vpdpbusd %%zmm25, %%zmm19, %%zmm10\n\t" \
+  "vpbroadcastd 4(%[xa],%[k3]), %%zmm26\n\t" \
+  "vpdpbusd %%zmm26, %%zmm17, %%zmm3\n\t" \
+  "vpdpbusd %%zmm26, %%zmm19, %%zmm11\n\t" \
+  "vpbroadcastd 4(%[xb]), %%zmm21\n\t" \
+  "vpdpbusd %%zmm21, %%zmm17, %%zmm4\n\t" \
+  "vpdpbusd %%zmm21, %%zmm19, %%zmm12\n\t" \
+  "vpbroadcastd 4(%[xb],%[k]), %%zmm22\n\t" \
+  "vpdpbusd %%zmm22, %%zmm17, %%zmm5\n\t" \
+  "vpdpbusd %%zmm22, %%zmm19, %%zmm13\n\t" \
+  "vpbroadcastd 4(%[xb],%[k],2), %%zmm23\n\t" \
+  "vpdpbusd %%zmm23, %%zmm17, %%zmm6\n\t" \
+  "vpdpbusd %%zmm23, %%zmm19, %%zmm14\n\t" \
+  "vpbroadcastd 4(%[xb],%[k3]), %%zmm24\n\t" \
+  "vpdpbusd %%zmm24, %%zmm17, %%zmm7\n\t" \
+  "vpdpbusd %%zmm24, %%zmm19, %%zmm15\n\t" \
+  "add $64, %[w0]\n\t" \
+  "add $64, %[w1]\n\t" \
+  "add $8, %[xa]\n\t" \
+  "add $8, %[xb]\n\t" \
+  "dec %[n]\n\t" \
+  "jnz 1b\n\t"
+
+// finish() of row i's accumulator zmm`acc` in block nb, in place, from the GroupFinish at f (its
+// zero points widened in zmm16 + nb, its scales in zmm18 + nb, its y row pointer in yreg):
+// y = fma(sw * sx, float(acc - z * xsum), y), the same operations as finish().
+#define ACCEL_ZREG0 "16"
+#define ACCEL_ZREG1 "17"
+#define ACCEL_SWREG0 "18"
+#define ACCEL_SWREG1 "19"
+#define ACCEL_FINISH(acc, nb, i, yreg)                                   \
+  "vpmulld 80+4*" #i "(%[f])%{1to16%}, %%zmm" ACCEL_ZREG##nb ", %%zmm20\n\t" \
+  "vpsubd %%zmm20, %%zmm" #acc ", %%zmm" #acc "\n\t"                    \
+  "vcvtdq2ps %%zmm" #acc ", %%zmm" #acc "\n\t"                          \
+  "vmulps 48+4*" #i "(%[f])%{1to16%}, %%zmm" ACCEL_SWREG##nb ", %%zmm20\n\t" \
+  "vfmadd213ps 64*" #i "(%[" #yreg "]), %%zmm20, %%zmm" #acc "\n\t"    \
+  "vmovups %%zmm" #acc ", 64*" #i "(%[" #yreg "])\n\t"
+
 struct Avx512VnniDot {
   static constexpr int kBlocks = 4;  // 16-row blocks per pass: more weight streams in flight (M = 1: 271 -> 162 us)
   static constexpr int kWideBlocks = 2, kWideRows = 8;  // from 8 rows: M = 64 5491 -> 5025 us
@@ -89,64 +167,7 @@ struct Avx512VnniDot {
     const int64_t k3 = 3 * ldx;
     int64_t n = j1 - j0;
     asm volatile(
-        ACCEL_ZERO_ZMM0_7
-        ACCEL_ZERO_ZMM8_15
-        "1:\n\t"
-        ACCEL_UNPACK_TWO_BLOCKS
-        "vpbroadcastd (%[xa]), %%zmm21\n\t"
-        "vpdpbusd %%zmm21, %%zmm16, %%zmm0\n\t"
-        "vpdpbusd %%zmm21, %%zmm18, %%zmm8\n\t"
-        "vpbroadcastd (%[xa],%[k]), %%zmm22\n\t"
-        "vpdpbusd %%zmm22, %%zmm16, %%zmm1\n\t"
-        "vpdpbusd %%zmm22, %%zmm18, %%zmm9\n\t"
-        "vpbroadcastd (%[xa],%[k],2), %%zmm23\n\t"
-        "vpdpbusd %%zmm23, %%zmm16, %%zmm2\n\t"
-        "vpdpbusd %%zmm23, %%zmm18, %%zmm10\n\t"
-        "vpbroadcastd (%[xa],%[k3]), %%zmm24\n\t"
-        "vpdpbusd %%zmm24, %%zmm16, %%zmm3\n\t"
-        "vpdpbusd %%zmm24, %%zmm18, %%zmm11\n\t"
-        "vpbroadcastd (%[xb]), %%zmm25\n\t"
-        "vpdpbusd %%zmm25, %%zmm16, %%zmm4\n\t"
-        "vpdpbusd %%zmm25, %%zmm18, %%zmm12\n\t"
-        "vpbroadcastd (%[xb],%[k]), %%zmm26\n\t"
-        "vpdpbusd %%zmm26, %%zmm16, %%zmm5\n\t"
-        "vpdpbusd %%zmm26, %%zmm18, %%zmm13\n\t"
-        "vpbroadcastd (%[xb],%[k],2), %%zmm21\n\t"
-        "vpdpbusd %%zmm21, %%zmm16, %%zmm6\n\t"
-        "vpdpbusd %%zmm21, %%zmm18, %%zmm14\n\t"
-        "vpbroadcastd (%[xb],%[k3]), %%zmm22\n\t"
-        "vpdpbusd %%zmm22, %%zmm16, %%zmm7\n\t"
-        "vpdpbusd %%zmm22, %%zmm18, %%zmm15\n\t"
-        "vpbroadcastd 4(%[xa]), %%zmm23\n\t"
-        "vpdpbusd %%zmm23, %%zmm17, %%zmm0\n\t"
-        "vpdpbusd %%zmm23, %%zmm19, %%zmm8\n\t"
-        "vpbroadcastd 4(%[xa],%[k]), %%zmm24\n\t"
-        "vpdpbusd %%zmm24, %%zmm17, %%zmm1\n\t"
-        "vpdpbusd %%zmm24, %%zmm19, %%zmm9\n\t"
-        "vpbroadcastd 4(%[xa],%[k],2), %%zmm25\n\t"
-        "vpdpbusd %%zmm25, %%zmm17, %%zmm2\n\t"
-        "vpdpbusd %%zmm25, %%zmm19, %%zmm10\n\t"
-        "vpbroadcastd 4(%[xa],%[k3]), %%zmm26\n\t"
-        "vpdpbusd %%zmm26, %%zmm17, %%zmm3\n\t"
-        "vpdpbusd %%zmm26, %%zmm19, %%zmm11\n\t"
-        "vpbroadcastd 4(%[xb]), %%zmm21\n\t"
-        "vpdpbusd %%zmm21, %%zmm17, %%zmm4\n\t"
-        "vpdpbusd %%zmm21, %%zmm19, %%zmm12\n\t"
-        "vpbroadcastd 4(%[xb],%[k]), %%zmm22\n\t"
-        "vpdpbusd %%zmm22, %%zmm17, %%zmm5\n\t"
-        "vpdpbusd %%zmm22, %%zmm19, %%zmm13\n\t"
-        "vpbroadcastd 4(%[xb],%[k],2), %%zmm23\n\t"
-        "vpdpbusd %%zmm23, %%zmm17, %%zmm6\n\t"
-        "vpdpbusd %%zmm23, %%zmm19, %%zmm14\n\t"
-        "vpbroadcastd 4(%[xb],%[k3]), %%zmm24\n\t"
-        "vpdpbusd %%zmm24, %%zmm17, %%zmm7\n\t"
-        "vpdpbusd %%zmm24, %%zmm19, %%zmm15\n\t"
-        "add $64, %[w0]\n\t"
-        "add $64, %[w1]\n\t"
-        "add $8, %[xa]\n\t"
-        "add $8, %[xb]\n\t"
-        "dec %[n]\n\t"
-        "jnz 1b\n\t"
+        ACCEL_STEPS_2X8
         "vmovdqu64 %%zmm0, 0(%[acc])\n\t"
         "vmovdqu64 %%zmm1, 64(%[acc])\n\t"
         "vmovdqu64 %%zmm2, 128(%[acc])\n\t"
@@ -168,6 +189,54 @@ struct Avx512VnniDot {
         : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
           "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm21", "xmm22", "xmm23",
           "xmm24", "xmm25", "xmm26", "cc", "memory");
+  }
+  // W4A8's whole group for the 2-block by 8-row pass: the steps, then each accumulator finished
+  // into its y row straight from its register (finishing in C++ stored and reloaded all 16 and
+  // kept GCC's scalars on the stack: a third of the kernel's time at M = 16). The operands of
+  // finish() for the pass, gathered by the caller; the offsets are the assembly's.
+  struct GroupFinish {
+    const float* sw[2];   // the blocks' 16 weight scales
+    const uint8_t* z[2];  // and zero points
+    float* y[2];          // row 0 of the pass's 8 y rows per block (64 bytes apart)
+    float sx[8];          // the rows' activation scales
+    int32_t xsum[8];      // and sums
+  };
+  static void asm_group(const uint8_t* const (&wg)[2], const int8_t* x, int64_t ldx, int64_t steps,
+                        const GroupFinish& f) {
+    static_assert(offsetof(GroupFinish, z) == 16 && offsetof(GroupFinish, y) == 32 &&
+                  offsetof(GroupFinish, sx) == 48 && offsetof(GroupFinish, xsum) == 80);
+    const uint8_t* w0 = wg[0];
+    const uint8_t* w1 = wg[1];
+    const int8_t* xa = x;
+    const int8_t* xb = xa + 4 * ldx;
+    const int64_t k3 = 3 * ldx;
+    int64_t n = steps;  // at least 4: a group has at least 32 channels
+    asm volatile(
+        ACCEL_STEPS_2X8
+        // The loop's pointers are free now: the blocks' zero points and scales into zmm16-19.
+        "mov 16(%[f]), %[w0]\n\t"
+        "vpmovzxbd (%[w0]), %%zmm16\n\t"
+        "mov 24(%[f]), %[w0]\n\t"
+        "vpmovzxbd (%[w0]), %%zmm17\n\t"
+        "mov 0(%[f]), %[w0]\n\t"
+        "vmovups (%[w0]), %%zmm18\n\t"
+        "mov 8(%[f]), %[w0]\n\t"
+        "vmovups (%[w0]), %%zmm19\n\t"
+        "mov 32(%[f]), %[xa]\n\t"
+        "mov 40(%[f]), %[xb]\n\t"
+        ACCEL_FINISH(0, 0, 0, xa) ACCEL_FINISH(8, 1, 0, xb)
+        ACCEL_FINISH(1, 0, 1, xa) ACCEL_FINISH(9, 1, 1, xb)
+        ACCEL_FINISH(2, 0, 2, xa) ACCEL_FINISH(10, 1, 2, xb)
+        ACCEL_FINISH(3, 0, 3, xa) ACCEL_FINISH(11, 1, 3, xb)
+        ACCEL_FINISH(4, 0, 4, xa) ACCEL_FINISH(12, 1, 4, xb)
+        ACCEL_FINISH(5, 0, 5, xa) ACCEL_FINISH(13, 1, 5, xb)
+        ACCEL_FINISH(6, 0, 6, xa) ACCEL_FINISH(14, 1, 6, xb)
+        ACCEL_FINISH(7, 0, 7, xa) ACCEL_FINISH(15, 1, 7, xb)
+        : [w0] "+r"(w0), [w1] "+r"(w1), [xa] "+r"(xa), [xb] "+r"(xb), [n] "+r"(n)
+        : [f] "r"(&f), [mask] "v"(_mm512_set1_epi8(0x0F)), [k] "r"(ldx), [k3] "r"(k3)
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
+          "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22",
+          "xmm23", "xmm24", "xmm25", "xmm26", "cc", "memory");
   }
   // FMPQ (w4a4) in 2 blocks by 4 rows, in assembly, for its 8-channel sub-groups (one step each):
   // per step, each int32 sum is converted and added into the float sum t with one fma by the
@@ -268,6 +337,12 @@ struct Avx512VnniDot {
 #undef ACCEL_UNPACK_TWO_BLOCKS
 #undef ACCEL_ZERO_ZMM0_7
 #undef ACCEL_ZERO_ZMM8_15
+#undef ACCEL_STEPS_2X8
+#undef ACCEL_FINISH
+#undef ACCEL_ZREG0
+#undef ACCEL_ZREG1
+#undef ACCEL_SWREG0
+#undef ACCEL_SWREG1
 
 }  // namespace
 

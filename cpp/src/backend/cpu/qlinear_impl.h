@@ -11,7 +11,9 @@
 //                         y16[r] = fma(sw[r], fma(-float(z[r]), zsum, t16[r]), y16[r])  (per group)
 // and kAsmBlocks, kAsmRows: where they are NB and MB, D::asm_steps(acc, wg, x, ldx, j0, j1) sets
 // acc to the sums over steps j0 to j1 of the NB blocks' weight groups wg against the MB rows'
-// group activations (x, rows ldx apart), in place of zero, unpack and dot (0: none); and
+// group activations (x, rows ldx apart), in place of zero, unpack and dot (0: none), and for
+// W4A8 D::asm_group(wg, x, ldx, steps, f) does a whole group's steps and finish() with the
+// operands in f (a D::GroupFinish); and
 // kSubAsmBlocks, kSubAsmRows: likewise D::asm_sub_steps(t, wg, x, ldx, sx, lds, steps) sets the
 // float sums t of a whole group for FMPQ's 8-channel sub-groups, in place of the sub-group loop
 // (and from 4 rows on the blocking is that one);
@@ -58,7 +60,22 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
     for (int nb = 0; nb < NB; ++nb) wg[nb] = p.w + ((b0 + nb) * G + g) * steps * 64;
     for (int pass = 0; pass < P; ++pass) {
       const int i0 = pass * MB;  // the pass's first row (of M)
-      bool summed = false;       // t already holds the group's sub-group sums
+      if constexpr (!kSub && NB == D::kAsmBlocks && MB == D::kAsmRows) {
+        typename D::GroupFinish f;
+        for (int nb = 0; nb < NB; ++nb) {
+          f.sw[nb] = p.w_scales + ((b0 + nb) * G + g) * R;
+          f.z[nb] = p.w_zeros + ((b0 + nb) * G + g) * R;
+          f.y[nb] = y[nb][i0];
+        }
+        for (int i = 0; i < MB; ++i) {
+          const int64_t a = (m0 + i0 + i) * AG + g;  // one activation group per weight group
+          f.sx[i] = p.x_scales[a];
+          f.xsum[i] = p.x_sums[a];
+        }
+        D::asm_group(wg, x[i0] + g * gs, kp, steps, f);
+        continue;
+      }
+      bool summed = false;  // t already holds the group's sub-group sums
       if constexpr (kSub && NB == D::kSubAsmBlocks && MB == D::kSubAsmRows) {
         if (ag == 8) {
           D::asm_sub_steps(t, wg, x[i0] + g * gs, kp, p.x_scales + (m0 + i0) * AG + g * subs, AG, steps);
