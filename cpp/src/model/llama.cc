@@ -602,28 +602,12 @@ void LlamaModel::prepare(const BatchPlan& plan) {
   compute_rope(plan);
 }
 
-void LlamaModel::run_layer(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool) {
+cpu::AttentionParams LlamaModel::attention_params(int l, const BatchPlan& plan, KvCache& cache) {
   const ModelConfig& c = config_;
-  const int64_t T = plan.num_tokens();
-  const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_size(), KV = c.kv_size();
-  const int64_t QKV = Q + 2 * KV;
+  const int64_t QKV = c.q_size() + 2 * c.kv_size();
   const KvCacheShape& ks = cache.shape();
-  const LayerWeights& L = w_.layers[l];
-  auto* gram = hessians_;  // calibration: this layer's input Gram matrices
   cpu::AttentionParams ap;
-  // The linears' inputs are produced a chunk of rows at a time across threads, each chunk
-  // quantized (8 or 4 bits, through FMPQ's channel order) as soon as it is written.
-  bool q_in = produce(T, H, h_.data(), L.qkv_q, L.qkv_a, pool, [&](int64_t a, int64_t e) {
-    cpu::rms_norm({x_.data() + a * H, L.input_norm.data(), h_.data() + a * H, e - a, H, c.rms_norm_eps});
-  });
-  if (gram) add_gram(&(*gram)[0], h_.data(), T, H, hessian_diag_only_);
-  linear(h_.data(), T, H, L.qkv_w, L.qkv_q, L.qkv_a, L.qkv_b, qkv_.data(), QKV, pool, q_in);
-  cpu::apply_rope({qkv_.data(), T, c.num_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
-  cpu::apply_rope({qkv_.data() + Q, T, c.num_kv_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
-  cpu::write_kv({qkv_.data() + Q, qkv_.data() + Q + KV, QKV, cache.k(l), cache.v(l), slots, T, c.num_kv_heads,
-                 c.head_dim, ks.block_size});
   if (cache.quantized()) {
-    cache.quantize_layer(l, pool);
     ap.kv_bits = ks.kv_bits;
     ap.kv_records = cache.records(l);
     ap.stage_of_block = cache.stage_of_block();
@@ -637,7 +621,7 @@ void LlamaModel::run_layer(int l, const BatchPlan& plan, KvCache& cache, const i
   ap.seq_of_token = plan.seq_of_token.data();
   ap.block_tables = plan.block_tables.data();
   ap.block_table_offset = plan.block_table_offset.data();
-  ap.num_tokens = T;
+  ap.num_tokens = plan.num_tokens();
   ap.num_heads = c.num_heads;
   ap.num_kv_heads = c.num_kv_heads;
   ap.head_dim = c.head_dim;
@@ -648,7 +632,88 @@ void LlamaModel::run_layer(int l, const BatchPlan& plan, KvCache& cache, const i
     ap.extra_offset = plan.extra_offset.data();
     ap.extra_slots = cache.extra_slots(plan);
   }
-  cpu::paged_attention(ap, pool);
+  return ap;
+}
+
+namespace {
+
+// A pool of one thread: its parallel_for runs inline, so kernels called inside a chunk of another
+// pool's job stay on that chunk's thread.
+ThreadPool& serial_pool() {
+  static ThreadPool pool(1);
+  return pool;
+}
+
+}  // namespace
+
+bool LlamaModel::split_rows(int64_t T, const KvCache& cache, ThreadPool& pool) const {
+  const ModelConfig& c = config_;
+  const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_size();
+  const int64_t row_macs = H * (Q + 2 * c.kv_size()) + Q * H + 3 * H * I;
+  // Each thread then reads all the layer's weights: only where they sit in its core's L2.
+  return T >= 2 && pool.num_threads() > 1 && row_macs * static_cast<int64_t>(sizeof(float)) <= (1 << 20) &&
+         !quantized() && !cache.quantized() && hessians_ == nullptr;
+}
+
+void LlamaModel::run_layer_rows(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool) {
+  const ModelConfig& c = config_;
+  const int64_t T = plan.num_tokens();
+  const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_size(), KV = c.kv_size();
+  const int64_t QKV = Q + 2 * KV, half = c.head_dim / 2;
+  const KvCacheShape& ks = cache.shape();
+  const LayerWeights& L = w_.layers[l];
+  // Each chunk of rows through the norm, the qkv projection and RoPE into the cache; then, once
+  // every row's K and V are there (draft nodes attend to each other), through attention and the
+  // rest of the layer. Every kernel runs on its chunk's thread, and a row's arithmetic
+  // is the same whatever rows share its chunk, so the bits are those of run_layer.
+  pool.parallel_for(T, 1, [&](int64_t a, int64_t e) {
+    const int64_t m = e - a;
+    float* qkv = qkv_.data() + a * QKV;
+    cpu::rms_norm({x_.data() + a * H, L.input_norm.data(), h_.data() + a * H, m, H, c.rms_norm_eps});
+    linear(h_.data() + a * H, m, H, L.qkv_w, L.qkv_q, L.qkv_a, L.qkv_b, qkv, QKV, serial_pool());
+    cpu::apply_rope({qkv, m, c.num_heads, c.head_dim, QKV, cos_.data() + a * half, sin_.data() + a * half});
+    cpu::apply_rope({qkv + Q, m, c.num_kv_heads, c.head_dim, QKV, cos_.data() + a * half, sin_.data() + a * half});
+    cpu::write_kv({qkv + Q, qkv + Q + KV, QKV, cache.k(l), cache.v(l), slots + a, m, c.num_kv_heads, c.head_dim,
+                   ks.block_size});
+  });
+  const cpu::AttentionParams ap = attention_params(l, plan, cache);
+  pool.parallel_for(T, 1, [&](int64_t a, int64_t e) {
+    const int64_t m = e - a;
+    float* x = x_.data() + a * H;
+    float* h = h_.data() + a * H;
+    cpu::paged_attention_tokens(ap, a, e);
+    linear(attn_.data() + a * Q, m, Q, L.o_w, L.o_q, L.o_a, L.o_b, h, H, serial_pool());
+    cpu::add_inplace(x, h, m * H);
+    cpu::rms_norm({x, L.post_norm.data(), h, m, H, c.rms_norm_eps});
+    linear(h, m, H, L.gate_up_w, L.gate_up_q, L.gate_up_a, L.gate_up_b, mlp_.data() + a * 2 * I, 2 * I, serial_pool());
+    cpu::silu_mul(mlp_.data() + a * 2 * I, act_.data() + a * I, m, I);
+    linear(act_.data() + a * I, m, I, L.down_w, L.down_q, L.down_a, L.down_b, h, H, serial_pool());
+    cpu::add_inplace(x, h, m * H);
+  });
+}
+
+void LlamaModel::run_layer(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool) {
+  if (split_rows(plan.num_tokens(), cache, pool)) return run_layer_rows(l, plan, cache, slots, pool);
+  const ModelConfig& c = config_;
+  const int64_t T = plan.num_tokens();
+  const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_size(), KV = c.kv_size();
+  const int64_t QKV = Q + 2 * KV;
+  const KvCacheShape& ks = cache.shape();
+  const LayerWeights& L = w_.layers[l];
+  auto* gram = hessians_;  // calibration: this layer's input Gram matrices
+  // The linears' inputs are produced a chunk of rows at a time across threads, each chunk
+  // quantized (8 or 4 bits, through FMPQ's channel order) as soon as it is written.
+  bool q_in = produce(T, H, h_.data(), L.qkv_q, L.qkv_a, pool, [&](int64_t a, int64_t e) {
+    cpu::rms_norm({x_.data() + a * H, L.input_norm.data(), h_.data() + a * H, e - a, H, c.rms_norm_eps});
+  });
+  if (gram) add_gram(&(*gram)[0], h_.data(), T, H, hessian_diag_only_);
+  linear(h_.data(), T, H, L.qkv_w, L.qkv_q, L.qkv_a, L.qkv_b, qkv_.data(), QKV, pool, q_in);
+  cpu::apply_rope({qkv_.data(), T, c.num_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
+  cpu::apply_rope({qkv_.data() + Q, T, c.num_kv_heads, c.head_dim, QKV, cos_.data(), sin_.data()});
+  cpu::write_kv({qkv_.data() + Q, qkv_.data() + Q + KV, QKV, cache.k(l), cache.v(l), slots, T, c.num_kv_heads,
+                 c.head_dim, ks.block_size});
+  if (cache.quantized()) cache.quantize_layer(l, pool);
+  cpu::paged_attention(attention_params(l, plan, cache), pool);
   if (gram) add_gram(&(*gram)[1], attn_.data(), T, Q, hessian_diag_only_);
   q_in = produce(T, Q, attn_.data(), L.o_q, L.o_a, pool, [](int64_t, int64_t) {});  // attention wrote it
   linear(attn_.data(), T, Q, L.o_w, L.o_q, L.o_a, L.o_b, h_.data(), H, pool, q_in);

@@ -4,14 +4,22 @@
 
 namespace accelcore::cpu {
 
-void paged_attention(const AttentionParams& p, ThreadPool& pool) {
-  ACCEL_DCHECK(p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0);
-  void (*kernel)(const AttentionParams&, int64_t, int64_t) = attention_scalar;
+namespace {
+
+void (*attention_kernel())(const AttentionParams&, int64_t, int64_t) {
   switch (active_isa()) {
-    case Isa::kAvx512: kernel = attention_avx512; break;
-    case Isa::kAvx2: kernel = attention_avx2; break;
+    case Isa::kAvx512: return attention_avx512;
+    case Isa::kAvx2: return attention_avx2;
     case Isa::kScalar: break;
   }
+  return attention_scalar;
+}
+
+}  // namespace
+
+void paged_attention(const AttentionParams& p, ThreadPool& pool) {
+  ACCEL_DCHECK(p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0);
+  void (*kernel)(const AttentionParams&, int64_t, int64_t) = attention_kernel();
   // Work items are (token, kv head) pairs; cost grows with context, so only spread across
   // threads when there is enough of it.
   const int64_t items = p.num_tokens * p.num_kv_heads;
@@ -22,6 +30,11 @@ void paged_attention(const AttentionParams& p, ThreadPool& pool) {
   } else {
     pool.parallel_for(items, 1, [&](int64_t b, int64_t e) { kernel(p, b, e); });
   }
+}
+
+void paged_attention_tokens(const AttentionParams& p, int64_t t0, int64_t t1) {
+  ACCEL_DCHECK(p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 && 0 <= t0 && t0 <= t1 && t1 <= p.num_tokens);
+  attention_kernel()(p, t0 * p.num_kv_heads, t1 * p.num_kv_heads);
 }
 
 }  // namespace accelcore::cpu

@@ -154,6 +154,8 @@ struct AttentionParams {
   const int32_t* stage_of_block = nullptr;
 };
 void paged_attention(const AttentionParams& p, ThreadPool& pool);
+// paged_attention() for tokens [t0, t1) only, on the calling thread.
+void paged_attention_tokens(const AttentionParams& p, int64_t t0, int64_t t1);
 // The single-ISA kernels behind paged_attention(), over (token, kv head) items [begin, end) with
 // item = token * num_kv_heads + kv_head; exposed for tests.
 void attention_scalar(const AttentionParams& p, int64_t item_begin, int64_t item_end);
