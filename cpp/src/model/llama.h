@@ -109,7 +109,7 @@ class LlamaModel {
   // Several rows of a small float model (draft trees, light load, short prompts): whole rows per
   // thread, two jobs per layer, in place of splitting each small kernel's columns (most of which
   // ran on one thread). stories260K, 2 threads: batch 4 decode 109-110K -> 126-137K tok/s, batch
-  // 16 167-176K -> 200-206K, 4-node draft steps 44.5 -> 40.4 us.
+  // 16 167-176K -> 200-206K.
   bool split_rows(int64_t T, const KvCache& cache, ThreadPool& pool) const;
   void run_layer_rows(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool);
   cpu::AttentionParams attention_params(int l, const BatchPlan& plan, KvCache& cache);
