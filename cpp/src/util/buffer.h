@@ -45,6 +45,8 @@ struct ArrayAllocator {
   void deallocate(T* p, size_t) noexcept { std::free(p); }
   template <class U>
   bool operator==(const ArrayAllocator<U>&) const noexcept { return true; }
+  template <class U>
+  bool operator!=(const ArrayAllocator<U>&) const noexcept { return false; }
 };
 
 class FloatBuffer {
