@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <numeric>
 #include <optional>
@@ -495,7 +496,7 @@ void LlamaModel::quantize_weights_w4_calibrated(const std::vector<std::vector<in
       if (plans[s].num_tokens() == 0) continue;
       prepare(plans[s]);
       std::memcpy(x_.data(), X[s].data(), X[s].size() * sizeof(float));
-      run_layer(l, plans[s], cache, plans[s].slots.data(), pool);
+      run_layer(l, plans[s], cache, plans[s].slots.data(), pool, false);
       if (keep) std::memcpy(X[s].data(), x_.data(), X[s].size() * sizeof(float));
     }
   };
@@ -646,7 +647,7 @@ ThreadPool& serial_pool() {
 
 }  // namespace
 
-bool LlamaModel::split_rows(int64_t T, const KvCache& cache, ThreadPool& pool) const {
+bool LlamaModel::can_split_rows(int64_t T, const KvCache& cache, ThreadPool& pool) const {
   const ModelConfig& c = config_;
   const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_size();
   const int64_t row_macs = H * (Q + 2 * c.kv_size()) + Q * H + 3 * H * I;
@@ -692,8 +693,21 @@ void LlamaModel::run_layer_rows(int l, const BatchPlan& plan, KvCache& cache, co
   });
 }
 
-void LlamaModel::run_layer(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool) {
-  if (split_rows(plan.num_tokens(), cache, pool)) return run_layer_rows(l, plan, cache, slots, pool);
+bool LlamaModel::RowsTimer::pick() {
+  const bool rows_faster = us_per_row[1] < us_per_row[0];
+  if (us_per_row[0] == 0.0 || us_per_row[1] == 0.0) return us_per_row[1] == 0.0;  // measure each once
+  return ++steps % kExplore == 0 ? !rows_faster : rows_faster;
+}
+
+void LlamaModel::RowsTimer::record(bool by_rows, double us, int64_t rows) {
+  double& mean = us_per_row[by_rows];
+  const double v = us / static_cast<double>(rows);
+  mean = mean == 0.0 ? v : 0.9 * mean + 0.1 * v;
+}
+
+void LlamaModel::run_layer(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool,
+                           bool by_rows) {
+  if (by_rows) return run_layer_rows(l, plan, cache, slots, pool);
   const ModelConfig& c = config_;
   const int64_t T = plan.num_tokens();
   const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_size(), KV = c.kv_size();
@@ -743,7 +757,14 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
   for (int64_t t = 0; t < T; ++t) embed_row(plan.token_ids[t], x_.data() + t * H);
   if (cache.quantized()) cache.begin_step(plan);
   const int64_t* slots = cache.slots(plan);
-  for (int l = 0; l < c.num_layers; ++l) run_layer(l, plan, cache, slots, pool);
+  if (can_split_rows(T, cache, pool)) {
+    const bool by_rows = rows_timer_.pick();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int l = 0; l < c.num_layers; ++l) run_layer(l, plan, cache, slots, pool, by_rows);
+    rows_timer_.record(by_rows, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count(), T);
+  } else {
+    for (int l = 0; l < c.num_layers; ++l) run_layer(l, plan, cache, slots, pool, false);
+  }
   if (cache.quantized()) cache.end_step();
 
   // Final norm and head only for the rows that need logits.
