@@ -702,7 +702,9 @@ bool LlamaModel::RowsTimer::pick() {
 void LlamaModel::RowsTimer::record(bool by_rows, double us, int64_t rows) {
   double& mean = us_per_row[by_rows];
   const double v = us / static_cast<double>(rows);
-  mean = mean == 0.0 ? v : 0.9 * mean + 0.1 * v;
+  // A step slowed by a descheduled thread moves the mean by at most 10%: one outlier must not
+  // hide the faster split until enough explorations wash it out.
+  mean = mean == 0.0 ? v : 0.9 * mean + 0.1 * std::min(v, 2.0 * mean);
 }
 
 void LlamaModel::run_layer(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool,
