@@ -693,20 +693,6 @@ void LlamaModel::run_layer_rows(int l, const BatchPlan& plan, KvCache& cache, co
   });
 }
 
-bool LlamaModel::RowsTimer::pick() {
-  const bool rows_faster = us_per_row[1] < us_per_row[0];
-  if (us_per_row[0] == 0.0 || us_per_row[1] == 0.0) return us_per_row[1] == 0.0;  // measure each once
-  return ++steps % kExplore == 0 ? !rows_faster : rows_faster;
-}
-
-void LlamaModel::RowsTimer::record(bool by_rows, double us, int64_t rows) {
-  double& mean = us_per_row[by_rows];
-  const double v = us / static_cast<double>(rows);
-  // A step slowed by a descheduled thread moves the mean by at most 10%: one outlier must not
-  // hide the faster split until enough explorations wash it out.
-  mean = mean == 0.0 ? v : 0.9 * mean + 0.1 * std::min(v, 2.0 * mean);
-}
-
 void LlamaModel::run_layer(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool,
                            bool by_rows) {
   if (by_rows) return run_layer_rows(l, plan, cache, slots, pool);

@@ -12,6 +12,7 @@
 #include "kv/kv_cache.h"
 #include "model/model_config.h"
 #include "model/safetensors.h"
+#include "model/split_timer.h"
 #include "quant/q4.h"
 #include "sched/batch_plan.h"
 #include "util/buffer.h"
@@ -111,19 +112,10 @@ class LlamaModel {
   // thread, two jobs per layer, in place of splitting each small kernel's columns (most of which
   // ran on one thread). stories260K, 2 threads: batch 4 decode 109-110K -> 126-137K tok/s, batch
   // 16 167-176K -> 200-206K, where the threads run in parallel; where they share a core (this
-  // VM, at times) 20-30% slower, so rows_timer_ picks it by measured time.
+  // VM, at times) 20-40% slower, so rows_timer_ picks it by measured time.
   bool can_split_rows(int64_t T, const KvCache& cache, ThreadPool& pool) const;
   void run_layer_rows(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool);
-  // Mean layer time per row (exponential, 0: none yet) of the column split [0] and the row split
-  // [1], each step timed; the faster runs, the other every kExplore-th step to follow changes.
-  // Both give the same bits, so the choice never changes results.
-  struct RowsTimer {
-    static constexpr int64_t kExplore = 32;
-    double us_per_row[2] = {0.0, 0.0};
-    int64_t steps = 0;
-    bool pick();
-    void record(bool by_rows, double us, int64_t rows);
-  } rows_timer_;
+  SplitTimer rows_timer_;  // column split or row split, by measured time
   cpu::AttentionParams attention_params(int l, const BatchPlan& plan, KvCache& cache);
   void quantize_layer_w4(int l, int group_size, const LayerHessian* h, double a8_fraction, bool gptq);
   // y[T, n] = x[T, k] W^T + b, through the float or the 4-bit weights, whichever the layer has.
