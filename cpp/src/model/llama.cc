@@ -652,7 +652,7 @@ bool LlamaModel::can_split_rows(int64_t T, const KvCache& cache, ThreadPool& poo
   const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_size();
   const int64_t row_macs = H * (Q + 2 * c.kv_size()) + Q * H + 3 * H * I;
   // Each thread then reads all the layer's weights: only where they sit in its core's L2.
-  return T >= 2 && pool.num_threads() > 1 && row_macs * static_cast<int64_t>(sizeof(float)) <= (1 << 20) &&
+  return T >= 2 && T < kMaxSplitRows && pool.num_threads() > 1 && row_macs * static_cast<int64_t>(sizeof(float)) <= (1 << 20) &&
          !quantized() && !cache.quantized() && hessians_ == nullptr;
 }
 
@@ -746,10 +746,13 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
   if (cache.quantized()) cache.begin_step(plan);
   const int64_t* slots = cache.slots(plan);
   if (can_split_rows(T, cache, pool)) {
-    const bool by_rows = rows_timer_.pick();
+    int range = 0;
+    while (range + 1 < static_cast<int>(rows_timers_.size()) && (T >> (range + 2)) > 0) ++range;
+    SplitTimer& timer = rows_timers_[range];
+    const bool by_rows = timer.pick();
     const auto t0 = std::chrono::steady_clock::now();
     for (int l = 0; l < c.num_layers; ++l) run_layer(l, plan, cache, slots, pool, by_rows);
-    rows_timer_.record(by_rows, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count(), T);
+    timer.record(by_rows, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count(), T);
   } else {
     for (int l = 0; l < c.num_layers; ++l) run_layer(l, plan, cache, slots, pool, false);
   }

@@ -108,14 +108,17 @@ class LlamaModel {
   // One decoder layer over the plan, in place on x_.
   void run_layer(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool,
                  bool by_rows);
-  // Several rows of a small float model (draft trees, light load, short prompts): whole rows per
-  // thread, two jobs per layer, in place of splitting each small kernel's columns (most of which
-  // ran on one thread). stories260K, 2 threads: batch 4 decode 109-110K -> 126-137K tok/s, batch
-  // 16 167-176K -> 200-206K, where the threads run in parallel; where they share a core (this
-  // VM, at times) 20-40% slower, so rows_timer_ picks it by measured time.
+  // A few rows of a small float model (draft trees, light load): whole rows per thread, two jobs
+  // per layer, in place of splitting each small kernel's columns (most of which ran on one
+  // thread). stories260K, 2 threads, batch 4 decode: 97-107K -> 98-134K tok/s. Where the VM's two
+  // threads share a core it is slower, so rows_timers_ pick it by measured time, per range of
+  // rows (2-3, 4-7). Not from 8 rows on: it sped up batch 16 decode by 15-17%, but in serving
+  // sweeps at saturation SmartSpec then ran 1.7-2.1x slower than no speculation in two of four
+  // runs (equal or faster without it), which its goal forbids; left until that is understood.
   bool can_split_rows(int64_t T, const KvCache& cache, ThreadPool& pool) const;
   void run_layer_rows(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool);
-  SplitTimer rows_timer_;  // column split or row split, by measured time
+  static constexpr int64_t kMaxSplitRows = 8;
+  std::array<SplitTimer, 2> rows_timers_;
   cpu::AttentionParams attention_params(int l, const BatchPlan& plan, KvCache& cache);
   void quantize_layer_w4(int l, int group_size, const LayerHessian* h, double a8_fraction, bool gptq);
   // y[T, n] = x[T, k] W^T + b, through the float or the 4-bit weights, whichever the layer has.
