@@ -2,6 +2,7 @@
 // pages where the kernel allows it.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -29,7 +30,7 @@ inline void* alloc_array(size_t bytes) {
 #endif
     return p;
   }
-  void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  void* p = std::aligned_alloc(64, std::max<size_t>(64, (bytes + 63) / 64 * 64));  // never 0: may be null
   if (p == nullptr) throw std::bad_alloc();
   return p;
 }
