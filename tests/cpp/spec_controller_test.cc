@@ -393,6 +393,65 @@ void check_case(const StepTimeModel& m, AllocCase a, int budget, bool exact, All
   }
 }
 
+// The goodput guard: it measures the side without drafts first (every kProbe-th step), then
+// lets drafting go on only where it measures at least as fast, probing the other side.
+TEST(GoodputGuard, MeasuresThenFollowsTheFasterSideAndProbesTheOther) {
+  for (bool drafts_pay : {true, false}) {
+    SCOPED_TRACE(drafts_pay ? "drafts pay" : "drafts do not pay");
+    GoodputGuard g;
+    const int seqs = 6;  // the range 4-7
+    // Unmeasured: drafts allowed but on every kProbe-th step, which measures the other side.
+    int forbidden = 0, steps = 0;
+    auto step = [&](bool allowed) {
+      ++steps;
+      forbidden += !allowed;
+      // With drafts 3 tokens in 2 ms (or 7 in 10 ms), without 6 tokens in 1 ms.
+      if (allowed)
+        g.observe(seqs, true, drafts_pay ? 14.0 : 7.0, drafts_pay ? 1e-3 : 10e-3);
+      else
+        g.observe(seqs, false, 6.0, 1e-3);
+    };
+    for (int i = 0; i < static_cast<int>(GoodputGuard::kProbe * GoodputGuard::kMinSteps); ++i) step(g.allow_drafts(seqs));
+    EXPECT_GE(forbidden, static_cast<int>(GoodputGuard::kMinSteps));
+    EXPECT_NEAR(g.tokens_per_second(seqs, false), 6000.0, 1e-6);
+    EXPECT_NEAR(g.tokens_per_second(seqs, true), drafts_pay ? 14000.0 : 700.0, 1e-6);
+    // Measured: the faster side, and the other one step in kProbe.
+    forbidden = steps = 0;
+    const int n = 10 * GoodputGuard::kProbe;
+    for (int i = 0; i < n; ++i) step(g.allow_drafts(seqs));
+    EXPECT_EQ(forbidden, drafts_pay ? n / static_cast<int>(GoodputGuard::kProbe) : n - n / static_cast<int>(GoodputGuard::kProbe));
+    // Other ranges are measured apart: 8 sequences are still unmeasured.
+    EXPECT_EQ(g.tokens_per_second(8, true), 0.0);
+  }
+}
+
+TEST(GoodputGuard, FewSequencesAreLeftToTheModel) {
+  GoodputGuard g;
+  for (int i = 0; i < 4 * static_cast<int>(GoodputGuard::kProbe); ++i) {
+    ASSERT_TRUE(g.allow_drafts(GoodputGuard::kMinSeqs - 1));
+    g.observe(GoodputGuard::kMinSeqs - 1, true, 1.0, 1.0);  // drafting far slower: ignored
+  }
+  EXPECT_EQ(g.tokens_per_second(GoodputGuard::kMinSeqs - 1, true), 0.0);
+}
+
+TEST(GoodputGuard, FollowsAChange) {
+  GoodputGuard g;
+  const int seqs = 40;
+  for (int i = 0; i < 200; ++i) {
+    const bool a = g.allow_drafts(seqs);
+    g.observe(seqs, a, a ? 20.0 : 10.0, 1e-3);  // drafting twice as fast
+  }
+  EXPECT_TRUE(g.allow_drafts(seqs) || g.allow_drafts(seqs));
+  // Now drafting costs 4x the time for the same tokens: the probes pick that up and it stops.
+  for (int i = 0; i < 40 * static_cast<int>(GoodputGuard::kProbe); ++i) {
+    const bool a = g.allow_drafts(seqs);
+    g.observe(seqs, a, a ? 20.0 : 10.0, a ? 4e-3 : 1e-3);
+  }
+  int allowed = 0;
+  for (int i = 0; i < static_cast<int>(GoodputGuard::kProbe); ++i) allowed += g.allow_drafts(seqs);
+  EXPECT_EQ(allowed, 1);
+}
+
 TEST(SpecControllerAllocate, MatchesBruteForceWhenTheBudgetIsAmple) {
   // No fixed cost per drafted request: within a candidate each node is worth less and costs more
   // than its parent, and greedy by marginal ratio is optimal.
@@ -928,9 +987,12 @@ class SpecFake {
     for (const ScheduledSeq& s : seqs_) ss.all_decode &= s.num_tokens == 1 && s.samples;
     const StepFeatures f = step_features(plan_);
     ss.time = time_of(f);
+    size_t before = 0, after = 0;
+    for (const auto& [id, st] : stats) before += st.output.size();
     for (const ScheduledSeq& s : seqs_)
       if (!process(s)) return false;
-    if (plan_.num_tokens() > 0) sched_.observe_step(f, ss.time);
+    for (const auto& [id, st] : stats) after += st.output.size();
+    if (plan_.num_tokens() > 0) sched_.observe_step(f, ss.time, static_cast<double>(after - before));
     steps.push_back(ss);
     return check_blocks();
   }

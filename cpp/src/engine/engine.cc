@@ -118,6 +118,7 @@ struct Engine::Impl {
   Clock::time_point last_step_start, last_step_end;
   StepFeatures last_step_features;
   double last_step_lookup_s = 0;  // its draft lookups' time, which the model keeps apart
+  double last_step_tokens = 0;    // the tokens it generated (SmartSpec's goodput guard)
   bool last_step_observable = false;
   static constexpr std::chrono::microseconds kIdleGap{1000};
 
@@ -579,7 +580,8 @@ std::vector<RequestOutput> Engine::step() {
     const bool after_idle = t0 - m.last_step_end >= Impl::kIdleGap;
     if (m.last_step_observable && !after_idle)  // the model predicts steps without their lookups
       m.scheduler->observe_step(m.last_step_features,
-                                std::chrono::duration<double>(t0 - m.last_step_start).count() - m.last_step_lookup_s);
+                                std::chrono::duration<double>(t0 - m.last_step_start).count() - m.last_step_lookup_s,
+                                m.last_step_tokens);
     m.last_step_features = step_features(m.plan);
     m.last_step_lookup_s = m.scheduler->last_lookup_seconds();
     m.last_step_start = t0;
@@ -591,7 +593,9 @@ std::vector<RequestOutput> Engine::step() {
   } else {
     m.last_step_observable = false;
   }
-  for (const auto& o : outs) m.counters.num_generated_tokens += o.new_token_ids.size();
+  m.last_step_tokens = 0;
+  for (const auto& o : outs) m.last_step_tokens += static_cast<double>(o.new_token_ids.size());
+  m.counters.num_generated_tokens += static_cast<uint64_t>(m.last_step_tokens);
   m.last_step_end = Clock::now();
   return outs;
 }

@@ -277,6 +277,7 @@ void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
   // SmartSpec. Until the step-time model has data, no drafts (the engine profiles at start-up).
   const StepTimeModel& model = spec_->model();
   if (!model.ready()) return;
+  if (!spec_->guard().allow_drafts(static_cast<int>(picks_.size()))) return;
   // The goodput a draft must beat is that of the step's sampled rows (and its fixed cost) alone.
   // Prompt rows without a sample are work done once whatever is drafted: counted in, their time
   // dilutes the goodput, and under load (prompts in every step) drafts yielding less per row than
@@ -360,8 +361,11 @@ void Scheduler::on_verified(const ScheduledSeq& s, const int32_t* path, int n) {
   if (spec_ && s.draft.size() > 0) spec_->on_verified(s.req, s.draft, path, n);
 }
 
-void Scheduler::observe_step(const StepFeatures& f, double seconds) {
-  if (spec_) spec_->model().observe(f, seconds);
+void Scheduler::observe_step(const StepFeatures& f, double seconds, double generated_tokens) {
+  if (!spec_) return;
+  spec_->model().observe(f, seconds);
+  if (spec_->policy() == SpecPolicy::kSmart && generated_tokens >= 0)
+    spec_->guard().observe(static_cast<int>(f.seqs), f.drafted > 0, generated_tokens, seconds);
 }
 
 void Scheduler::observe_profile(const StepFeatures& f, double seconds) {

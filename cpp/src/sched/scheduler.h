@@ -109,8 +109,10 @@ class Scheduler {
   // After the forward pass of a sequence with a draft: path[0, n) are its accepted draft nodes in
   // depth order (updates the acceptance estimates; call before on_computed).
   void on_verified(const ScheduledSeq& s, const int32_t* path, int n);
-  // A step's measured duration, for the step-time model (features: step_features of its plan).
-  void observe_step(const StepFeatures& f, double seconds);
+  // A step's measured duration, for the step-time model (features: step_features of its plan),
+  // and the tokens it generated, for SmartSpec's goodput guard (seconds then from its start to
+  // the next step's; -1: not known, the guard learns nothing).
+  void observe_step(const StepFeatures& f, double seconds, double generated_tokens = -1);
   void observe_profile(const StepFeatures& f, double seconds);  // a start-up profile measurement
   // The KV slot of token index `index` of request r (its block table must cover it).
   int64_t slot(const Request* r, int index) const {

@@ -15,6 +15,7 @@ StepFeatures step_features(const BatchPlan& plan) {
   StepFeatures f;
   f.tokens = plan.num_tokens();
   f.logit_rows = static_cast<double>(plan.logit_rows.size());
+  f.seqs = plan.num_seqs();
   for (int32_t p : plan.positions) f.kv_tokens += p + 1.0;
   // A draft token carries extras; count each sequence once.
   int last_seq = -1;
@@ -24,6 +25,38 @@ StepFeatures step_features(const BatchPlan& plan) {
       f.drafted += 1;
     }
   return f;
+}
+
+int GoodputGuard::range(int seqs) {
+  int r = 0;
+  while (r + 1 < kRanges && (seqs >> (r + 1)) > 0) ++r;
+  return r;
+}
+
+bool GoodputGuard::allow_drafts(int seqs) {
+  if (seqs < kMinSeqs) return true;
+  const int r = range(seqs);
+  const bool probe = ++steps_[r] % kProbe == 0;
+  const Side& without = sides_[r][0];
+  const Side& with = sides_[r][1];
+  if (without.n < kMinSteps) return !probe;
+  if (with.n < kMinSteps) return true;
+  const bool pays = with.tokens * without.seconds >= without.tokens * with.seconds;
+  return probe ? !pays : pays;
+}
+
+void GoodputGuard::observe(int seqs, bool drafted, double tokens, double seconds) {
+  if (seqs < kMinSeqs || seconds <= 0) return;
+  Side& s = sides_[range(seqs)][drafted];
+  const double a = s.n < kMinSteps ? 1.0 / (s.n + 1) : kAlpha;  // plain means first
+  s.tokens += a * (tokens - s.tokens);
+  s.seconds += a * (seconds - s.seconds);
+  ++s.n;
+}
+
+double GoodputGuard::tokens_per_second(int seqs, bool drafted) const {
+  const Side& s = sides_[range(seqs)][drafted];
+  return s.n > 0 && s.seconds > 0 ? s.tokens / s.seconds : 0.0;
 }
 
 StepTimeModel::StepTimeModel(double forgetting) : forgetting_(forgetting) {

@@ -24,6 +24,9 @@
 //  - Lookups: the drafter's proposal is timed by the scheduler (a moving average per lookup) and
 //    kept out of the fit; a request is looked up only where its likeliest first node could pay
 //    for a row, c_draft and the lookup.
+//  - A measured guard (GoodputGuard) over all of that: tokens generated per second of the steps
+//    that drafted and of those that did not, per range of sequences in the step. Where drafting
+//    measures slower, steps go without drafts, whatever the model predicts.
 //  - Allocation (allocate_drafts): moves of all requests ranked by their marginal goodput
 //    (expected accepted nodes / added step time), taken greedily while goodput rises and the
 //    token budget lasts; a request's first move is its best-ratio prefix (it alone pays
@@ -45,6 +48,7 @@ struct StepFeatures {
   double kv_tokens = 0;   // sum over rows of the positions each attends to
   double logit_rows = 0;  // rows whose logits are computed: a sequence's sampled row, a draft node
   double drafted = 0;     // sequences with a draft tree (proposal, tree attention, verification)
+  double seqs = 0;        // sequences in the step (not a model term: the goodput guard's key)
 };
 
 // The features of a planned step (a row at position p attends to p + 1 positions).
@@ -97,6 +101,41 @@ class StepTimeModel {
   uint64_t lookups_ = 0;
 };
 
+// SmartSpec's measured guard. The step-time model is linear, and a machine's step time is not
+// (threads that split a few rows but not more, caches, a VM's neighbours): at stories260K's
+// 1600 req/s the model priced draft rows below their cost and SmartSpec ran 9-15% slower than no
+// speculation. So the tokens generated per second (step start to step start) of steps with and
+// without drafts are measured per range of sequences in the step (1, 2-3, 4-7, ..., 128+), and
+// once both are measured a range drafts only while drafting measures at least as fast. Every
+// kProbe-th step of a range goes the other way, so both stay measured; before the side without
+// drafts is measured, those steps go without.
+class GoodputGuard {
+ public:
+  static constexpr int kRanges = 8;
+  static constexpr uint32_t kProbe = 32;
+  static constexpr uint32_t kMinSteps = 4;  // observations of a side before it is trusted
+  static constexpr double kAlpha = 0.05;    // moving averages of tokens and of seconds per step
+  // Steps of fewer sequences are left to the model: there a drafted step's gain is near the noise
+  // of one step's time, and the guard's probes (and its wrong verdicts) cost a lone request more
+  // than they save (stories260K at 20 req/s: 2.5-3.0 tokens a step with it, 4.0-5.1 without).
+  static constexpr int kMinSeqs = 4;
+
+  // May this step, of `seqs` sequences, draft (the model then decides how much)?
+  bool allow_drafts(int seqs);
+  void observe(int seqs, bool drafted, double tokens, double seconds);
+  // Measured tokens per second of a range's steps with or without drafts (0: none yet).
+  double tokens_per_second(int seqs, bool drafted) const;
+
+ private:
+  static int range(int seqs);
+  struct Side {
+    double tokens = 0, seconds = 0;
+    uint32_t n = 0;
+  };
+  std::array<std::array<Side, 2>, kRanges> sides_{};  // [range][drafted]
+  std::array<uint32_t, kRanges> steps_{};
+};
+
 enum class SpecPolicy { kOff, kFixed, kSmart };
 
 class SpecController {
@@ -107,6 +146,8 @@ class SpecController {
   SpecPolicy policy() const { return policy_; }
   StepTimeModel& model() { return model_; }
   const StepTimeModel& model() const { return model_; }
+  GoodputGuard& guard() { return guard_; }
+  const GoodputGuard& guard() const { return guard_; }
 
   // The acceptance rate at depth d (1-based) for request r: its own once it has one, else global.
   float rate(const Request* r, int d) const;
@@ -153,6 +194,7 @@ class SpecController {
   // every prediction, so systematic over- or under-confidence corrects itself.
   float calibration_ = 1.0f;
   StepTimeModel model_;
+  GoodputGuard guard_;
 };
 
 // One decoding request's candidate draft, its nodes ordered by acceptance probability (parents
