@@ -73,6 +73,11 @@ class LlamaModel {
   // Runs the plan: writes each token's K/V to its slot, and the logits of plan.logit_rows
   // (in that order) to `logits` ([logit_rows.size(), vocab]).
   void forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool, FloatBuffer* logits);
+  // Whether a step of `rows` rows may run either of two splits, picked by measured time (so its
+  // first steps of that size try both).
+  bool times_splits(int64_t rows, const KvCache& cache, ThreadPool& pool) const {
+    return can_split_rows(rows, cache, pool);
+  }
 
   // Replaces the four linear weight matrices of every layer by 4-bit ones (quant/q4.h) rounded to
   // nearest with a clip search, and frees the float ones. Their inputs then go as `act` says
