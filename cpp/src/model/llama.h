@@ -73,11 +73,9 @@ class LlamaModel {
   // Runs the plan: writes each token's K/V to its slot, and the logits of plan.logit_rows
   // (in that order) to `logits` ([logit_rows.size(), vocab]).
   void forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool, FloatBuffer* logits);
-  // Whether a step of `rows` rows may run either of two splits, picked by measured time (so its
-  // first steps of that size try both).
-  bool times_splits(int64_t rows, const KvCache& cache, ThreadPool& pool) const {
-    return can_split_rows(rows, cache, pool);
-  }
+  // Whether a step of T rows may run either of two splits, picked by measured time (so its first
+  // steps of that size try both): see run_layer_rows.
+  bool can_split_rows(int64_t T, const KvCache& cache, ThreadPool& pool) const;
 
   // Replaces the four linear weight matrices of every layer by 4-bit ones (quant/q4.h) rounded to
   // nearest with a clip search, and frees the float ones. Their inputs then go as `act` says
@@ -120,7 +118,6 @@ class LlamaModel {
   // rows (2-3, 4-7). Not from 8 rows on: it sped up batch 16 decode by 15-17%, but in serving
   // sweeps at saturation SmartSpec then ran 1.7-2.1x slower than no speculation in two of four
   // runs (equal or faster without it), which its goal forbids; left until that is understood.
-  bool can_split_rows(int64_t T, const KvCache& cache, ThreadPool& pool) const;
   void run_layer_rows(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool);
   static constexpr int64_t kMaxSplitRows = 8;
   std::array<SplitTimer, 2> rows_timers_;
