@@ -351,8 +351,12 @@ def test_smartspec_stats(stories_dir):
     assert 0 <= stats["last_step_drafted_seqs"] <= 3
     assert 0 <= stats["last_step_draft_tokens"] <= 3 * 8
     assert 0 <= stats["num_accepted_draft_tokens"] <= stats["num_draft_tokens"]
-    # Lookups are timed apart from the fitted model: a lookup was made, so its cost is measured.
-    assert 0 < stats["spec_lookup_cost_s"] < 0.1
+    # Lookups are timed apart from the fitted model. Whether any is made depends on the measured
+    # step times (none where no draft could pay); drafts come only from lookups, so with drafts
+    # their cost has been measured.
+    assert 0 <= stats["spec_lookup_cost_s"] < 0.1
+    if stats["num_draft_tokens"] > 0:
+        assert stats["spec_lookup_cost_s"] > 0
     fixed = Engine(str(stories_dir), speculation="lookahead", spec_policy="fixed").stats()
     assert fixed["spec_policy"] == "fixed"
     assert Engine(str(stories_dir)).stats()["spec_policy"] == ""

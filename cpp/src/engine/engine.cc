@@ -313,10 +313,10 @@ void Engine::Impl::profile_step_time() {
       }
     }
     // The first run warms caches and buffers. Where the model picks between two splits by
-    // measured time, its first runs of a size try each: the faster of two timed runs is the one
-    // the engine will mostly run (one run of either kind made the fit noisy enough to lose its
-    // fixed and per-token costs altogether).
-    const int reps = model->can_split_rows(plan.num_tokens(), *cache, *pool) ? 3 : 2;
+    // measured time, its first runs of a size try each twice (model/split_timer.h): the fastest
+    // timed run is of the one the engine will mostly run (one run of either kind made the fit
+    // noisy enough to lose its fixed and per-token costs altogether).
+    const int reps = model->can_split_parts(plan.num_tokens(), *cache, *pool) ? 4 : 2;
     double best = 0;
     for (int rep = 0; rep < reps; ++rep) {
       const auto t0 = Clock::now();

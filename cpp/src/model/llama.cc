@@ -496,7 +496,7 @@ void LlamaModel::quantize_weights_w4_calibrated(const std::vector<std::vector<in
       if (plans[s].num_tokens() == 0) continue;
       prepare(plans[s]);
       std::memcpy(x_.data(), X[s].data(), X[s].size() * sizeof(float));
-      run_layer(l, plans[s], cache, plans[s].slots.data(), pool, false);
+      run_layer(l, plans[s], cache, plans[s].slots.data(), pool);
       if (keep) std::memcpy(X[s].data(), x_.data(), X[s].size() * sizeof(float));
     }
   };
@@ -636,66 +636,90 @@ cpu::AttentionParams LlamaModel::attention_params(int l, const BatchPlan& plan, 
   return ap;
 }
 
-namespace {
-
-// A pool of one thread: its parallel_for runs inline, so kernels called inside a chunk of another
-// pool's job stay on that chunk's thread.
-ThreadPool& serial_pool() {
-  static ThreadPool pool(1);
-  return pool;
-}
-
-}  // namespace
-
-bool LlamaModel::can_split_rows(int64_t T, const KvCache& cache, ThreadPool& pool) const {
+bool LlamaModel::can_split_parts(int64_t T, const KvCache& cache, ThreadPool& pool) const {
   const ModelConfig& c = config_;
   const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_size();
-  const int64_t row_macs = H * (Q + 2 * c.kv_size()) + Q * H + 3 * H * I;
-  // Each thread then reads all the layer's weights: only where they sit in its core's L2.
-  return T >= 2 && T < kMaxSplitRows && pool.num_threads() > 1 && row_macs * static_cast<int64_t>(sizeof(float)) <= (1 << 20) &&
-         !quantized() && !cache.quantized() && hessians_ == nullptr;
+  const int64_t layer_floats = H * (Q + 2 * c.kv_size()) + Q * H + 3 * H * I;
+  // Only where a layer's weights fit a core's L2, so each thread's share of them stays there.
+  return T >= 1 && split_parts(pool) > 1 && layer_floats * static_cast<int64_t>(sizeof(float)) <= (1 << 20) &&
+         !quantized() && head_q_.n == 0 && !cache.quantized() && hessians_ == nullptr;
 }
 
-void LlamaModel::run_layer_rows(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool) {
+void LlamaModel::run_parts(const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool,
+                          FloatBuffer* logits) {
   const ModelConfig& c = config_;
   const int64_t T = plan.num_tokens();
   const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_size(), KV = c.kv_size();
-  const int64_t QKV = Q + 2 * KV, half = c.head_dim / 2;
+  const int64_t QKV = Q + 2 * KV, hd = c.head_dim, group = c.num_heads / c.num_kv_heads;
   const KvCacheShape& ks = cache.shape();
-  const LayerWeights& L = w_.layers[l];
-  // Each chunk of rows through the norm, the qkv projection and RoPE into the cache; then, once
-  // every row's K and V are there (draft nodes attend to each other), through attention and the
-  // rest of the layer. Every kernel runs on its chunk's thread, and a row's arithmetic
-  // is the same whatever rows share its chunk, so the bits are those of run_layer.
-  pool.parallel_for(T, 1, [&](int64_t a, int64_t e) {
-    const int64_t m = e - a;
-    float* qkv = qkv_.data() + a * QKV;
-    cpu::rms_norm({x_.data() + a * H, L.input_norm.data(), h_.data() + a * H, m, H, c.rms_norm_eps});
-    linear(h_.data() + a * H, m, H, L.qkv_w, L.qkv_q, L.qkv_a, L.qkv_b, qkv, QKV, serial_pool());
-    cpu::apply_rope({qkv, m, c.num_heads, c.head_dim, QKV, cos_.data() + a * half, sin_.data() + a * half});
-    cpu::apply_rope({qkv + Q, m, c.num_kv_heads, c.head_dim, QKV, cos_.data() + a * half, sin_.data() + a * half});
-    cpu::write_kv({qkv + Q, qkv + Q + KV, QKV, cache.k(l), cache.v(l), slots + a, m, c.num_kv_heads, c.head_dim,
-                   ks.block_size});
-  });
-  const cpu::AttentionParams ap = attention_params(l, plan, cache);
-  pool.parallel_for(T, 1, [&](int64_t a, int64_t e) {
-    const int64_t m = e - a;
-    float* x = x_.data() + a * H;
-    float* h = h_.data() + a * H;
-    cpu::paged_attention_tokens(ap, a, e);
-    linear(attn_.data() + a * Q, m, Q, L.o_w, L.o_q, L.o_a, L.o_b, h, H, serial_pool());
-    cpu::add_inplace(x, h, m * H);
-    cpu::rms_norm({x, L.post_norm.data(), h, m, H, c.rms_norm_eps});
-    linear(h, m, H, L.gate_up_w, L.gate_up_q, L.gate_up_a, L.gate_up_b, mlp_.data() + a * 2 * I, 2 * I, serial_pool());
-    cpu::silu_mul(mlp_.data() + a * 2 * I, act_.data() + a * I, m, I);
-    linear(act_.data() + a * I, m, I, L.down_w, L.down_q, L.down_a, L.down_b, h, H, serial_pool());
-    cpu::add_inplace(x, h, m * H);
+  const int parts = split_parts(pool);
+  std::vector<cpu::AttentionParams> ap(static_cast<size_t>(c.num_layers));
+  for (int l = 0; l < c.num_layers; ++l) ap[static_cast<size_t>(l)] = attention_params(l, plan, cache);
+  const int64_t R = static_cast<int64_t>(plan.logit_rows.size()), V = c.vocab_size;
+  part_h_.resize(parts * T * H);
+  logits->resize(std::max<int64_t>(R, 1) * V);
+  // Part p's share of n columns, in whole panels (no panel is computed twice).
+  auto share = [&](int64_t n, int part) {
+    const int64_t panels = (n + cpu::kLinearPanel - 1) / cpu::kLinearPanel;
+    return std::pair<int64_t, int64_t>{std::min(n, panels * part / parts * cpu::kLinearPanel),
+                                       std::min(n, panels * (part + 1) / parts * cpu::kLinearPanel)};
+  };
+  auto add_columns = [&](float* x, const float* y, int64_t c0, int64_t c1) {
+    for (int64_t t = 0; t < T; ++t) cpu::add_inplace(x + t * H + c0, y + t * H + c0, c1 - c0);
+  };
+  pool.run_phases(4 * c.num_layers + 1, parts, [&](int phase, int part) {
+    float* h = part_h_.data() + part * T * H;  // this part's normed rows
+    if (phase == 4 * c.num_layers) {  // the final norm of the rows that need logits, and the part's share of the head
+      for (int64_t r = 0; r < R; ++r)
+        cpu::rms_norm({x_.data() + static_cast<int64_t>(plan.logit_rows[r]) * H, w_.final_norm.data(), h + r * H, 1, H,
+                       c.rms_norm_eps});
+      const auto [v0, v1] = share(V, part);
+      cpu::linear_columns({h, head_panels_.data(), nullptr, logits->data(), R, V, H, H, V}, v0, v1);
+      return;
+    }
+    const int l = phase / 4;
+    const LayerWeights& L = w_.layers[l];
+    const auto [c0, c1] = share(H, part);
+    switch (phase % 4) {
+      case 0: {  // the part's kv heads: their q, k and v columns, RoPE, the cache, attention
+        const int kh0 = static_cast<int>(c.num_kv_heads * part / parts);
+        const int kh1 = static_cast<int>(c.num_kv_heads * (part + 1) / parts);
+        if (kh0 == kh1) return;
+        cpu::rms_norm({x_.data(), L.input_norm.data(), h, T, H, c.rms_norm_eps});
+        const cpu::LinearParams lp{h, L.qkv_w.data(), opt(L.qkv_b), qkv_.data(), T, QKV, H, H, QKV};
+        cpu::linear_columns(lp, kh0 * group * hd, kh1 * group * hd);
+        cpu::linear_columns(lp, Q + kh0 * hd, Q + kh1 * hd);
+        cpu::linear_columns(lp, Q + KV + kh0 * hd, Q + KV + kh1 * hd);
+        float* q = qkv_.data() + kh0 * group * hd;
+        cpu::apply_rope({q, T, (kh1 - kh0) * group, hd, QKV, cos_.data(), sin_.data()});
+        cpu::apply_rope({qkv_.data() + Q + kh0 * hd, T, kh1 - kh0, hd, QKV, cos_.data(), sin_.data()});
+        cpu::write_kv({qkv_.data() + Q, qkv_.data() + Q + KV, QKV, cache.k(l), cache.v(l), slots, T, c.num_kv_heads,
+                       c.head_dim, ks.block_size, kh0, kh1});
+        cpu::paged_attention_kv_heads(ap[static_cast<size_t>(l)], kh0, kh1);
+        return;
+      }
+      case 1:  // the o projection's columns of the part, into the residual
+        cpu::linear_columns({attn_.data(), L.o_w.data(), opt(L.o_b), h_.data(), T, H, Q, Q, H}, c0, c1);
+        add_columns(x_.data(), h_.data(), c0, c1);
+        return;
+      case 2: {  // gate and up of the part's intermediate columns, and their product
+        const auto [i0, i1] = share(I, part);
+        cpu::rms_norm({x_.data(), L.post_norm.data(), h, T, H, c.rms_norm_eps});
+        const cpu::LinearParams lp{h, L.gate_up_w.data(), opt(L.gate_up_b), mlp_.data(), T, 2 * I, H, H, 2 * I};
+        cpu::linear_columns(lp, i0, i1);
+        cpu::linear_columns(lp, I + i0, I + i1);
+        cpu::silu_mul(mlp_.data(), act_.data(), T, I, i0, i1);
+        return;
+      }
+      default:  // down's columns of the part, into the residual
+        cpu::linear_columns({act_.data(), L.down_w.data(), opt(L.down_b), h_.data(), T, H, I, I, H}, c0, c1);
+        add_columns(x_.data(), h_.data(), c0, c1);
+        return;
+    }
   });
 }
 
-void LlamaModel::run_layer(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool,
-                           bool by_rows) {
-  if (by_rows) return run_layer_rows(l, plan, cache, slots, pool);
+void LlamaModel::run_layer(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool) {
   const ModelConfig& c = config_;
   const int64_t T = plan.num_tokens();
   const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_size(), KV = c.kv_size();
@@ -745,19 +769,32 @@ void LlamaModel::forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool
   for (int64_t t = 0; t < T; ++t) embed_row(plan.token_ids[t], x_.data() + t * H);
   if (cache.quantized()) cache.begin_step(plan);
   const int64_t* slots = cache.slots(plan);
-  if (can_split_rows(T, cache, pool)) {
+  // Small float models: the layers and the head as one phased job, or kernel by kernel, whichever
+  // has measured faster for steps of this many rows.
+  SplitTimer* timer = nullptr;
+  bool by_parts = false;
+  if (split_ != Split::kMeasured) {
+    by_parts = split_ == Split::kParts && can_split_parts(T, cache, pool);
+  } else if (can_split_parts(T, cache, pool)) {
     int range = 0;
-    while (range + 1 < static_cast<int>(rows_timers_.size()) && (T >> (range + 2)) > 0) ++range;
-    SplitTimer& timer = rows_timers_[range];
-    const bool by_rows = timer.pick();
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int l = 0; l < c.num_layers; ++l) run_layer(l, plan, cache, slots, pool, by_rows);
-    timer.record(by_rows, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count(), T);
-  } else {
-    for (int l = 0; l < c.num_layers; ++l) run_layer(l, plan, cache, slots, pool, false);
+    while (range + 1 < static_cast<int>(parts_timers_.size()) && (T >> (range + 1)) > 0) ++range;
+    timer = &parts_timers_[range];
+    by_parts = timer->pick();
   }
+  const auto t0 = std::chrono::steady_clock::now();
+  if (by_parts) {
+    run_parts(plan, cache, slots, pool, logits);
+  } else {
+    for (int l = 0; l < c.num_layers; ++l) run_layer(l, plan, cache, slots, pool);
+    head(plan, pool, logits);
+  }
+  if (timer) timer->record(by_parts, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count(), T);
   if (cache.quantized()) cache.end_step();
+}
 
+void LlamaModel::head(const BatchPlan& plan, ThreadPool& pool, FloatBuffer* logits) {
+  const ModelConfig& c = config_;
+  const int64_t H = c.hidden_size;
   // Final norm and head only for the rows that need logits.
   const int64_t R = static_cast<int64_t>(plan.logit_rows.size());
   rows_.resize(std::max<int64_t>(R, 1) * H);

@@ -74,8 +74,11 @@ class LlamaModel {
   // (in that order) to `logits` ([logit_rows.size(), vocab]).
   void forward(const BatchPlan& plan, KvCache& cache, ThreadPool& pool, FloatBuffer* logits);
   // Whether a step of T rows may run either of two splits, picked by measured time (so its first
-  // steps of that size try both): see run_layer_rows.
-  bool can_split_rows(int64_t T, const KvCache& cache, ThreadPool& pool) const;
+  // steps of that size try both): see run_parts.
+  bool can_split_parts(int64_t T, const KvCache& cache, ThreadPool& pool) const;
+  // Tests: run every step kernel by kernel, or phased wherever it may, instead of by measured time.
+  enum class Split { kMeasured, kKernels, kParts };
+  void set_split(Split split) { split_ = split; }
 
   // Replaces the four linear weight matrices of every layer by 4-bit ones (quant/q4.h) rounded to
   // nearest with a clip search, and frees the float ones. Their inputs then go as `act` says
@@ -108,19 +111,24 @@ class LlamaModel {
  private:
   void compute_rope(const BatchPlan& plan);
   void prepare(const BatchPlan& plan);  // scratch sizes and RoPE tables for the plan
-  // One decoder layer over the plan, in place on x_.
-  void run_layer(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool,
-                 bool by_rows);
-  // A few rows of a small float model (draft trees, light load): whole rows per thread, two jobs
-  // per layer, in place of splitting each small kernel's columns (most of which ran on one
-  // thread). stories260K, 2 threads, batch 4 decode: 97-107K -> 98-134K tok/s. Where the VM's two
-  // threads share a core it is slower, so rows_timers_ pick it by measured time, per range of
-  // rows (2-3, 4-7). Not from 8 rows on: it sped up batch 16 decode by 15-17%, but in serving
-  // sweeps at saturation SmartSpec then ran 1.7-2.1x slower than no speculation in two of four
-  // runs (equal or faster without it), which its goal forbids; left until that is understood.
-  void run_layer_rows(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool);
-  static constexpr int64_t kMaxSplitRows = 8;
-  std::array<SplitTimer, 2> rows_timers_;
+  // One decoder layer over the plan, in place on x_, kernel by kernel (each split across threads
+  // where it is big enough).
+  void run_layer(int l, const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool);
+  // The final norm and the head of plan.logit_rows into logits.
+  void head(const BatchPlan& plan, ThreadPool& pool, FloatBuffer* logits);
+  // A small float model's layers and head as one phased job (ThreadPool::run_phases), four phases
+  // per layer, each thread always on the same share: its kv heads (their q, k, v columns, RoPE, the
+  // cache and attention), then its columns of o, of gate and up (and their product), of down, and
+  // of the head. Its share of the weights stays in its core's L2, and one job replaces about six
+  // per layer (most too small to split before, so they ran on one thread). The same kernels on
+  // the same elements: the bits of run_layer and head. stories260K, 2 threads, against the
+  // kernel-by-kernel split: batch 1 decode 60-61K -> 69-79K tok/s, speculative steps of 5 rows
+  // 34-36 -> 27 us. Where the VM's two threads share a core it can be slower, so parts_timers_
+  // pick it by measured time per range of rows (1, 2-3, 4-7, ..., 64 and more).
+  void run_parts(const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool, FloatBuffer* logits);
+  int split_parts(ThreadPool& pool) const { return std::min(pool.num_threads(), config_.num_kv_heads); }
+  std::array<SplitTimer, 7> parts_timers_;
+  Split split_ = Split::kMeasured;
   cpu::AttentionParams attention_params(int l, const BatchPlan& plan, KvCache& cache);
   void quantize_layer_w4(int l, int group_size, const LayerHessian* h, double a8_fraction, bool gptq);
   // y[T, n] = x[T, k] W^T + b, through the float or the 4-bit weights, whichever the layer has.
@@ -143,6 +151,7 @@ class LlamaModel {
   std::vector<float> inv_freq_;
   // Scratch, grown to the largest step seen.
   FloatBuffer x_, h_, qkv_, attn_, mlp_, act_, cos_, sin_, rows_;
+  FloatBuffer part_h_;  // run_parts: each part's normed rows
   A8Activations xq_;
   // 4-bit schemes: the head's 8-bit rows as two 4-bit halves (quant/q4.h q8_split_q4), and the
   // halves' outputs.

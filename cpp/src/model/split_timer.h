@@ -1,5 +1,6 @@
 // Chooses between two ways of running the same work that give the same bits (for the layers:
-// columns of each kernel across threads, or whole rows per thread) by their measured time.
+// each kernel split across threads, or one phased job of each thread's share) by their measured
+// time.
 #pragma once
 
 #include <algorithm>
@@ -8,19 +9,31 @@
 namespace accelcore {
 
 // Mean time per row of each way (exponential, 0: none yet). The faster runs; the other every
-// kExplore-th step, so a change of conditions (on a VM whose threads sometimes share a core, the
-// row split goes from 20-30% faster to 20-40% slower) is followed.
+// kExplore-th step, so a change of conditions (on a VM whose threads sometimes share a core, a
+// split can go from 20-30% faster to 20-40% slower) is followed. A way that takes over runs twice:
+// the first step after a switch pays for the switch (a worker woken from its sleep, other data in
+// the caches) and is not recorded. Recording it had kept the phased split, whose worker sleeps
+// through the steps run kernel by kernel on one thread, measured 30% slower than it runs.
 class SplitTimer {
  public:
   static constexpr int64_t kExplore = 32;
 
-  // The way to run this step: true for the second (the row split).
+  // The way to run this step: true for the second (the phased split).
   bool pick() {
-    if (mean_[0] == 0.0 || mean_[1] == 0.0) return mean_[1] == 0.0;  // measure each once
-    const bool second_faster = mean_[1] < mean_[0];
-    return ++steps_ % kExplore == 0 ? !second_faster : second_faster;
+    bool second;
+    if (mean_[1] == 0.0 || mean_[0] == 0.0) {
+      second = mean_[1] == 0.0;  // measure each
+    } else {
+      const bool second_faster = mean_[1] < mean_[0];
+      second = ++steps_ % kExplore < 2 ? !second_faster : second_faster;
+    }
+    switched_ = last_ != static_cast<int>(second);
+    last_ = second;
+    return second;
   }
+  // The time of the step pick() chose.
   void record(bool second, double us, int64_t rows) {
+    if (switched_) return;
     double& mean = mean_[second];
     const double v = us / static_cast<double>(rows);
     // A step slowed by a descheduled thread moves the mean by at most 10%: one outlier must not
@@ -32,6 +45,8 @@ class SplitTimer {
  private:
   double mean_[2] = {0.0, 0.0};
   int64_t steps_ = 0;
+  int last_ = -1;  // the way of the last step (-1: none yet)
+  bool switched_ = false;
 };
 
 }  // namespace accelcore

@@ -17,7 +17,7 @@ int default_num_threads() {
 }
 
 ThreadPool::ThreadPool(int num_threads) : num_threads_(std::max(1, std::min(num_threads, 1 << 15))) {
-  for (int i = 1; i < num_threads_; ++i) workers_.emplace_back([this] { worker_loop(); });
+  for (int i = 1; i < num_threads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
 }
 
 ThreadPool::~ThreadPool() {
@@ -66,7 +66,7 @@ void ThreadPool::work(uint32_t generation) {
   for (;;) {
     if (generation_of(s) != generation) return;
     const int chunks = static_cast<int>((s >> 16) & 0xffff), next = static_cast<int>(s & 0xffff);
-    if (next >= chunks) return;
+    if (chunks == kPhased || next >= chunks) return;
     // A successful claim pins the job: the caller cannot publish another before this chunk is done.
     if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
       run_chunk(next);
@@ -76,7 +76,7 @@ void ThreadPool::work(uint32_t generation) {
   }
 }
 
-void ThreadPool::worker_loop() {
+void ThreadPool::worker_loop(int self) {
   uint32_t seen = 0;
   for (;;) {
     const auto spin_until = std::chrono::steady_clock::now() + kSpinTime;
@@ -95,8 +95,90 @@ void ThreadPool::worker_loop() {
       }
     }
     if (stop_.load()) return;
-    seen = generation_of(state_.load(std::memory_order_acquire));
-    work(seen);
+    const uint64_t s = state_.load(std::memory_order_acquire);
+    seen = generation_of(s);
+    if (((s >> 16) & 0xffff) == kPhased)
+      work_phases(seen, self);
+    else
+      work(seen);
+  }
+}
+
+void ThreadPool::run_part(int phase, int part) {
+  try {
+    (*phase_fn_)(phase, part);
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!error_) error_ = std::current_exception();
+  }
+  done_.fetch_add(1, std::memory_order_release);
+}
+
+void ThreadPool::work_phases(uint32_t generation, int self) {
+  const uint64_t s0 = state_.load(std::memory_order_acquire);
+  if (generation_of(s0) != generation) return;
+  const int phases = static_cast<int>((s0 & 0xffff) >> 6), parts = static_cast<int>(s0 & 63);
+  const uint64_t job = static_cast<uint64_t>(generation) << 32;
+  for (int phase = 0; phase < phases; ++phase) {
+    for (int spins = 0; done_.load(std::memory_order_acquire) < phase * parts; ++spins) {
+      if (generation_of(state_.load(std::memory_order_acquire)) != generation) return;
+      cpu_relax();
+      if ((spins & 1023) == 1023) std::this_thread::yield();  // whoever runs the last part may be descheduled
+    }
+    // This thread's own part first, then any other nobody has claimed.
+    for (int k = 0; k < parts; ++k) {
+      const int part = (self + k) % parts;
+      const uint64_t bit = uint64_t{1} << part;
+      uint64_t c = claims_[phase].load(std::memory_order_acquire);
+      while ((c & ~uint64_t{0xffffffff}) == job && !(c & bit)) {
+        if (claims_[phase].compare_exchange_weak(c, c | bit, std::memory_order_acq_rel, std::memory_order_acquire)) {
+          run_part(phase, part);
+          break;
+        }
+      }
+      if ((c & ~uint64_t{0xffffffff}) != job) return;  // the job is over (all its parts were done)
+    }
+  }
+}
+
+void ThreadPool::run_phases(int phases, int parts, const std::function<void(int, int)>& fn) {
+  if (phases <= 0) return;
+  parts = std::clamp(parts, 1, 32);
+  if (parts == 1 || num_threads_ == 1) {
+    std::exception_ptr err;
+    for (int phase = 0; phase < phases; ++phase)
+      for (int part = 0; part < parts; ++part) try {
+          fn(phase, part);
+        } catch (...) {
+          if (!err) err = std::current_exception();
+        }
+    if (err) std::rethrow_exception(err);
+    return;
+  }
+  for (int first = 0; first < phases; first += kMaxPhases) {
+    const int n = std::min(kMaxPhases, phases - first);
+    const std::function<void(int, int)> shifted = [&](int phase, int part) { fn(first + phase, part); };
+    phase_fn_ = &shifted;
+    error_ = nullptr;
+    done_.store(0, std::memory_order_relaxed);
+    const uint32_t generation = ++generation_;
+    const uint64_t job = static_cast<uint64_t>(generation) << 32;
+    for (int p = 0; p < n; ++p) claims_[p].store(job, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      state_.store(job | static_cast<uint64_t>(kPhased) << 16 | static_cast<uint64_t>(n) << 6 | static_cast<uint64_t>(parts),
+                   std::memory_order_release);
+    }
+    if (sleeping_.load() > 0) cv_.notify_all();
+    work_phases(generation, 0);
+    for (int spins = 0; done_.load(std::memory_order_acquire) != n * parts; ++spins) {
+      cpu_relax();
+      if ((spins & 1023) == 1023) std::this_thread::yield();
+    }
+    phase_fn_ = nullptr;
+    std::exception_ptr err = std::move(error_);
+    error_ = nullptr;
+    if (err) std::rethrow_exception(err);
   }
 }
 

@@ -27,8 +27,20 @@ class ThreadPool {
   // caller (the first one thrown).
   void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
+  // fn(phase, part) for every phase in [0, phases) in order and every part in [0, parts): phase
+  // p + 1 starts once all of phase p's parts are done. Thread i (the caller is thread 0) runs part
+  // i % parts of each phase when it is free to, so a part's data (its share of a model's weights)
+  // stays in one core's cache from phase to phase; a part no thread has claimed by the time one
+  // is done with its own is run by that one, so nobody waits for a worker that is asleep or
+  // descheduled. One job for many short phases: no publishing or waking between them. Parts are
+  // at most 32; exceptions propagate as from parallel_for (the remaining phases still run).
+  void run_phases(int phases, int parts, const std::function<void(int, int)>& fn);
+
  private:
-  void worker_loop();
+  void worker_loop(int self);
+  // Runs this thread's share of phased job `generation` (see run_phases).
+  void work_phases(uint32_t generation, int self);
+  void run_part(int phase, int part);
   // Claims and runs chunks of job `generation` until none is left (or a newer job replaced it).
   void work(uint32_t generation);
   void run_chunk(int index);
@@ -53,6 +65,13 @@ class ThreadPool {
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
   int64_t n_ = 0, grain_ = 1;
   int active_ = 0;
+  // A phased job: state_'s chunk count is kPhased and its low 16 bits (phases << 6 | parts), which
+  // no chunk claim changes. claims_[p] = (generation << 32 | the parts of phase p claimed): a claim
+  // is a compare-and-swap that also checks the job, and pins it like a chunk claim. done_ counts
+  // finished parts; phase p may start when done_ >= p * parts.
+  static constexpr int kPhased = 0xffff, kMaxPhases = 1023;
+  const std::function<void(int, int)>* phase_fn_ = nullptr;
+  std::atomic<uint64_t> claims_[kMaxPhases];
   std::exception_ptr error_;
 };
 

@@ -32,9 +32,12 @@ void paged_attention(const AttentionParams& p, ThreadPool& pool) {
   }
 }
 
-void paged_attention_tokens(const AttentionParams& p, int64_t t0, int64_t t1) {
-  ACCEL_DCHECK(p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 && 0 <= t0 && t0 <= t1 && t1 <= p.num_tokens);
-  attention_kernel()(p, t0 * p.num_kv_heads, t1 * p.num_kv_heads);
+void paged_attention_kv_heads(const AttentionParams& p, int kvh0, int kvh1) {
+  ACCEL_DCHECK(p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 && 0 <= kvh0 && kvh0 <= kvh1 &&
+               kvh1 <= p.num_kv_heads);
+  if (kvh0 == kvh1) return;
+  void (*kernel)(const AttentionParams&, int64_t, int64_t) = attention_kernel();
+  for (int64_t t = 0; t < p.num_tokens; ++t) kernel(p, t * p.num_kv_heads + kvh0, t * p.num_kv_heads + kvh1);
 }
 
 }  // namespace accelcore::cpu

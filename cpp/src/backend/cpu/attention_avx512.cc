@@ -143,8 +143,11 @@ void attend_d8(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
   const int group = p.num_heads / p.num_kv_heads, bs = p.block_size;
   const int64_t head_floats = static_cast<int64_t>(bs) * kD;
   const KvqLayout lay = kvq_layout(p.kv_bits, kD, bs);
-  Scratch scores, stage, dk(p.kv_bits ? head_floats : 0), dv(p.kv_bits ? head_floats : 0);
-  std::vector<VBlock> blocks;
+  // Per thread, kept between calls: a call may cover only a token's kv heads.
+  thread_local Scratch scores, stage, dk, dv;
+  thread_local std::vector<VBlock> blocks;
+  dk.resize(p.kv_bits ? head_floats : 0);
+  dv.resize(p.kv_bits ? head_floats : 0);
   auto pool_block = [&](int32_t block) -> int64_t { return p.stage_of_block ? p.stage_of_block[block] : block; };
 
   for (int64_t item = item_begin; item < item_end;) {

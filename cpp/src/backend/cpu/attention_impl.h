@@ -94,11 +94,13 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
   const int group = p.num_heads / p.num_kv_heads;
   const int hd = HD ? HD : p.head_dim, bs = BS ? BS : p.block_size;
   const int64_t head_floats = static_cast<int64_t>(bs) * hd;  // one head's slice of a block
-  Scratch scores, extra_scores, partial(4 * static_cast<size_t>(bs));
+  // Per thread, kept between calls: a call may cover only a token's kv heads.
+  thread_local Scratch scores, extra_scores, partial, kbuf, vbuf;
+  partial.resize(4 * static_cast<size_t>(bs));
   // Quantized blocks are dequantized once per (token, kv head): K into kbuf as each block is
   // scored, V into vbuf (every block of the range) for the weighted sum.
   const KvqLayout lay = kvq_layout(p.kv_bits, hd, bs);
-  Scratch kbuf(p.kv_bits ? head_floats : 0), vbuf;
+  kbuf.resize(p.kv_bits ? head_floats : 0);
   auto pool_block = [&](int32_t block) -> int64_t { return p.stage_of_block ? p.stage_of_block[block] : block; };
   for (int64_t item = item_begin; item < item_end; ++item) {
     const int64_t t = item / p.num_kv_heads;

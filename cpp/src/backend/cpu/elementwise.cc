@@ -28,8 +28,8 @@ namespace scalar_impl {
 }  // namespace scalar_impl
 
 void rms_norm_scalar(const RmsNormParams& p) { scalar_impl::rms_norm_rows(p); }
-void silu_mul_scalar(const float* gate_up, float* out, int64_t m, int64_t d) {
-  scalar_impl::silu_mul_rows(gate_up, out, m, d);
+void silu_mul_scalar(const float* gate_up, float* out, int64_t m, int64_t d, int64_t i0, int64_t i1) {
+  scalar_impl::silu_mul_rows(gate_up, out, m, d, i0, i1 < 0 ? d : i1);
 }
 
 void rms_norm(const RmsNormParams& p) {
@@ -41,11 +41,11 @@ void rms_norm(const RmsNormParams& p) {
   }
 }
 
-void silu_mul(const float* gate_up, float* out, int64_t m, int64_t d) {
+void silu_mul(const float* gate_up, float* out, int64_t m, int64_t d, int64_t i0, int64_t i1) {
   switch (active_isa()) {
-    case Isa::kAvx512: return silu_mul_avx512(gate_up, out, m, d);
-    case Isa::kAvx2: return silu_mul_avx2(gate_up, out, m, d);
-    case Isa::kScalar: return silu_mul_scalar(gate_up, out, m, d);
+    case Isa::kAvx512: return silu_mul_avx512(gate_up, out, m, d, i0, i1);
+    case Isa::kAvx2: return silu_mul_avx2(gate_up, out, m, d, i0, i1);
+    case Isa::kScalar: return silu_mul_scalar(gate_up, out, m, d, i0, i1);
   }
 }
 
@@ -59,7 +59,7 @@ void write_kv(const KvWriteParams& p) {
     const int64_t slot = p.slots[t];
     ACCEL_DCHECK(slot >= 0);
     const int64_t block = slot / p.block_size, off = slot % p.block_size;
-    for (int h = 0; h < p.num_kv_heads; ++h) {
+    for (int h = p.head_begin; h < (p.head_end < 0 ? p.num_kv_heads : p.head_end); ++h) {
       const int64_t head = (block * p.num_kv_heads + h) * p.block_size * hd;  // this head's slice of the block
       const float* k = p.k + t * p.ld + h * hd;
       float* kt = p.k_cache + head + off;  // K transposed: channel i of this token at kt[i * block_size]

@@ -12,8 +12,8 @@ namespace avx512_impl {
 }  // namespace avx512_impl
 
 void rms_norm_avx512(const RmsNormParams& p) { avx512_impl::rms_norm_rows(p); }
-void silu_mul_avx512(const float* gate_up, float* out, int64_t m, int64_t d) {
-  avx512_impl::silu_mul_rows(gate_up, out, m, d);
+void silu_mul_avx512(const float* gate_up, float* out, int64_t m, int64_t d, int64_t i0, int64_t i1) {
+  avx512_impl::silu_mul_rows(gate_up, out, m, d, i0, i1 < 0 ? d : i1);
 }
 
 }  // namespace accelcore::cpu

@@ -23,12 +23,12 @@ inline void rms_norm_rows(const RmsNormParams& p) {
   }
 }
 
-// out[r, i] = silu(gate[r, i]) * up[r, i], gate_up rows [gate | up].
-inline void silu_mul_rows(const float* gate_up, float* out, int64_t m, int64_t d) {
+// out[r, i] = silu(gate[r, i]) * up[r, i] for i in [i0, i1), gate_up rows [gate | up].
+inline void silu_mul_rows(const float* gate_up, float* out, int64_t m, int64_t d, int64_t i0, int64_t i1) {
   for (int64_t r = 0; r < m; ++r) {
     const float* g = gate_up + r * 2 * d;
     const float* u = g + d;
     float* o = out + r * d;
-    for (int64_t i = 0; i < d; ++i) o[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
+    for (int64_t i = i0; i < i1; ++i) o[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
   }
 }

@@ -33,16 +33,24 @@ void linear_scalar(const LinearParams& p, int64_t n0, int64_t n1) {
   }
 }
 
+namespace {
+
+void (*linear_kernel())(const LinearParams&, int64_t, int64_t) {
+  switch (active_isa()) {
+    case Isa::kAvx512: return linear_avx512;
+    case Isa::kAvx2: return linear_avx2;
+    case Isa::kScalar: break;
+  }
+  return linear_scalar;
+}
+
+}  // namespace
+
 void linear(const LinearParams& p, ThreadPool& pool) {
   ACCEL_DCHECK(p.x && p.w && p.y && p.m >= 0 && p.n >= 0 && p.k >= 0);
   ACCEL_DCHECK(p.ldx >= p.k && p.ldy >= p.n);
   if (p.m == 0 || p.n == 0) return;
-  void (*kernel)(const LinearParams&, int64_t, int64_t) = linear_scalar;
-  switch (active_isa()) {
-    case Isa::kAvx512: kernel = linear_avx512; break;
-    case Isa::kAvx2: kernel = linear_avx2; break;
-    case Isa::kScalar: break;
-  }
+  void (*kernel)(const LinearParams&, int64_t, int64_t) = linear_kernel();
   // Split output columns; small products run on the calling thread, where waking workers would
   // cost more than the work.
   const int64_t work = p.m * p.n * p.k;
@@ -50,8 +58,14 @@ void linear(const LinearParams& p, ThreadPool& pool) {
     kernel(p, 0, p.n);
     return;
   }
-  const int64_t grain = 4 * kLinearPanel;  // a multiple of every kernel's panel block
+  const int64_t grain = 4 * kLinearPanel;  // a multiple of every kernel's panel block  // a multiple of every kernel's panel block
   pool.parallel_for(p.n, grain, [&](int64_t b, int64_t e) { kernel(p, b, e); });
+}
+
+void linear_columns(const LinearParams& p, int64_t n0, int64_t n1) {
+  ACCEL_DCHECK(p.x && p.w && p.y && 0 <= n0 && n0 <= n1 && n1 <= p.n && p.ldx >= p.k && p.ldy >= p.n);
+  if (p.m == 0 || n0 == n1) return;
+  linear_kernel()(p, n0, n1);
 }
 
 namespace {

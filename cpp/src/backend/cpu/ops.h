@@ -31,6 +31,8 @@ struct LinearParams {
   int64_t ldx = 0, ldy = 0;
 };
 void linear(const LinearParams& p, ThreadPool& pool);
+// Output columns [n0, n1) only (any bounds; the same bits as linear()), on the calling thread.
+void linear_columns(const LinearParams& p, int64_t n0, int64_t n1);
 // The single-ISA kernels behind linear(), over output columns [n0, n1); exposed for tests. All give
 // the same bits (linear_impl.h).
 void linear_scalar(const LinearParams& p, int64_t n0, int64_t n1);
@@ -115,12 +117,13 @@ struct RopeParams {
 };
 void apply_rope(const RopeParams& p);
 
-// gate_up: [m, 2 * d] (gate then up); out[m, d] = silu(gate) * up.
-void silu_mul(const float* gate_up, float* out, int64_t m, int64_t d);
+// gate_up: [m, 2 * d] (gate then up); out[m, d] = silu(gate) * up, in columns [i0, i1) (i1 -1: d)
+// only, each element computed alone (the same bits whatever the range).
+void silu_mul(const float* gate_up, float* out, int64_t m, int64_t d, int64_t i0 = 0, int64_t i1 = -1);
 // The single-ISA kernels behind silu_mul(), all with the same bits; exposed for tests.
-void silu_mul_scalar(const float* gate_up, float* out, int64_t m, int64_t d);
-void silu_mul_avx2(const float* gate_up, float* out, int64_t m, int64_t d);
-void silu_mul_avx512(const float* gate_up, float* out, int64_t m, int64_t d);
+void silu_mul_scalar(const float* gate_up, float* out, int64_t m, int64_t d, int64_t i0 = 0, int64_t i1 = -1);
+void silu_mul_avx2(const float* gate_up, float* out, int64_t m, int64_t d, int64_t i0 = 0, int64_t i1 = -1);
+void silu_mul_avx512(const float* gate_up, float* out, int64_t m, int64_t d, int64_t i0 = 0, int64_t i1 = -1);
 
 // Paged attention over a ragged batch. The KV pool of one layer holds K as
 // [num_blocks][num_kv_heads][head_dim][block_size] (transposed within a block) and V as
@@ -154,8 +157,9 @@ struct AttentionParams {
   const int32_t* stage_of_block = nullptr;
 };
 void paged_attention(const AttentionParams& p, ThreadPool& pool);
-// paged_attention() for tokens [t0, t1) only, on the calling thread.
-void paged_attention_tokens(const AttentionParams& p, int64_t t0, int64_t t1);
+// paged_attention() for every token's kv heads [kvh0, kvh1) (and their query heads) only, on the
+// calling thread.
+void paged_attention_kv_heads(const AttentionParams& p, int kvh0, int kvh1);
 // The single-ISA kernels behind paged_attention(), over (token, kv head) items [begin, end) with
 // item = token * num_kv_heads + kv_head; exposed for tests.
 void attention_scalar(const AttentionParams& p, int64_t item_begin, int64_t item_end);
@@ -173,6 +177,7 @@ struct KvWriteParams {
   const int64_t* slots = nullptr;
   int64_t num_tokens = 0;
   int num_kv_heads = 0, head_dim = 0, block_size = 0;
+  int head_begin = 0, head_end = -1;  // the kv heads written (-1: to the last)
 };
 void write_kv(const KvWriteParams& p);
 
