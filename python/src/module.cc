@@ -163,7 +163,9 @@ NB_MODULE(_core, m) {
       .def_ro("last_step_drafted_seqs", &EngineStats::last_step_drafted_seqs)
       .def_ro("spec_acceptance", &EngineStats::spec_acceptance)
       .def_ro("step_time_coefficients", &EngineStats::step_time_coefficients)
-      .def_ro("spec_lookup_cost_s", &EngineStats::spec_lookup_cost_s);
+      .def_ro("spec_lookup_cost_s", &EngineStats::spec_lookup_cost_s)
+      .def_ro("spec_guard_plain_tok_s", &EngineStats::spec_guard_plain_tok_s)
+      .def_ro("spec_guard_drafted_tok_s", &EngineStats::spec_guard_drafted_tok_s);
 
   nb::class_<Engine>(m, "Engine")
       .def(nb::init<const EngineConfig&>(), "config"_a, nb::call_guard<nb::gil_scoped_release>())

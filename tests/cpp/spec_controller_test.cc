@@ -1312,6 +1312,31 @@ TEST(SpecControllerSmart, LowLoadHighAcceptanceDraftsLong) {
   }
 }
 
+// 3b''. Drafts that would pay (a weight-bound step, high acceptance), but more requests than the
+// engine runs at once: while any wait, no drafts (past capacity every added row delays them all);
+// once none waits, the running ones draft.
+TEST(SpecControllerSmart, NoDraftsWhileRequestsWait) {
+  const TrueCost cost{1e-2, 2e-5, 1e-9, 1e-5};
+  SpecFake ex(spec_config(SpecPolicy::kSmart, 2048, 400, /*max_seqs=*/2), cost, 21);
+  ex.profile();
+  for (RequestId id = 1; id <= 6; ++id) ex.add(id, 0.9, 60 + 20 * static_cast<int>(id));
+  int waiting_steps = 0, free_drafted = 0;
+  for (int i = 0; i < 2000 && !ex.sched().empty(); ++i) {
+    ASSERT_TRUE(ex.step()) << "step " << i;
+    const StepStats& st = ex.steps.back();
+    // Nothing but the scheduler admits from the queue: what waits now waited when it planned.
+    if (ex.sched().num_waiting() > 0) {
+      ++waiting_steps;
+      EXPECT_EQ(st.draft_tokens, 0) << "step " << i << " drafted with " << ex.sched().num_waiting() << " waiting";
+    } else {
+      free_drafted += st.draft_tokens > 0;
+    }
+  }
+  ex.expect_all_exact();
+  EXPECT_GE(waiting_steps, 50);
+  EXPECT_GE(free_drafted, 10);
+}
+
 // 3b'. A lone request whose drafts would pay on their own, but whose every lookup costs more than
 // any first node could gain: after the first lookup has measured that, no more lookups (the
 // engine's step time leaves lookups out, and the fake's cost has none). With (nearly) free lookups

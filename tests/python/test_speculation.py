@@ -357,6 +357,14 @@ def test_smartspec_stats(stories_dir):
     assert 0 <= stats["spec_lookup_cost_s"] < 0.1
     if stats["num_draft_tokens"] > 0:
         assert stats["spec_lookup_cost_s"] > 0
+    # The goodput guard's measurements, per range of sequences in a step (1, 2-3, 4-7, ...): it
+    # measures steps of 4 or more sequences only, each step on the side (drafted or not) it went.
+    plain, drafted = stats["spec_guard_plain_tok_s"], stats["spec_guard_drafted_tok_s"]
+    assert len(plain) == len(drafted) == 8 and all(v >= 0 for v in plain + drafted)
+    assert plain[:2] == [0, 0] and drafted[:2] == [0, 0] and plain[2] + drafted[2] == 0
+    engine.generate(["Once upon a time"] * 6, SamplingParams(max_tokens=64, temperature=0.0))
+    stats = engine.stats()
+    assert stats["spec_guard_plain_tok_s"][2] + stats["spec_guard_drafted_tok_s"][2] > 0
     fixed = Engine(str(stories_dir), speculation="lookahead", spec_policy="fixed").stats()
     assert fixed["spec_policy"] == "fixed"
     assert Engine(str(stories_dir)).stats()["spec_policy"] == ""

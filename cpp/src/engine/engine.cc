@@ -413,6 +413,12 @@ void Engine::Impl::publish() {
     const auto& c = spec->model().coefficients();
     counters.step_time_coefficients.assign(c.begin(), c.end());
     counters.spec_lookup_cost_s = spec->model().lookup_cost();
+    counters.spec_guard_plain_tok_s.clear();
+    counters.spec_guard_drafted_tok_s.clear();
+    for (int r = 0; r < GoodputGuard::kRanges; ++r) {
+      counters.spec_guard_plain_tok_s.push_back(spec->guard().tokens_per_second(1 << r, false));
+      counters.spec_guard_drafted_tok_s.push_back(spec->guard().tokens_per_second(1 << r, true));
+    }
   } else {
     counters.spec_policy = config.speculation == "lookahead" ? "off" : "";
   }

@@ -277,6 +277,11 @@ void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
   // SmartSpec. Until the step-time model has data, no drafts (the engine profiles at start-up).
   const StepTimeModel& model = spec_->model();
   if (!model.ready()) return;
+  // Requests left waiting after admission: the engine is past its capacity, where every row a
+  // draft adds delays them all and the goodput of the running ones says nothing of theirs
+  // (stories260K at 1600 req/s past saturation: 8% less throughput and 36% more latency than no
+  // speculation with drafts, equal without).
+  if (!waiting_.empty()) return;
   if (!spec_->guard().allow_drafts(static_cast<int>(picks_.size()))) return;
   // The goodput a draft must beat is that of the step's sampled rows (and its fixed cost) alone.
   // Prompt rows without a sample are work done once whatever is drafted: counted in, their time
