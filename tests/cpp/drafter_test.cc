@@ -547,6 +547,14 @@ TEST(Drafter, MatchesBruteForceRetrievalOnRandomCases) {
         const RefDraft ref = reference_draft(own ? &ctx : nullptr, stored, ctx, max_match, depth);
         const bool was_exact = check_against_reference(t, m, ref, max_nodes, what);
         if (::testing::Test::HasFailure()) return;
+        // Any hint at the match length gives the same draft.
+        for (int hint : {1, m, m + 1, max_match, max_match + 3}) {
+          DraftTree h;
+          ASSERT_EQ(d.propose(ctx.data(), static_cast<int>(ctx.size()), max_nodes, req_depth, &h, own, hint), m) << what;
+          ASSERT_EQ(h.tokens, t.tokens) << what << " hint " << hint;
+          ASSERT_EQ(h.parents, t.parents) << what << " hint " << hint;
+          ASSERT_EQ(h.shares, t.shares) << what << " hint " << hint;
+        }
         ++checked;
         exact += was_exact;
         with_draft += t.size() > 0;

@@ -39,6 +39,7 @@ struct Request {
   // first verification (the global rates stand in).
   std::vector<float> spec_accept;
   int spec_match = -1;           // match length of its last draft proposal (-1: none yet)
+  int spec_match_tokens = 0;     // its length (tokens) at that proposal
   int spec_steps_unprobed = 0;   // steps since that proposal
 
   std::vector<TokenLogprobs> prompt_logprobs;  // filled while the prompt is prefilled

@@ -244,7 +244,11 @@ void Scheduler::propose(Request* r, int max_nodes, DraftTree* out) {
   for (int k = 0; k < r->num_tokens(); ++k) context_[k] = r->token_at(k);
   int max_depth = config_.spec_max_depth;
   if (config_.kv_quantized) max_depth = std::min(max_depth, config_.block_size - r->num_tokens() % config_.block_size);
-  drafter_->propose(context_.data(), r->num_tokens(), max_nodes, max_depth, out);
+  // The last match, grown by the tokens since, is the likeliest match now.
+  const int hint = r->spec_match > 0 ? r->spec_match + r->num_tokens() - r->spec_match_tokens : 0;
+  drafter_->propose(context_.data(), r->num_tokens(), max_nodes, max_depth, out, true, hint);
+  r->spec_match = out->match;
+  r->spec_match_tokens = r->num_tokens();
 }
 
 void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
@@ -329,7 +333,6 @@ void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
     const double lookup_s = clock_() - t0;
     spec_->model().observe_lookup(lookup_s);
     last_lookup_s_ += lookup_s;
-    r->spec_match = t.match;
     r->spec_steps_unprobed = 0;
     if (t.size() == 0) continue;
     spec_->node_probabilities(r, t, &c.probs);
@@ -369,6 +372,7 @@ void Scheduler::on_verified(const ScheduledSeq& s, const int32_t* path, int n) {
 void Scheduler::observe_step(const StepFeatures& f, double seconds, double generated_tokens) {
   if (!spec_) return;
   spec_->model().observe(f, seconds);
+  if (last_lookup_s_ == 0) spec_->model().age_lookup();
   if (spec_->policy() == SpecPolicy::kSmart && generated_tokens >= 0)
     spec_->guard().observe(static_cast<int>(f.seqs), f.drafted > 0, generated_tokens, seconds);
 }

@@ -73,7 +73,7 @@ void StepTimeModel::accumulate(const StepFeatures& f, double seconds, double wei
 
 void StepTimeModel::observe_profile(const StepFeatures& f, double seconds) {
   if (!(seconds >= 0) || !std::isfinite(seconds)) return;
-  accumulate(f, seconds, 1.0, profile_ata_.data(), profile_aty_.data());
+  accumulate(f, seconds, relative_weight(seconds), profile_ata_.data(), profile_aty_.data());
   ++profile_n_;
   ++n_;
   refit();
@@ -90,7 +90,7 @@ void StepTimeModel::observe(const StepFeatures& f, double seconds) {
   }
   for (double& v : ata_) v *= forgetting_;
   for (double& v : aty_) v *= forgetting_;
-  accumulate(f, seconds, 1.0, ata_.data(), aty_.data());
+  accumulate(f, seconds, relative_weight(seconds), ata_.data(), aty_.data());
   ++n_;
   // Refitting is a handful of 4x4 solves: every step while young, then every 8th.
   if (n_ <= 64 || n_ % 8 == 0) refit();

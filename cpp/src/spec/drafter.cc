@@ -174,7 +174,7 @@ void Drafter::evict_until_within_bound() {
 }
 
 int Drafter::propose(const int32_t* context, int n, int max_nodes, int max_depth, DraftTree* out,
-                     bool search_context) {
+                     bool search_context, int match_hint) {
   out->clear();
   if (max_nodes <= 0 || max_depth <= 0 || n <= 0) return 0;
   max_depth = std::min(max_depth, config_.max_depth);
@@ -198,24 +198,43 @@ int Drafter::propose(const int32_t* context, int n, int max_nodes, int max_depth
   const bool store = lock.owns_lock();
   // The store's longest suffix with something after it. Monotone in m (the occurrence of a suffix
   // also holds every shorter suffix, followed by the same token), so a binary search finds it.
+  // Each probe is a walk from the root through scattered nodes (a cache miss a level): the hint is
+  // probed first, then the longest, so a request that keeps matching as long as it can (the
+  // common case while drafts are accepted) costs one or two walks, not three or four.
   auto store_node = [&](int m) {
     const int32_t g = global_.find(context + n - m, m);
     return g != TokenTrie::kNone && global_.first_child(g) != TokenTrie::kNone ? g : TokenTrie::kNone;
   };
   int store_match = 0;
-  for (int lo = 1, hi = store ? std::min(n, config_.max_match) : 0; lo <= hi;) {
-    const int mid = (lo + hi) / 2;
-    if (store_node(mid) != TokenTrie::kNone) {
-      store_match = mid;
-      lo = mid + 1;
+  int32_t store_g = TokenTrie::kNone;  // the node of store_match's suffix
+  auto probe = [&](int m) {
+    const int32_t g = store_node(m);
+    if (g == TokenTrie::kNone) return false;
+    store_match = m, store_g = g;
+    return true;
+  };
+  int lo = 1, hi = store ? std::min(n, config_.max_match) : 0;
+  if (match_hint > 0 && lo <= hi) {
+    const int guess = std::clamp(match_hint, lo, hi);
+    if (!probe(guess)) {
+      hi = guess - 1;
     } else {
-      hi = mid - 1;
+      lo = guess + 1;
+      if (lo <= hi) {
+        if (probe(hi)) lo = hi + 1;
+        else --hi;
+      }
     }
+  }
+  while (lo <= hi) {
+    const int mid = (lo + hi) / 2;
+    if (probe(mid)) lo = mid + 1;
+    else hi = mid - 1;
   }
   const int match = std::max(own_match, store_match);
   if (match == 0) return 0;
   max_depth = std::min(max_depth, window_ - match);
-  const int32_t gnode = store_match >= match ? store_node(match) : TokenTrie::kNone;
+  const int32_t gnode = store_match >= match ? store_g : TokenTrie::kNone;
   // What followed the context's own occurrences, as a trie whose root stands for the match.
   const TokenTrie* local = nullptr;
   int32_t lnode = TokenTrie::kNone;

@@ -96,8 +96,11 @@ class Drafter {
 
   // Proposes a draft after context[0, n) from the context's own earlier occurrences and the
   // indexed store. Returns the match length used (0: no draft). search_context false: the store
-  // alone serves (for tests of the store).
-  int propose(const int32_t* context, int n, int max_nodes, int max_depth, DraftTree* out, bool search_context = true);
+  // alone serves (for tests of the store). match_hint (> 0): a guess at the store's match length
+  // (the request's last, plus what it has gained since), tried first; the result is the same
+  // with any hint or none, only the number of trie walks differs.
+  int propose(const int32_t* context, int n, int max_nodes, int max_depth, DraftTree* out, bool search_context = true,
+              int match_hint = 0);
 
   // Bytes of the store (nodes and stored outputs, pending ones included); never above the bound.
   // Outputs in the inbox come on top (the scheduler keeps them under its backlog bound).
