@@ -641,7 +641,7 @@ bool LlamaModel::can_split_parts(int64_t T, const KvCache& cache, ThreadPool& po
   const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_size();
   const int64_t layer_floats = H * (Q + 2 * c.kv_size()) + Q * H + 3 * H * I;
   // Only where a layer's weights fit a core's L2, so each thread's share of them stays there.
-  return T >= 1 && split_parts(pool) > 1 && layer_floats * static_cast<int64_t>(sizeof(float)) <= (1 << 20) &&
+  return T > 0 && split_parts(pool) > 1 && layer_floats * static_cast<int64_t>(sizeof(float)) <= (1 << 20) &&
          !quantized() && head_q_.n == 0 && !cache.quantized() && hessians_ == nullptr;
 }
 

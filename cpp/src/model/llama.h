@@ -121,10 +121,11 @@ class LlamaModel {
   // cache and attention), then its columns of o, of gate and up (and their product), of down, and
   // of the head. Its share of the weights stays in its core's L2, and one job replaces about six
   // per layer (most too small to split before, so they ran on one thread). The same kernels on
-  // the same elements: the bits of run_layer and head. stories260K, 2 threads, against the
-  // kernel-by-kernel split: batch 1 decode 60-61K -> 69-79K tok/s, speculative steps of 5 rows
-  // 34-36 -> 27 us. Where the VM's two threads share a core it can be slower, so parts_timers_
-  // pick it by measured time per range of rows (1, 2-3, 4-7, ..., 64 and more).
+  // the same elements: the bits of run_layer and head. stories260K, 2 threads, against the row
+  // split it replaced (docs/performance.md): batch 1 decode 57K -> 75K tok/s, 256-token prefill
+  // 181K -> 229K where the VM's two vCPUs run in parallel, about equal where they share a core;
+  // there it can be slower, so parts_timers_ pick it by measured time per range of rows (1, 2-3,
+  // 4-7, ..., 64 and more).
   void run_parts(const BatchPlan& plan, KvCache& cache, const int64_t* slots, ThreadPool& pool, FloatBuffer* logits);
   int split_parts(ThreadPool& pool) const { return std::min(pool.num_threads(), config_.num_kv_heads); }
   std::array<SplitTimer, 7> parts_timers_;
