@@ -58,7 +58,7 @@ void linear(const LinearParams& p, ThreadPool& pool) {
     kernel(p, 0, p.n);
     return;
   }
-  const int64_t grain = 4 * kLinearPanel;  // a multiple of every kernel's panel block  // a multiple of every kernel's panel block
+  const int64_t grain = 4 * kLinearPanel;  // a multiple of every kernel's panel block
   pool.parallel_for(p.n, grain, [&](int64_t b, int64_t e) { kernel(p, b, e); });
 }
 
