@@ -737,8 +737,8 @@ TEST(Drafter, DropPendingDropsTheOldestWhollyPendingOutputs) {
 }
 
 // After the stepping thread says it is busy, the background thread leaves the pending outputs
-// alone for the quiet window (here long, so that the check cannot race it; indexing all 2000
-// tokens takes about 1.5 ms), then indexes them all.
+// alone until it says it is idle, and then for the quiet window (here long, so that the check
+// cannot race it; indexing all 2000 tokens takes about 1.5 ms); then it indexes them all.
 TEST(Drafter, BackgroundIndexingWaitsWhileTheSteppingThreadIsBusy) {
   DrafterConfig c = config(100, 4, 4);
   c.background_quiet = std::chrono::milliseconds(300);
@@ -755,10 +755,30 @@ TEST(Drafter, BackgroundIndexingWaitsWhileTheSteppingThreadIsBusy) {
   if (std::chrono::steady_clock::now() - busy < c.background_quiet) {
     EXPECT_EQ(pending, 2000u);
   }
+  d.note_idle();
   for (int wait = 0; wait < 2000 && d.num_pending_tokens() > 0; ++wait)
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   EXPECT_EQ(d.num_pending_tokens(), 0u);
   EXPECT_GE(std::chrono::steady_clock::now() - busy, c.background_quiet);
+}
+
+// Busy steps that follow each other with pauses longer than the quiet window are still busy:
+// nothing is indexed until the stepping thread says it is idle.
+TEST(Drafter, BackgroundIndexingWaitsForIdle) {
+  DrafterConfig c = config(100, 4, 4);
+  c.background_quiet = std::chrono::microseconds(100);
+  Drafter d(c);
+  d.start_background_indexing();
+  std::vector<int32_t> out(500);
+  for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<int32_t>(i % 37);
+  d.note_busy();
+  d.add_output(out.data(), static_cast<int>(out.size()));
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));  // three of the thread's timeouts
+  EXPECT_EQ(d.num_pending_tokens(), 500u);
+  d.note_idle();
+  for (int wait = 0; wait < 2000 && d.num_pending_tokens() > 0; ++wait)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_EQ(d.num_pending_tokens(), 0u);
 }
 
 TEST(Drafter, BackgroundIndexingIndexesEverythingAndKeepsTheBound) {

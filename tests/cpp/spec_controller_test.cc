@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <functional>
 #include <map>
@@ -20,6 +21,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "sched/batch_plan.h"
@@ -1564,6 +1566,33 @@ TEST(SpecControllerScheduler, FixedDraftsTheMaximumAndOffDraftsNothing) {
     ASSERT_NE(ex.sched().spec(), nullptr);
     for (int d = 1; d <= 8; ++d) EXPECT_FLOAT_EQ(ex.sched().spec()->global_rates()[d], 0.5f);
   }
+}
+
+// Finished outputs are indexed in the background only once the scheduler has nothing left to
+// run: while a request still decodes, an earlier one's output stays pending (the background
+// thread does not run beside the steps), and once the last one finishes it is indexed with no
+// further step.
+TEST(SpecControllerScheduler, OutputsAreIndexedInTheBackgroundOnlyWhenIdle) {
+  const TrueCost cost{1e-4, 1e-3, 1e-9, 2e-5};
+  SpecFake ex(spec_config(SpecPolicy::kFixed, 64, 400), cost, 4);
+  ex.add(1, 0.5, 5);
+  ex.add(2, 0.5, 200);
+  const Drafter* d = ex.sched().drafter();
+  ASSERT_NE(d, nullptr);
+  bool pending_while_busy = false;
+  while (!ex.sched().empty()) {
+    ASSERT_TRUE(ex.step());
+    if (ex.stats[1].output.size() == 5 && !ex.sched().empty()) {
+      // Steps 0.5 ms apart: longer than the background thread's quiet window.
+      std::this_thread::sleep_for(std::chrono::microseconds(500));
+      pending_while_busy |= d->num_pending_tokens() > 0;
+      EXPECT_EQ(d->num_pending_tokens(), 5u) << "indexed while a request was running";
+    }
+  }
+  EXPECT_TRUE(pending_while_busy);
+  for (int wait = 0; wait < 2000 && d->num_pending_tokens() > 0; ++wait)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_EQ(d->num_pending_tokens(), 0u);
 }
 
 }  // namespace

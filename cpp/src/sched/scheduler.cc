@@ -226,6 +226,7 @@ void Scheduler::schedule(BatchPlan* plan, std::vector<ScheduledSeq>* seqs,
   // cost more than the steps themselves (256 tokens, about 180 us, in a 70 us step of
   // stories260K at 1600 req/s), and under such a load drafts do not pay anyway.
   if (drafter_ && drafter_->num_pending_tokens() > kMaxIndexBacklog) drafter_->drop_pending(kMaxIndexBacklog);
+  if (drafter_ && running_.empty() && waiting_.empty()) drafter_->note_idle();
 }
 
 void Scheduler::take_released(std::vector<int32_t>* blocks, std::vector<uint8_t>* full) {
@@ -430,6 +431,7 @@ std::unique_ptr<Request> Scheduler::finish(RequestId id, FinishReason reason) {
   if (drafter_ && spec_->policy() != SpecPolicy::kOff &&
       (reason == FinishReason::kStop || reason == FinishReason::kLength))
     drafter_->add_output(r->output.data(), static_cast<int>(r->output.size()));
+  if (drafter_ && running_.empty() && waiting_.empty()) drafter_->note_idle();
   return req;
 }
 

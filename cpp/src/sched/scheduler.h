@@ -86,6 +86,7 @@ class Scheduler {
   const BlockAllocator& allocator() const { return allocator_; }
   // Null without speculation.
   const SpecController* spec() const { return spec_.get(); }
+  const Drafter* drafter() const { return drafter_.get(); }  // null without speculation
   // Draft nodes and requests with a draft in the last planned step.
   int last_draft_tokens() const { return last_draft_tokens_; }
   int last_drafted_seqs() const { return last_drafted_seqs_; }

@@ -41,11 +41,11 @@ void Drafter::background_loop() {
   pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    // add_output does not take mu_ to notify (it must not wait for this thread), so a wake-up
-    // may come just before the wait: the timeout bounds what that delays.
-    cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return stop_ || pending_tokens_ > 0; });
+    // note_idle does not take mu_ to notify (the stepping thread must not wait for this thread),
+    // so a wake-up may come just before the wait: the timeout bounds what that delays.
+    cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return stop_ || (idle_ && pending_tokens_ > 0); });
     if (stop_) return;
-    if (pending_tokens_ == 0) continue;
+    if (!idle_ || pending_tokens_ == 0) continue;
     const auto quiet = std::chrono::steady_clock::now().time_since_epoch() - std::chrono::nanoseconds(last_busy_ns_);
     if (quiet < config_.background_quiet) {
       lock.unlock();
@@ -63,7 +63,13 @@ void Drafter::background_loop() {
 }
 
 void Drafter::note_busy() {
+  idle_ = false;
   last_busy_ns_ = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+void Drafter::note_idle() {
+  idle_ = true;
+  cv_.notify_one();
 }
 
 void Drafter::add_output(const int32_t* output, int n) {
@@ -78,7 +84,7 @@ void Drafter::add_output(const int32_t* output, int n) {
     std::lock_guard<std::mutex> in(inbox_mu_);
     inbox_.push_back(std::move(tokens));
   }
-  cv_.notify_one();
+  if (idle_) cv_.notify_one();
 }
 
 void Drafter::store_locked(std::vector<int32_t>&& tokens) {
