@@ -602,8 +602,10 @@ TEST(SpecControllerOrder, SortsKeepsParentsFirstAndCarriesFields) {
   t.parents = {-1, 0, 1, -1, 3};
   t.depths = {1, 2, 3, 1, 2};
   t.shares = {1.0f, 1.0f, 1.0f, 0.5f, 1.0f};
+  t.match = 6;
   std::vector<float> p = {0.6f, 0.3f, 0.1f, 0.4f, 0.3f};
   order_by_probability(&t, &p);
+  EXPECT_EQ(t.match, 6);  // verification files its outcome under the match length
   EXPECT_EQ(p, (std::vector<float>{0.6f, 0.4f, 0.3f, 0.3f, 0.1f}));
   EXPECT_EQ(t.tokens, (std::vector<int32_t>{10, 13, 11, 14, 12}));  // ties (0.3) keep their order
   EXPECT_EQ(t.parents, (std::vector<int32_t>{-1, -1, 0, 1, 2}));
@@ -1313,6 +1315,25 @@ TEST(SpecControllerSmart, LowLoadHighAcceptanceDraftsLong) {
     std::printf("[ info ] low load, %d request(s): %.2f draft nodes per drafted step, %.2f tokens per step, %ld steps\n",
                 num, mean, static_cast<double>(tokens) / sampled, sampled / num);
   }
+}
+
+// 3b'. A CPU-like step (a draft row costs a third of the fixed cost) and drafts that are nearly
+// always right: long drafts pay only once the acceptance of long matches is learned. (When the
+// reordered draft lost its match length, every outcome was filed under matches of 1 token, the
+// long-match estimates kept their prior, and a lone request drafted 3-4 nodes a step.)
+TEST(SpecControllerSmart, NearCertainDraftsAreLearnedAndGrowLong) {
+  const TrueCost cost{12e-6, 3e-6, 1e-9, 1e-6};
+  SpecFake ex(spec_config(SpecPolicy::kSmart, 2048, 200), cost, 12);
+  ex.profile();
+  ex.add(1, 0.99, 600);
+  ASSERT_TRUE(ex.run());
+  ex.expect_all_exact();
+  // The second half of the request's sampling steps: the estimates have settled.
+  const auto& drafts = ex.stats[1].drafts;
+  ASSERT_GT(drafts.size(), 40u);
+  long nodes = 0, steps = 0;
+  for (size_t i = drafts.size() / 2; i < drafts.size(); ++i) nodes += drafts[i].second, ++steps;
+  EXPECT_GE(static_cast<double>(nodes) / steps, 7.0) << nodes << " nodes in " << steps << " sampling steps";
 }
 
 // 3b''. Drafts that would pay (a weight-bound step, high acceptance), but more requests than the

@@ -335,6 +335,7 @@ void order_by_probability(DraftTree* t, std::vector<float>* probs) {
   std::vector<int> where(n);
   for (int i = 0; i < n; ++i) where[order[i]] = i;
   DraftTree out;
+  out.match = t->match;
   std::vector<float> p(n);
   for (int i = 0; i < n; ++i) {
     const int o = order[i];
