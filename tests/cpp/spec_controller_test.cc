@@ -729,6 +729,13 @@ TEST(SpecController, TheCheapBoundFollowsTheRequestsLastMatch) {
   EXPECT_GT(sc.first_node_bound(&r), 8 * low);
   r.spec_match = 0;  // no match last time
   EXPECT_LT(sc.first_node_bound(&r), 0.1f);
+  // Ten tokens later the match may be up to ten tokens longer: a long match's bound.
+  r.prompt.assign(30, 1);
+  r.spec_match_tokens = 20;
+  r.spec_match = 2;
+  EXPECT_GT(sc.first_node_bound(&r), 0.7f);
+  r.spec_match_tokens = 29;  // one token since: a match of 3 at most
+  EXPECT_FLOAT_EQ(sc.first_node_bound(&r), low);
   // A match at the drafter's max_match stays in its bucket (no longer match can come).
   r.spec_match = 4;
   EXPECT_LT(short_only.first_node_bound(&r), 0.1f);
@@ -1259,7 +1266,7 @@ TEST(SpecControllerSmart, HighLoadDraftsNothing) {
 // 3a'. The same load with a prompt arriving every step: the prompt rows run whatever is drafted,
 // so they must not lower the bar a draft has to clear (counted in the goodput, their time made a
 // 0.9-token row look worth it next to 64 decode rows plus 50 prompt rows). Only the periodic cost
-// probes (one node for a few requests, every kCostProbeInterval steps) may draft.
+// probes (one node for a few requests, every kDraftProbeInterval steps) may draft.
 TEST(SpecControllerSmart, PromptRowsInTheStepDoNotMakeDraftsLookCheap) {
   const TrueCost cost{1e-4, 1e-3, 1e-9, 2e-5};
   SpecFake ex(spec_config(SpecPolicy::kSmart, 4096, 1400), cost, 2);
@@ -1317,7 +1324,7 @@ TEST(SpecControllerSmart, LowLoadHighAcceptanceDraftsLong) {
   }
 }
 
-// 3b'. A CPU-like step (a draft row costs a third of the fixed cost) and drafts that are nearly
+// 3b1. A CPU-like step (a draft row costs a third of the fixed cost) and drafts that are nearly
 // always right: long drafts pay only once the acceptance of long matches is learned. (When the
 // reordered draft lost its match length, every outcome was filed under matches of 1 token, the
 // long-match estimates kept their prior, and a lone request drafted 3-4 nodes a step.)
@@ -1336,7 +1343,29 @@ TEST(SpecControllerSmart, NearCertainDraftsAreLearnedAndGrowLong) {
   EXPECT_GE(static_cast<double>(nodes) / steps, 7.0) << nodes << " nodes in " << steps << " sampling steps";
 }
 
-// 3b''. Drafts that would pay (a weight-bound step, high acceptance), but more requests than the
+// 3b2. Acceptance that changes: early requests whose drafts mostly fail, then one whose drafts
+// are nearly always right. The deep nodes the early ones made the model give up on are drafted
+// now and then anyway (the scheduler's probes), so their estimates recover and the drafts grow
+// long again; without the probes a depth once judged poor was never drafted, so never observed.
+TEST(SpecControllerSmart, DepthsJudgedPoorEarlyAreTriedAgain) {
+  const TrueCost cost{12e-6, 3e-6, 1e-9, 1e-6};
+  SpecFake ex(spec_config(SpecPolicy::kSmart, 2048, 400), cost, 13);
+  ex.profile();
+  for (RequestId id = 1; id <= 4; ++id) {
+    ex.add(id, 0.3, 150);
+    ASSERT_TRUE(ex.run());
+  }
+  ex.add(5, 0.99, 1500);
+  ASSERT_TRUE(ex.run());
+  ex.expect_all_exact();
+  const auto& drafts = ex.stats[5].drafts;
+  ASSERT_GT(drafts.size(), 60u);
+  long nodes = 0, steps = 0;
+  for (size_t i = drafts.size() * 3 / 4; i < drafts.size(); ++i) nodes += drafts[i].second, ++steps;
+  EXPECT_GE(static_cast<double>(nodes) / steps, 6.0) << nodes << " nodes in " << steps << " sampling steps";
+}
+
+// 3b3. Drafts that would pay (a weight-bound step, high acceptance), but more requests than the
 // engine runs at once: while any wait, no drafts (past capacity every added row delays them all);
 // once none waits, the running ones draft.
 TEST(SpecControllerSmart, NoDraftsWhileRequestsWait) {
@@ -1361,7 +1390,7 @@ TEST(SpecControllerSmart, NoDraftsWhileRequestsWait) {
   EXPECT_GE(free_drafted, 10);
 }
 
-// 3b'. A lone request whose drafts would pay on their own, but whose every lookup costs more than
+// 3b4. A lone request whose drafts would pay on their own, but whose every lookup costs more than
 // any first node could gain: after the first lookup has measured that, no more lookups (the
 // engine's step time leaves lookups out, and the fake's cost has none). With (nearly) free lookups
 // the same request looks up and drafts in nearly every step.
@@ -1393,7 +1422,7 @@ TEST(SpecControllerSmart, LookupsThatCannotPayForThemselvesAreNotMade) {
   }
 }
 
-// 3b''. The first lookup is slow (twice a step: a cold cache), the rest nearly free: the estimate
+// 3b5. The first lookup is slow (twice a step: a cold cache), the rest nearly free: the estimate
 // ages while no lookup is made, lookups resume, and the request drafts again.
 TEST(SpecControllerSmart, OneSlowLookupDoesNotStopLookupsForGood) {
   const TrueCost cost{1e-3, 2e-5, 1e-9, 1e-5};

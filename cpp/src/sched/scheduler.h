@@ -154,9 +154,10 @@ class Scheduler {
   double last_lookup_s_ = 0;
   Clock clock_ = steady_seconds;
   static double steady_seconds();
-  // SmartSpec: steps between the steps that vary their shape for the step-time model.
-  static constexpr int kCostProbeInterval = 32;
-  int steps_since_cost_probe_ = 0;
+  // SmartSpec: steps between the steps that draft a node more than allocated (for the step-time
+  // model and the acceptance estimates).
+  static constexpr int kDraftProbeInterval = 32;
+  int steps_since_draft_probe_ = 0;
   // Finished outputs waiting for the draft store beyond which the oldest are dropped; at most
   // kMaxIdleFlush of them are indexed by a step that starts from an idle engine.
   static constexpr size_t kMaxIndexBacklog = 4096, kMaxIdleFlush = 1024;

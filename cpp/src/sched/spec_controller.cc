@@ -211,7 +211,10 @@ float SpecController::request_factor(const Request* r, int d) const {
 
 float SpecController::first_node_bound(const Request* r) const {
   if (r->spec_match < 0) return 1.0f;
-  const int b = std::min(bucket(r->spec_match + 1), num_buckets_ - 1);
+  // A suffix match grows by at most one per token appended (its occurrence also holds the
+  // previous suffix), so the tokens since the proposal bound the match now.
+  const int grown = r->spec_match + std::max(r->num_tokens() - r->spec_match_tokens, 1);
+  const int b = std::min(bucket(grown), num_buckets_ - 1);
   return std::min(1.0f, optimistic(b * (max_depth_ + 1) + 1) * request_factor(r, 1));
 }
 
