@@ -73,5 +73,18 @@ TEST(SplitTimer, OneSlowStepDoesNotFlipTheChoice) {
   EXPECT_TRUE(timer.pick() || timer.pick());  // an exploration step may come first
 }
 
+TEST(SplitTimer, ASlowFirstMeasurementIsSoonCorrected) {
+  SplitTimer timer;
+  // The second way's first recorded step took 40x its usual time (a cold start); the first way
+  // measures 3.0. Within a handful of explorations the second (2.0) runs again.
+  EXPECT_TRUE(timer.pick());
+  timer.record(true, 80.0 * 4, 4);
+  EXPECT_TRUE(timer.pick());
+  timer.record(true, 80.0 * 4, 4);
+  run(timer, 8 * SplitTimer::kExplore, 3.0, 2.0);
+  const int n = 10 * SplitTimer::kExplore;
+  EXPECT_EQ(run(timer, n, 3.0, 2.0), n - 2 * n / SplitTimer::kExplore);
+}
+
 }  // namespace
 }  // namespace accelcore
