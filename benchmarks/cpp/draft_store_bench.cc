@@ -5,6 +5,7 @@
 // as it is in the engine.
 //
 //   build-bench/benchmarks/cpp/draft_store_bench [outputs=200] [length=256] [reps=5] [evict_mb=2]
+//       [proposal_rounds=1]   (more rounds: a profile of the proposals, not of building the store)
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -67,6 +68,7 @@ int main(int argc, char** argv) {
   const int length = argc > 2 ? std::atoi(argv[2]) : 256;
   const int reps = argc > 3 ? std::atoi(argv[3]) : 5;
   g_evict.resize(static_cast<size_t>(argc > 4 ? std::atof(argv[4]) * (1 << 20) : 2 << 20));
+  const int rounds = argc > 5 ? std::atoi(argv[5]) : 1;
   TextSource src;
   std::vector<double> index_us, propose_cold_us, propose_warm_us;
   for (int rep = 0; rep < reps; ++rep) {
@@ -92,6 +94,7 @@ int main(int argc, char** argv) {
     DraftTree tree;
     double cold = 0, warm = 0;
     int calls = 0;
+    for (int round = 0; round < rounds; ++round)
     for (int n = 16; n < length; n += 4, ++calls) {
       evict_caches();
       double t0 = now();
