@@ -166,8 +166,9 @@ class SpecController {
   const std::vector<float>& global_rates() const { return global_; }
   // What r's likeliest first draft node is worth at most, as far as its last proposal tells: the
   // optimistic rate for the longest match it can have now (a repeating text matches one token
-  // longer per token appended), or 1 before any proposal. The scheduler skips the lookup when even this cannot
-  // raise goodput, and still proposes every kProbeInterval steps to refresh the match.
+  // longer per token appended), or 1 before any proposal. The scheduler skips the lookup when
+  // even this cannot raise goodput, and still proposes every kProbeInterval steps to refresh the
+  // match.
   float first_node_bound(const Request* r) const;
   static constexpr int kProbeInterval = 16;
   // What any request's first draft node is worth at most: the highest optimistic rate over the
