@@ -1210,6 +1210,13 @@ SchedulerConfig spec_config(SpecPolicy policy, int budget, int num_blocks, int m
   return c;
 }
 
+// Mean draft nodes per sampling step over a request's steps [from, end).
+double mean_draft_nodes(const std::vector<std::pair<int, int>>& drafts, size_t from) {
+  long nodes = 0;
+  for (size_t i = from; i < drafts.size(); ++i) nodes += drafts[i].second;
+  return static_cast<double>(nodes) / static_cast<double>(drafts.size() - from);
+}
+
 // The first step after which every request has been sampled at least once (prompts done).
 int warm_up_end(const SpecFake& ex) {
   int end = 0;
@@ -1338,9 +1345,7 @@ TEST(SpecControllerSmart, NearCertainDraftsAreLearnedAndGrowLong) {
   // The second half of the request's sampling steps: the estimates have settled.
   const auto& drafts = ex.stats[1].drafts;
   ASSERT_GT(drafts.size(), 40u);
-  long nodes = 0, steps = 0;
-  for (size_t i = drafts.size() / 2; i < drafts.size(); ++i) nodes += drafts[i].second, ++steps;
-  EXPECT_GE(static_cast<double>(nodes) / steps, 7.0) << nodes << " nodes in " << steps << " sampling steps";
+  EXPECT_GE(mean_draft_nodes(drafts, drafts.size() / 2), 7.0);
 }
 
 // 3b2. Acceptance that changes: early requests whose drafts mostly fail, then one whose drafts
@@ -1360,9 +1365,7 @@ TEST(SpecControllerSmart, DepthsJudgedPoorEarlyAreTriedAgain) {
   ex.expect_all_exact();
   const auto& drafts = ex.stats[5].drafts;
   ASSERT_GT(drafts.size(), 60u);
-  long nodes = 0, steps = 0;
-  for (size_t i = drafts.size() * 3 / 4; i < drafts.size(); ++i) nodes += drafts[i].second, ++steps;
-  EXPECT_GE(static_cast<double>(nodes) / steps, 6.0) << nodes << " nodes in " << steps << " sampling steps";
+  EXPECT_GE(mean_draft_nodes(drafts, drafts.size() * 3 / 4), 6.0);
 }
 
 // 3b3. Drafts that would pay (a weight-bound step, high acceptance), but more requests than the
