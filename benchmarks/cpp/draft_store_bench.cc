@@ -94,15 +94,16 @@ int main(int argc, char** argv) {
     DraftTree tree;
     double cold = 0, warm = 0;
     int calls = 0;
-    for (int round = 0; round < rounds; ++round)
-    for (int n = 16; n < length; n += 4, ++calls) {
-      evict_caches();
-      double t0 = now();
-      d.propose(ctx.data(), n, 8, 8, &tree);
-      cold += now() - t0;
-      t0 = now();
-      d.propose(ctx.data(), n, 8, 8, &tree);
-      warm += now() - t0;
+    for (int round = 0; round < rounds; ++round) {
+      for (int n = 16; n < length; n += 4, ++calls) {
+        evict_caches();
+        double t0 = now();
+        d.propose(ctx.data(), n, 8, 8, &tree);
+        cold += now() - t0;
+        t0 = now();
+        d.propose(ctx.data(), n, 8, 8, &tree);
+        warm += now() - t0;
+      }
     }
     propose_cold_us.push_back(cold * 1e6 / calls);
     propose_warm_us.push_back(warm * 1e6 / calls);
