@@ -82,7 +82,7 @@ def run(engine, work, temperature: float, seed: int):
             records[rid] = {"index": idx, "arrival": arrival, "first": None, "done": None, "tokens": 0}
         if not engine.has_unfinished_requests():
             if pending:
-                # Sleep to just before the next arrival, then spin: time.sleep wakes 60-150 us
+                # Sleep to just before the next arrival, then spin: time.sleep woke 140-180 us
                 # late here, and that lateness would count in the request's latency (it is
                 # measured from the scheduled arrival) though no engine caused it.
                 wait = pending[-1][1][0] - (time.perf_counter() - t0) - SPIN_S
