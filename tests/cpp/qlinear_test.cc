@@ -471,10 +471,12 @@ TEST(Q8Rows, SplitIntoTwo4BitHalvesRunsOnTheW4A8Kernels) {
     for (int64_t j = 0; j < k; ++j)
       ASSERT_LE(std::fabs(r.scales[i] * r.q[i * k + j] - wf[i * k + j]), 0.5f * r.scales[i] * (1 + 1e-5f));
   const Q4Weight w = q8_split_q4(r, 64);
-  ASSERT_EQ(w.n, 2 * n);
+  const int64_t lo = q8_split_lo(n);
+  ASSERT_EQ(lo, 48);  // the low half starts at a whole 16-row block
+  ASSERT_EQ(w.n, 2 * lo);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < k; ++j)
-      ASSERT_EQ(16 * q4_at(w, i, j) + q4_at(w, n + i, j) - 128, r.q[i * k + j]) << i << " " << j;
+      ASSERT_EQ(16 * q4_at(w, i, j) + q4_at(w, lo + i, j) - 128, r.q[i * k + j]) << i << " " << j;
   // Through every kernel path: output i plus output n + i is the 8-bit row's product, to float
   // rounding of the two halves (each exact in integers).
   const auto xf = random_floats(rng, m * k);
@@ -482,8 +484,8 @@ TEST(Q8Rows, SplitIntoTwo4BitHalvesRunsOnTheW4A8Kernels) {
   a8_quantize(xf.data(), m, k, k, 64, &a);
   const std::vector<float> want = reference(w, a, {});
   for (const DotPath& path : supported_paths()) {
-    std::vector<float> y(m * 2 * n);
-    path.kernel(params(q4_tile(w), a, {}, y.data()), 0, 2 * n);
+    std::vector<float> y(m * 2 * lo);
+    path.kernel(params(q4_tile(w), a, {}, y.data()), 0, 2 * lo);
     ASSERT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float))) << dot_isa_name(path.isa);
     for (int64_t t = 0; t < m; ++t)
       for (int64_t i = 0; i < n; ++i) {
@@ -493,10 +495,77 @@ TEST(Q8Rows, SplitIntoTwo4BitHalvesRunsOnTheW4A8Kernels) {
           for (int64_t j = g * 64; j < std::min(k, (g + 1) * 64); ++j) dot += int64_t{r.q[i * k + j]} * a.q[t * a.padded_k() + j];
           exact += double(r.scales[i]) * a.scales[t * a.groups() + g] * dot;
         }
-        const double got = double(y[t * 2 * n + i]) + y[t * 2 * n + n + i];
+        const double got = double(y[t * 2 * lo + i]) + y[t * 2 * lo + lo + i];
         EXPECT_NEAR(got, exact, 1e-4 * (std::fabs(exact) + 1)) << "row " << i;
       }
   }
+}
+
+// W8A8 on the split halves (QLinearParams::w8_lo_block): per weight group, one exact integer
+// product of the 8-bit rows, y = fma(s * sx, float(sum of q x), y), the groups in order.
+std::vector<float> reference_w8(const Q8Rows& r, const A8Activations& a) {
+  std::vector<float> y(a.m * r.n);
+  for (int64_t m = 0; m < a.m; ++m)
+    for (int64_t i = 0; i < r.n; ++i) {
+      float acc = 0.0f;
+      for (int64_t g = 0; g < a.groups(); ++g) {
+        int64_t dot = 0;
+        for (int64_t j = g * a.group; j < std::min(r.k, (g + 1) * a.group); ++j)
+          dot += int64_t{r.q[i * r.k + j]} * a.q[m * a.padded_k() + j];
+        acc = std::fma(r.scales[i] * a.scales[m * a.groups() + g], static_cast<float>(dot), acc);
+      }
+      y[m * r.n + i] = acc;
+    }
+  return y;
+}
+
+TEST(QLinearW8A8, EveryPathIsBitExactAgainstTheReferenceAndRowsDoNotDependOnTheBatch) {
+  std::mt19937 rng(13);
+  ThreadPool pool(3);
+  const DotIsa saved = active_dot_isa();
+  int cases = 0;
+  for (int64_t group : {32, 64, 128})
+    for (int64_t m : {1, 3, 8, 16, 21})
+      for (int64_t n : {1, 7, 33, 48})
+        for (int64_t k : {int64_t{5}, group - 1, group, 3 * group + 9}) {
+          auto wf = random_floats(rng, n * k);
+          wf[0] = 1.0f, wf[1] = -1.0f;  // q = 127 and -127 (u = 255 and 1) in row 0
+          const Q8Rows r = q8_quantize_rows(wf.data(), n, k);
+          const Q4Tiled w = q4_tile(q8_split_q4(r, group));
+          auto xf = random_floats(rng, m * k);
+          xf[0] = 50.0f;  // saturating magnitudes in the first group
+          A8Activations a;
+          a8_quantize(xf.data(), m, k, k, group, &a);
+          const std::vector<float> want = reference_w8(r, a);
+          for (const DotPath& path : supported_paths()) {
+            std::vector<float> y(m * n, std::numeric_limits<float>::quiet_NaN());
+            QLinearParams p = params(w, a, {}, y.data());
+            p.n = n;
+            p.ldy = n;
+            p.w8_lo_block = q8_split_lo(n) / Q4Tiled::kRows;
+            const int64_t split = n / 2 / Q4Tiled::kRows * Q4Tiled::kRows;
+            path.kernel(p, 0, split);
+            path.kernel(p, split, n);
+            ASSERT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)))
+                << dot_isa_name(path.isa) << " group " << group << " m " << m << " n " << n << " k " << k;
+            // Through the dispatch and the pool, one row at a time: the same bits.
+            set_active_dot_isa(path.isa);
+            for (int64_t t = 0; t < m; t += std::max<int64_t>(1, m / 3)) {
+              A8Activations one;
+              a8_quantize(xf.data() + t * k, 1, k, k, group, &one);
+              std::vector<float> y1(n);
+              QLinearParams p1 = params(w, one, {}, y1.data());
+              p1.n = p1.ldy = n;
+              p1.w8_lo_block = p.w8_lo_block;
+              qlinear_w4a8(p1, pool);
+              ASSERT_EQ(0, std::memcmp(y1.data(), want.data() + t * n, n * sizeof(float)))
+                  << dot_isa_name(path.isa) << " row " << t;
+            }
+            set_active_dot_isa(saved);
+            ++cases;
+          }
+        }
+  EXPECT_GT(cases, 100);
 }
 
 TEST(QLinearW4A8, DispatchAndThreadsGiveTheSameBitsAndRowsDoNotDependOnTheBatch) {

@@ -286,8 +286,9 @@ void LlamaModel::round_embeddings_int8() {
 }
 
 void LlamaModel::build_q8_head() {
-  // The head's 8-bit rows, recovered exactly from the rounded floats (w = scale * q), run as two
-  // 4-bit halves; the float head is then dropped (a tied one stays: it is the embedding).
+  // The head's 8-bit rows, recovered exactly from the rounded floats (w = scale * q), kept as two
+  // 4-bit halves (which the W8A8 form of the W4A8 kernels sums in integers); the float head is
+  // then dropped (a tied one stays: it is the embedding).
   const int64_t V = config_.vocab_size, H = config_.hidden_size;
   const bool tied = w_.lm_head.empty();
   const float* w = w_.head();
@@ -313,7 +314,7 @@ std::vector<TensorOut> LlamaModel::export_quantized() const {
     for (int64_t r = 0; r < V; ++r)
       for (int64_t i = 0; i < H; ++i)
         q[r * H + i] = w.empty()  // the head, kept only as 4-bit halves: q + 128 = 16 h + l
-                           ? static_cast<int8_t>(16 * q4_tiled_at(head_q_, r, i) + q4_tiled_at(head_q_, V + r, i) - 128)
+                           ? static_cast<int8_t>(16 * q4_tiled_at(head_q_, r, i) + q4_tiled_at(head_q_, q8_split_lo(V) + r, i) - 128)
                            : static_cast<int8_t>(std::lround(w[r * H + i] / scales[r]));  // w = scale * q exactly
     out.push_back(tensor_out(prefix + ".qweight", DType::kI8, {V, H}, q.data(), q.size()));
     out.push_back(tensor_out(prefix + ".scales", DType::kF32, {V}, scales.data(), scales.size()));
@@ -807,13 +808,33 @@ void LlamaModel::head(const BatchPlan& plan, ThreadPool& pool, FloatBuffer* logi
     cpu::linear({rows_.data(), head_panels_.data(), nullptr, logits->data(), R, c.vocab_size, H, H, c.vocab_size}, pool);
     return;
   }
-  // The 8-bit head: its two 4-bit halves (8-bit activations, float ones for w4a16), then summed.
-  const int64_t V = c.vocab_size;
-  head_y_.resize(std::max<int64_t>(R, 1) * 2 * V);
-  qlinear(rows_.data(), R, H, head_q_, ActOrder(), FloatBuffer(), head_y_.data(), 2 * V,
-          act_quant_ == ActQuant::kFloat ? ActQuant::kFloat : ActQuant::kInt8, pool);
+  const int64_t V = c.vocab_size, lo = q8_split_lo(V);
+  if (act_quant_ != ActQuant::kFloat) {
+    // The 8-bit head by 8-bit activations: one W8A8 product (the halves summed in integers).
+    a8_quantize(rows_.data(), R, H, H, head_q_.group, &xq_);
+    cpu::QLinearParams p;
+    p.xq = xq_.q.data();
+    p.x_scales = xq_.scales.data();
+    p.x_sums = xq_.sums.data();
+    p.w = head_q_.data.data();
+    p.w_scales = head_q_.scales.data();
+    p.w_zeros = head_q_.zeros.data();
+    p.y = logits->data();
+    p.m = R;
+    p.n = V;
+    p.groups = head_q_.groups;
+    p.group = head_q_.group;
+    p.act_group = xq_.act_group;
+    p.ldy = V;
+    p.w8_lo_block = lo / Q4Tiled::kRows;
+    cpu::qlinear_w4a8(p, pool);
+    return;
+  }
+  // w4a16: the two 4-bit halves by float activations, then summed.
+  head_y_.resize(std::max<int64_t>(R, 1) * 2 * lo);
+  qlinear(rows_.data(), R, H, head_q_, ActOrder(), FloatBuffer(), head_y_.data(), 2 * lo, ActQuant::kFloat, pool);
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t v = 0; v < V; ++v) (*logits)[r * V + v] = head_y_[r * 2 * V + v] + head_y_[r * 2 * V + V + v];
+    for (int64_t v = 0; v < V; ++v) (*logits)[r * V + v] = head_y_[r * 2 * lo + v] + head_y_[r * 2 * lo + lo + v];
 }
 
 }  // namespace accelcore

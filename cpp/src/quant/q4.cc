@@ -304,25 +304,25 @@ void q8_dequantize(const Q8Rows& r, float* w) {
 
 Q4Weight q8_split_q4(const Q8Rows& r, int64_t group) {
   check_group(group);
+  const int64_t lo = q8_split_lo(r.n);
   Q4Weight w;
-  w.n = 2 * r.n;
+  w.n = 2 * lo;
   w.k = r.k;
   w.group = group;
   const int64_t G = w.groups(), kp = w.padded_k();
   std::vector<uint8_t> q(static_cast<size_t>(w.n * kp), 0);
-  w.scales.resize(w.n * G);
-  w.zeros.resize(w.n * G);
+  w.scales.assign(w.n * G, 0.0f);
+  w.zeros.assign(w.n * G, 0);
   for (int64_t i = 0; i < r.n; ++i) {
     for (int64_t j = 0; j < r.k; ++j) {
       const int u = r.q[i * r.k + j] + 128;
       q[i * kp + j] = static_cast<uint8_t>(u >> 4);
-      q[(r.n + i) * kp + j] = static_cast<uint8_t>(u & 15);
+      q[(lo + i) * kp + j] = static_cast<uint8_t>(u & 15);
     }
     for (int64_t g = 0; g < G; ++g) {
       w.scales[i * G + g] = 16.0f * r.scales[i];
       w.zeros[i * G + g] = 8;
-      w.scales[(r.n + i) * G + g] = r.scales[i];
-      w.zeros[(r.n + i) * G + g] = 0;
+      w.scales[(lo + i) * G + g] = r.scales[i];
     }
   }
   // Padding past k: h = 8 and l = 0 encode q = 0 (the activations' padding is 0 anyway).

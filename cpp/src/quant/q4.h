@@ -90,9 +90,12 @@ struct Q8Rows {
 Q8Rows q8_quantize_rows(const float* w, int64_t n, int64_t k);
 void q8_dequantize(const Q8Rows& r, float* w);
 // 8-bit rows as 4-bit ones the W4A8 kernels run: q + 128 = 16 h + l with h, l in [0, 15], so row r
-// of the result (r < n) holds h with scale 16 s and zero point 8, and row n + r holds l with
-// scale s and zero 0: the product with row r of the 8-bit weight is the sum of outputs r and
-// n + r, every integer product exact.
+// of the result (r < n) holds h with scale 16 s and zero point 8, and row q8_split_lo(n) + r holds
+// l with scale s and zero 0 (the low half starts at a whole 16-row block; the rows between are
+// padding). Every integer product is exact: run as W4A8, the product with row r of the 8-bit
+// weight is the sum of outputs r and q8_split_lo(n) + r; run as W8A8 (QLinearParams::w8_lo_block)
+// it is one output, the halves summed as 16 h + l in integers.
+inline int64_t q8_split_lo(int64_t n) { return (n + Q4Tiled::kRows - 1) / Q4Tiled::kRows * Q4Tiled::kRows; }
 Q4Weight q8_split_q4(const Q8Rows& r, int64_t group);
 
 struct A8Activations {

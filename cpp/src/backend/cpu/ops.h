@@ -56,6 +56,11 @@ struct QLinearParams {
   float* y = nullptr;
   int64_t m = 0, n = 0, groups = 0, group = 0, ldy = 0;
   int64_t act_group = 0;
+  // W8A8 on 8-bit rows split into 4-bit halves (quant/q4.h q8_split_q4), where not 0: output block
+  // b (16 outputs) sums 16 x block b and block b + w8_lo_block of w in integers per group (one
+  // 8-bit product), finished with block b + w8_lo_block's scales and zero points 16 z_b + z_lo.
+  // Weight-group activations only (act_group 0 or group).
+  int64_t w8_lo_block = 0;
 };
 void qlinear_w4a8(const QLinearParams& p, ThreadPool& pool);
 // The single-ISA kernels behind qlinear_w4a8(), over output columns [n0, n1) (n0 a multiple of

@@ -15,9 +15,15 @@ struct ScalarDot {
   static constexpr int kBlocks = 1;  // 16-row blocks per pass
   static constexpr int kWideBlocks = 1, kWideRows = 4;  // no wider pass
   static constexpr int kAsmBlocks = 0, kAsmRows = 0, kSubAsmBlocks = 0, kSubAsmRows = 0;
+  static constexpr bool kW8Combined = false;
   struct Acc {
     int32_t v[16];
   };
+  static Acc combine(const Acc& h, const Acc& l) {
+    Acc a;
+    for (int r = 0; r < 16; ++r) a.v[r] = 16 * h.v[r] + l.v[r];
+    return a;
+  }
   using W = const uint8_t*;
   static Acc zero() { return Acc{}; }
   static W unpack(const uint8_t* w64) { return w64; }
@@ -48,6 +54,8 @@ void qlinear_w4a8(const QLinearParams& p, ThreadPool& pool) {
   ACCEL_DCHECK(p.group >= 32 && p.group % 32 == 0 && p.ldy >= p.n);
   ACCEL_DCHECK(p.act_group == 0 || (p.act_group % 8 == 0 && p.group % p.act_group == 0));
   ACCEL_DCHECK(p.act_group == 0 || p.act_group == p.group || p.x_zsums);
+  ACCEL_DCHECK(p.w8_lo_block == 0 || ((p.act_group == 0 || p.act_group == p.group) &&
+                                      p.w8_lo_block >= (p.n + Q4Tiled::kRows - 1) / Q4Tiled::kRows));
   if (p.m == 0 || p.n == 0) return;
   void (*kernel)(const QLinearParams&, int64_t, int64_t) = qlinear_w4a8_scalar;
   switch (active_dot_isa()) {

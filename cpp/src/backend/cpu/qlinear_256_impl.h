@@ -16,9 +16,17 @@ struct Dot256 {
   static constexpr int kBlocks = 1;  // 16-row blocks per pass (two would spill the 16 registers)
   static constexpr int kWideBlocks = 1, kWideRows = 4;  // no wider pass
   static constexpr int kAsmBlocks = 0, kAsmRows = 0, kSubAsmBlocks = 0, kSubAsmRows = 0;
+  // AVX2's products of 8-bit weights would overflow vpmaddubsw's 16-bit sums: W8A8 sums its two
+  // 4-bit halves.
+  static constexpr bool kW8Combined = false;
   struct Acc {
     __m256i h[2];
   };
+  static Acc combine(const Acc& h, const Acc& l) {
+    Acc a;
+    for (int i = 0; i < 2; ++i) a.h[i] = _mm256_add_epi32(_mm256_slli_epi32(h.h[i], 4), l.h[i]);
+    return a;
+  }
   struct W {
     __m256i lo[2], hi[2];
   };

@@ -32,6 +32,24 @@ inline __m512i broadcast4(const int8_t* x) {
   "vpandd %[mask], %%zmm17, %%zmm17\n\t"            \
   "vpandd %[mask], %%zmm19, %%zmm19\n\t"
 
+// The same for W8A8 on split 8-bit weights: the step's 8-bit weights 16 h + l from the high
+// halves at w0 / w1 and the low ones at l0 / l1 (each byte: channel c in its low nibble, c + 4 in
+// its high one), channels 0-3 in zmm16 / zmm18 and 4-7 in zmm17 / zmm19, each a bitwise select
+// under maskhi (0xF0 in every byte): (h << 4) or l for channels 0-3, h or (l >> 4) for 4-7.
+#define ACCEL_COMBINE_BLOCK(w, l, lo, hi)                   \
+  "vpsllw $4, (%[" w "]), %%zmm" lo "\n\t"               \
+  "vpternlogd $0xE2, (%[" l "]), %[maskhi], %%zmm" lo "\n\t" \
+  "vpsrlw $4, (%[" l "]), %%zmm20\n\t"                  \
+  "vmovdqu64 (%[" w "]), %%zmm" hi "\n\t"                 \
+  "vpternlogd $0xE2, %%zmm20, %[maskhi], %%zmm" hi "\n\t"
+#define ACCEL_COMBINE_TWO_BLOCKS        \
+  ACCEL_COMBINE_BLOCK("w0", "l0", "16", "17") \
+  ACCEL_COMBINE_BLOCK("w1", "l1", "18", "19") \
+  "prefetcht0 2048(%[w0])\n\t"        \
+  "prefetcht0 2048(%[l0])\n\t"        \
+  "prefetcht0 2048(%[w1])\n\t"        \
+  "prefetcht0 2048(%[l1])\n\t"
+
 // Zeroing of the accumulator registers the loops use.
 #define ACCEL_ZERO_ZMM0_7              \
   "vpxord %%zmm0, %%zmm0, %%zmm0\n\t"  \
@@ -54,11 +72,14 @@ inline __m512i broadcast4(const int8_t* x) {
 
 // The 2-block by 8-row step loop (asm_steps, asm_group): zmm0-7 and zmm8-15 the two blocks' 8
 // rows, the steps' weights at w0 / w1, rows 0-3 at xa + {0, 1, 2, 3} * k and rows 4-7 at xb.
-#define ACCEL_STEPS_2X8 \
+// PROLOGUE puts a step's weights in zmm16-19 (as ACCEL_UNPACK_TWO_BLOCKS does), ADVANCE moves the
+// weight pointers to the next step.
+#define ACCEL_LOOP_2X8(PROLOGUE, ADVANCE) \
   ACCEL_ZERO_ZMM0_7 \
   ACCEL_ZERO_ZMM8_15 \
+  ".p2align 6\n\t" \
   "1:\n\t" \
-  ACCEL_UNPACK_TWO_BLOCKS \
+  PROLOGUE \
   "vpbroadcastd (%[xa]), %%zmm21\n\t" \
   "vpdpbusd %%zmm21, %%zmm16, %%zmm0\n\t" \
   "vpdpbusd %%zmm21, %%zmm18, %%zmm8\n\t" \
@@ -107,12 +128,14 @@ inline __m512i broadcast4(const int8_t* x) {
   "vpbroadcastd 4(%[xb],%[k3]), %%zmm24\n\t" \
   "vpdpbusd %%zmm24, %%zmm17, %%zmm7\n\t" \
   "vpdpbusd %%zmm24, %%zmm19, %%zmm15\n\t" \
-  "add $64, %[w0]\n\t" \
-  "add $64, %[w1]\n\t" \
+  ADVANCE \
   "add $8, %[xa]\n\t" \
   "add $8, %[xb]\n\t" \
   "dec %[n]\n\t" \
   "jnz 1b\n\t"
+#define ACCEL_STEPS_2X8 ACCEL_LOOP_2X8(ACCEL_UNPACK_TWO_BLOCKS, "add $64, %[w0]\n\tadd $64, %[w1]\n\t")
+#define ACCEL_STEPS_2X8_W8 \
+  ACCEL_LOOP_2X8(ACCEL_COMBINE_TWO_BLOCKS, "add $64, %[w0]\n\tadd $64, %[w1]\n\tadd $64, %[l0]\n\tadd $64, %[l1]\n\t")
 
 // finish() of row i's accumulator zmm`acc` in block nb, in place, from the GroupFinish at f (its
 // zero points widened in zmm16 + nb, its scales in zmm18 + nb, its y row pointer in yreg):
@@ -128,6 +151,28 @@ inline __m512i broadcast4(const int8_t* x) {
   "vmulps 48+4*" #i "(%[f])%{1to16%}, %%zmm" ACCEL_SWREG##nb ", %%zmm20\n\t" \
   "vfmadd213ps 64*" #i "(%[" #yreg "]), %%zmm20, %%zmm" #acc "\n\t"    \
   "vmovups %%zmm" #acc ", 64*" #i "(%[" #yreg "])\n\t"
+
+// After a 2x8 loop: the GroupFinish's zero points and scales into zmm16-19 (the loop's weight
+// pointers are free now), then every accumulator finished into its y row.
+#define ACCEL_GROUP_FINISH \
+  "mov 16(%[f]), %[w0]\n\t" \
+  "vpmovzxbd (%[w0]), %%zmm16\n\t" \
+  "mov 24(%[f]), %[w0]\n\t" \
+  "vpmovzxbd (%[w0]), %%zmm17\n\t" \
+  "mov 0(%[f]), %[w0]\n\t" \
+  "vmovups (%[w0]), %%zmm18\n\t" \
+  "mov 8(%[f]), %[w0]\n\t" \
+  "vmovups (%[w0]), %%zmm19\n\t" \
+  "mov 32(%[f]), %[xa]\n\t" \
+  "mov 40(%[f]), %[xb]\n\t" \
+  ACCEL_FINISH(0, 0, 0, xa) ACCEL_FINISH(8, 1, 0, xb) \
+  ACCEL_FINISH(1, 0, 1, xa) ACCEL_FINISH(9, 1, 1, xb) \
+  ACCEL_FINISH(2, 0, 2, xa) ACCEL_FINISH(10, 1, 2, xb) \
+  ACCEL_FINISH(3, 0, 3, xa) ACCEL_FINISH(11, 1, 3, xb) \
+  ACCEL_FINISH(4, 0, 4, xa) ACCEL_FINISH(12, 1, 4, xb) \
+  ACCEL_FINISH(5, 0, 5, xa) ACCEL_FINISH(13, 1, 5, xb) \
+  ACCEL_FINISH(6, 0, 6, xa) ACCEL_FINISH(14, 1, 6, xb) \
+  ACCEL_FINISH(7, 0, 7, xa) ACCEL_FINISH(15, 1, 7, xb)
 
 struct Avx512VnniDot {
   static constexpr int kBlocks = 4;  // 16-row blocks per pass: more weight streams in flight (M = 1: 271 -> 162 us)
@@ -213,30 +258,42 @@ struct Avx512VnniDot {
     int64_t n = steps;  // at least 4: a group has at least 32 channels
     asm volatile(
         ACCEL_STEPS_2X8
-        // The loop's pointers are free now: the blocks' zero points and scales into zmm16-19.
-        "mov 16(%[f]), %[w0]\n\t"
-        "vpmovzxbd (%[w0]), %%zmm16\n\t"
-        "mov 24(%[f]), %[w0]\n\t"
-        "vpmovzxbd (%[w0]), %%zmm17\n\t"
-        "mov 0(%[f]), %[w0]\n\t"
-        "vmovups (%[w0]), %%zmm18\n\t"
-        "mov 8(%[f]), %[w0]\n\t"
-        "vmovups (%[w0]), %%zmm19\n\t"
-        "mov 32(%[f]), %[xa]\n\t"
-        "mov 40(%[f]), %[xb]\n\t"
-        ACCEL_FINISH(0, 0, 0, xa) ACCEL_FINISH(8, 1, 0, xb)
-        ACCEL_FINISH(1, 0, 1, xa) ACCEL_FINISH(9, 1, 1, xb)
-        ACCEL_FINISH(2, 0, 2, xa) ACCEL_FINISH(10, 1, 2, xb)
-        ACCEL_FINISH(3, 0, 3, xa) ACCEL_FINISH(11, 1, 3, xb)
-        ACCEL_FINISH(4, 0, 4, xa) ACCEL_FINISH(12, 1, 4, xb)
-        ACCEL_FINISH(5, 0, 5, xa) ACCEL_FINISH(13, 1, 5, xb)
-        ACCEL_FINISH(6, 0, 6, xa) ACCEL_FINISH(14, 1, 6, xb)
-        ACCEL_FINISH(7, 0, 7, xa) ACCEL_FINISH(15, 1, 7, xb)
+        ACCEL_GROUP_FINISH
         : [w0] "+r"(w0), [w1] "+r"(w1), [xa] "+r"(xa), [xb] "+r"(xb), [n] "+r"(n)
         : [f] "r"(&f), [mask] "v"(_mm512_set1_epi8(0x0F)), [k] "r"(ldx), [k3] "r"(k3)
         : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
           "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22",
           "xmm23", "xmm24", "xmm25", "xmm26", "cc", "memory");
+  }
+  // asm_group for W8A8 on split 8-bit weights: the high halves at wh, the low ones at wl (f holds
+  // the low halves' scales and the combined zero points).
+  static constexpr bool kW8Combined = true;
+  static void asm_group_w8(const uint8_t* const (&wh)[2], const uint8_t* const (&wl)[2], const int8_t* x,
+                           int64_t ldx, int64_t steps, const GroupFinish& f) {
+    const uint8_t* w0 = wh[0];
+    const uint8_t* w1 = wh[1];
+    const uint8_t* l0 = wl[0];
+    const uint8_t* l1 = wl[1];
+    const int8_t* xa = x;
+    const int8_t* xb = xa + 4 * ldx;
+    const int64_t k3 = 3 * ldx;
+    int64_t n = steps;
+    asm volatile(
+        ACCEL_STEPS_2X8_W8
+        ACCEL_GROUP_FINISH
+        : [w0] "+r"(w0), [w1] "+r"(w1), [l0] "+r"(l0), [l1] "+r"(l1), [xa] "+r"(xa), [xb] "+r"(xb), [n] "+r"(n)
+        : [f] "r"(&f), [maskhi] "v"(_mm512_set1_epi8(static_cast<char>(0xF0))), [k] "r"(ldx), [k3] "r"(k3)
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
+          "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22",
+          "xmm23", "xmm24", "xmm25", "xmm26", "cc", "memory");
+  }
+  // The 8-bit weights of a step (16 h + l) from its two halves, as unpack gives 4-bit ones.
+  static W unpack8(const uint8_t* h64, const uint8_t* l64) {
+    const __m512i maskhi = _mm512_set1_epi8(static_cast<char>(0xF0));
+    const __m512i h = _mm512_loadu_si512(h64), l = _mm512_loadu_si512(l64);
+    // Bitwise select (0xE2: b ? a : c) of the high nibbles from a, the low ones from c.
+    return {_mm512_ternarylogic_epi32(_mm512_slli_epi16(h, 4), maskhi, l, 0xE2),
+            _mm512_ternarylogic_epi32(h, maskhi, _mm512_srli_epi16(l, 4), 0xE2)};
   }
   // FMPQ (w4a4) in 2 blocks by 4 rows, in assembly, for its 8-channel sub-groups (one step each):
   // per step, each int32 sum is converted and added into the float sum t with one fma by the
@@ -338,6 +395,11 @@ struct Avx512VnniDot {
 #undef ACCEL_ZERO_ZMM0_7
 #undef ACCEL_ZERO_ZMM8_15
 #undef ACCEL_STEPS_2X8
+#undef ACCEL_STEPS_2X8_W8
+#undef ACCEL_LOOP_2X8
+#undef ACCEL_COMBINE_BLOCK
+#undef ACCEL_COMBINE_TWO_BLOCKS
+#undef ACCEL_GROUP_FINISH
 #undef ACCEL_FINISH
 #undef ACCEL_ZREG0
 #undef ACCEL_ZREG1

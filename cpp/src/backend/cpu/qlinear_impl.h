@@ -17,6 +17,10 @@
 // kSubAsmBlocks, kSubAsmRows: likewise D::asm_sub_steps(t, wg, x, ldx, sx, lds, steps) sets the
 // float sums t of a whole group for FMPQ's 8-channel sub-groups, in place of the sub-group loop
 // (and from 4 rows on the blocking is that one);
+// and for W8A8 on split 8-bit rows (QLinearParams::w8_lo_block) kW8Combined: if true,
+// D::unpack8(h64, l64) gives a step's 8-bit weights 16 h + l from its two halves as a W, and
+// D::asm_group_w8(wh, wl, x, ldx, steps, f) is asm_group on them; if false, each half is summed
+// on its own and D::combine(h, l) gives 16 h + l: the same integers either way;
 // and include this. The integer sums are exact whatever the instructions, and finish is the same
 // lane-wise float arithmetic on every path, so all paths give the same bits, and a row's result
 // does not depend on the batch (each row of x runs the same instruction sequence).
@@ -33,8 +37,9 @@ constexpr int64_t PF = 32;
 // by the P passes in turn while it is in L1 (then the next group's stream from memory overlaps
 // all P passes' arithmetic, instead of one pass streaming the whole row block and the others
 // computing from L2).
-template <class D, int NB, int MB, int P, bool kSub>
+template <class D, int NB, int MB, int P, bool kSub, bool kW8>
 void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
+  static_assert(!(kSub && kW8));
   constexpr int64_t R = Q4Tiled::kRows;
   constexpr int M = P * MB;  // activation rows in all
   const int64_t G = p.groups, gs = p.group, steps = gs / 8, kp = G * gs;
@@ -56,15 +61,31 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
   const int64_t ag = p.act_group ? p.act_group : gs, subs = gs / ag, sub_steps = ag / 8, AG = G * subs;
   alignas(64) float t[NB][MB][R];  // one pass's, for one group
   for (int64_t g = 0; g < G; ++g) {
+    // The group's weights, scales and zero points per block (W8: its high half's weights, the
+    // low half's weights and scales, the zero points combined).
     const uint8_t* wg[NB];
-    for (int nb = 0; nb < NB; ++nb) wg[nb] = p.w + ((b0 + nb) * G + g) * steps * 64;
+    const uint8_t* wl[NB] = {};
+    const float* sw[NB];
+    const uint8_t* z[NB];
+    uint8_t z8[kW8 ? NB : 1][R];
+    for (int nb = 0; nb < NB; ++nb) {
+      const int64_t hi = (b0 + nb) * G + g, lo = kW8 ? (b0 + nb + p.w8_lo_block) * G + g : hi;
+      wg[nb] = p.w + hi * steps * 64;
+      sw[nb] = p.w_scales + lo * R;
+      z[nb] = p.w_zeros + hi * R;
+      if constexpr (kW8) {
+        wl[nb] = p.w + lo * steps * 64;
+        for (int64_t r = 0; r < R; ++r) z8[nb][r] = static_cast<uint8_t>(16 * z[nb][r] + p.w_zeros[lo * R + r]);
+        z[nb] = z8[nb];
+      }
+    }
     for (int pass = 0; pass < P; ++pass) {
       const int i0 = pass * MB;  // the pass's first row (of M)
-      if constexpr (!kSub && NB == D::kAsmBlocks && MB == D::kAsmRows) {
+      if constexpr (!kSub && NB == D::kAsmBlocks && MB == D::kAsmRows && (!kW8 || D::kW8Combined)) {
         typename D::GroupFinish f;
         for (int nb = 0; nb < NB; ++nb) {
-          f.sw[nb] = p.w_scales + ((b0 + nb) * G + g) * R;
-          f.z[nb] = p.w_zeros + ((b0 + nb) * G + g) * R;
+          f.sw[nb] = sw[nb];
+          f.z[nb] = z[nb];
           f.y[nb] = y[nb][i0];
         }
         for (int i = 0; i < MB; ++i) {
@@ -72,7 +93,10 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
           f.sx[i] = p.x_scales[a];
           f.xsum[i] = p.x_sums[a];
         }
-        D::asm_group(wg, x[i0] + g * gs, kp, steps, f);
+        if constexpr (kW8)
+          D::asm_group_w8(wg, wl, x[i0] + g * gs, kp, steps, f);
+        else
+          D::asm_group(wg, x[i0] + g * gs, kp, steps, f);
         continue;
       }
       bool summed = false;  // t already holds the group's sub-group sums
@@ -89,42 +113,54 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
               for (int64_t r = 0; r < R; ++r) t[nb][i][r] = 0.0f;
       for (int64_t s = 0; s < (summed ? 0 : subs); ++s) {
         typename D::Acc acc[NB][MB];
-        if constexpr (NB == D::kAsmBlocks && MB == D::kAsmRows) {
+        if constexpr (!kW8 && NB == D::kAsmBlocks && MB == D::kAsmRows) {
           D::asm_steps(acc, wg, x[i0] + g * gs, kp, s * sub_steps, (s + 1) * sub_steps);
         } else {
-          for (int nb = 0; nb < NB; ++nb)
-            for (int i = 0; i < MB; ++i) acc[nb][i] = D::zero();
-          for (int64_t j = s * sub_steps; j < (s + 1) * sub_steps; ++j) {
-            typename D::W w[NB];
-            for (int nb = 0; nb < NB; ++nb) {
-              __builtin_prefetch(wg[nb] + (j + PF) * 64);
-              w[nb] = D::unpack(wg[nb] + j * 64);
+          // The sums over weights at w (each block's at w[nb]) into a.
+          auto sum_steps = [&](typename D::Acc(&a)[NB][MB], const uint8_t* const(&w)[NB], bool w8) {
+            for (int nb = 0; nb < NB; ++nb)
+              for (int i = 0; i < MB; ++i) a[nb][i] = D::zero();
+            for (int64_t j = s * sub_steps; j < (s + 1) * sub_steps; ++j) {
+              typename D::W wv[NB];
+              for (int nb = 0; nb < NB; ++nb) {
+                __builtin_prefetch(w[nb] + (j + PF) * 64);
+                if constexpr (kW8 && D::kW8Combined) {
+                  if (w8) {
+                    __builtin_prefetch(wl[nb] + (j + PF) * 64);
+                    wv[nb] = D::unpack8(w[nb] + j * 64, wl[nb] + j * 64);
+                    continue;
+                  }
+                }
+                wv[nb] = D::unpack(w[nb] + j * 64);
+              }
+              for (int i = 0; i < MB; ++i) {
+                const int8_t* xi = x[i0 + i] + g * gs + 8 * j;
+                for (int nb = 0; nb < NB; ++nb) D::dot(a[nb][i], wv[nb], xi);
+              }
             }
-            for (int i = 0; i < MB; ++i) {
-              const int8_t* xi = x[i0 + i] + g * gs + 8 * j;
-              for (int nb = 0; nb < NB; ++nb) D::dot(acc[nb][i], w[nb], xi);
-            }
+          };
+          sum_steps(acc, wg, kW8);
+          if constexpr (kW8 && !D::kW8Combined) {  // the low half on its own, then 16 h + l
+            typename D::Acc low[NB][MB];
+            sum_steps(low, wl, false);
+            for (int nb = 0; nb < NB; ++nb)
+              for (int i = 0; i < MB; ++i) acc[nb][i] = D::combine(acc[nb][i], low[nb][i]);
           }
         }
         for (int nb = 0; nb < NB; ++nb) {
-          const float* sw = p.w_scales + ((b0 + nb) * G + g) * R;
-          const uint8_t* z = p.w_zeros + ((b0 + nb) * G + g) * R;
           for (int i = 0; i < MB; ++i) {
             const int64_t a = (m0 + i0 + i) * AG + g * subs + s;
             if constexpr (kSub)
               D::accumulate(acc[nb][i], p.x_scales[a], t[nb][i]);
             else
-              D::finish(acc[nb][i], sw, z, p.x_scales[a], p.x_sums[a], y[nb][i0 + i]);
+              D::finish(acc[nb][i], sw[nb], z[nb], p.x_scales[a], p.x_sums[a], y[nb][i0 + i]);
           }
         }
       }
       if constexpr (kSub)
-        for (int nb = 0; nb < NB; ++nb) {
-          const float* sw = p.w_scales + ((b0 + nb) * G + g) * R;
-          const uint8_t* z = p.w_zeros + ((b0 + nb) * G + g) * R;
+        for (int nb = 0; nb < NB; ++nb)
           for (int i = 0; i < MB; ++i)
-            D::finish_group(t[nb][i], sw, z, p.x_zsums[(m0 + i0 + i) * G + g], y[nb][i0 + i]);
-        }
+            D::finish_group(t[nb][i], sw[nb], z[nb], p.x_zsums[(m0 + i0 + i) * G + g], y[nb][i0 + i]);
     }
   }
   for (int nb = 0; nb < NB; ++nb) {
@@ -139,28 +175,28 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
   }
 }
 
-template <class D, int NB, int MB, int P, bool kSub>
+template <class D, int NB, int MB, int P, bool kSub, bool kW8>
 void qlinear_blocks(const QLinearParams& p, int64_t b) {
   int64_t m = 0;
-  for (; m + P * MB <= p.m; m += P * MB) qlinear_block<D, NB, MB, P, kSub>(p, b, m);
-  for (; m + MB <= p.m; m += MB) qlinear_block<D, NB, MB, 1, kSub>(p, b, m);
-  for (; m + 4 <= p.m; m += 4) qlinear_block<D, NB, 4, 1, kSub>(p, b, m);
+  for (; m + P * MB <= p.m; m += P * MB) qlinear_block<D, NB, MB, P, kSub, kW8>(p, b, m);
+  for (; m + MB <= p.m; m += MB) qlinear_block<D, NB, MB, 1, kSub, kW8>(p, b, m);
+  for (; m + 4 <= p.m; m += 4) qlinear_block<D, NB, 4, 1, kSub, kW8>(p, b, m);
   switch (p.m - m) {
-    case 3: qlinear_block<D, NB, 3, 1, kSub>(p, b, m); break;
-    case 2: qlinear_block<D, NB, 2, 1, kSub>(p, b, m); break;
-    case 1: qlinear_block<D, NB, 1, 1, kSub>(p, b, m); break;
+    case 3: qlinear_block<D, NB, 3, 1, kSub, kW8>(p, b, m); break;
+    case 2: qlinear_block<D, NB, 2, 1, kSub, kW8>(p, b, m); break;
+    case 1: qlinear_block<D, NB, 1, 1, kSub, kW8>(p, b, m); break;
     default: break;
   }
 }
 
 // NB row blocks by P passes of MB activation rows where they fit, then one block at a time.
-template <class D, int NB, int MB, int P, bool kSub>
+template <class D, int NB, int MB, int P, bool kSub, bool kW8>
 void qlinear_rows_by(const QLinearParams& p, int64_t n0, int64_t n1) {
   constexpr int64_t R = Q4Tiled::kRows;
   const int64_t end = (n1 + R - 1) / R;
   int64_t b = n0 / R;
-  for (; b + NB <= end; b += NB) qlinear_blocks<D, NB, MB, P, kSub>(p, b);
-  for (; b < end; ++b) qlinear_blocks<D, 1, MB, P, kSub>(p, b);
+  for (; b + NB <= end; b += NB) qlinear_blocks<D, NB, MB, P, kSub, kW8>(p, b);
+  for (; b < end; ++b) qlinear_blocks<D, 1, MB, P, kSub, kW8>(p, b);
 }
 
 // D::kBlocks blocks by 4 rows; from D::kWideRows activation rows on, D::kWideBlocks blocks by
@@ -168,20 +204,21 @@ void qlinear_rows_by(const QLinearParams& p, int64_t n0, int64_t n1) {
 // blocking changes only which outputs are computed together, never how one is, so the results
 // are the same bits. FMPQ's sub-groups get their own instantiation (kSub), so neither path
 // branches in its inner loop.
-template <class D, bool kSub>
+template <class D, bool kSub, bool kW8>
 void qlinear_rows_sub(const QLinearParams& p, int64_t n0, int64_t n1) {
   constexpr int kPasses = 2;
   if constexpr (kSub && D::kSubAsmRows > 0) {
     if (p.act_group == 8 && p.m >= D::kSubAsmRows)
-      return qlinear_rows_by<D, D::kSubAsmBlocks, D::kSubAsmRows, 2 * kPasses, kSub>(p, n0, n1);
+      return qlinear_rows_by<D, D::kSubAsmBlocks, D::kSubAsmRows, 2 * kPasses, kSub, kW8>(p, n0, n1);
   }
   if (D::kWideRows > 4 && p.m >= D::kWideRows)
-    return qlinear_rows_by<D, D::kWideBlocks, D::kWideRows, kPasses, kSub>(p, n0, n1);
-  qlinear_rows_by<D, D::kBlocks, 4, 1, kSub>(p, n0, n1);
+    return qlinear_rows_by<D, D::kWideBlocks, D::kWideRows, kPasses, kSub, kW8>(p, n0, n1);
+  qlinear_rows_by<D, D::kBlocks, 4, 1, kSub, kW8>(p, n0, n1);
 }
 
 template <class D>
 void qlinear_rows(const QLinearParams& p, int64_t n0, int64_t n1) {
-  if (p.act_group && p.act_group < p.group) return qlinear_rows_sub<D, true>(p, n0, n1);
-  qlinear_rows_sub<D, false>(p, n0, n1);
+  if (p.w8_lo_block) return qlinear_rows_sub<D, false, true>(p, n0, n1);
+  if (p.act_group && p.act_group < p.group) return qlinear_rows_sub<D, true, false>(p, n0, n1);
+  qlinear_rows_sub<D, false, false>(p, n0, n1);
 }
