@@ -665,8 +665,14 @@ TEST_P(DraftTreeAttention, DraftNodeIsBitIdenticalToThePlainToken) {
   ThreadPool pool1(1), pool2(2);
   int compared = 0;
   for (int root : {0, 1, bs - 1, bs, 2 * bs + 3, 41}) {
-    for (bool spare : {false, true}) {  // the chain in the sequence's own later slots, or in blocks outside its table
-      const std::string what_root = what + " root=" + std::to_string(root) + (spare ? " (chain in spare blocks)" : "");
+    // The chain in the sequence's own later slots (0: with gaps where siblings sit; 1: without,
+    // each node at its position's slot, as a chain drafted alone is; 2: its first 3 nodes so, then
+    // gaps), or (3) in blocks outside its table.
+    for (int where : {0, 1, 2, 3}) {
+      const bool spare = where == 3;
+      const char* names[] = {"", " (chain at its positions' slots)", " (first 3 nodes at their positions' slots)",
+                             " (chain in spare blocks)"};
+      const std::string what_root = what + " root=" + std::to_string(root) + names[where];
       const int last_pos = root + kDepth;
       const int table_blocks = (root + 1 + kRoom + bs - 1) / bs;
       const int spare_blocks = (kDepth + bs - 1) / bs + 2;
@@ -691,6 +697,9 @@ TEST_P(DraftTreeAttention, DraftNodeIsBitIdenticalToThePlainToken) {
       std::shuffle(idx.begin(), idx.end(), rng);
       idx.resize(kDepth);
       std::sort(idx.begin(), idx.end());
+      if (where == 1) std::iota(idx.begin(), idx.end(), 0);
+      if (where == 2)
+        for (int k = 0; k < kDepth; ++k) idx[k] = k < 3 ? k : 2 * k;
       std::vector<int64_t> chain(kDepth);
       if (spare) {
         std::vector<int64_t> free_slots;

@@ -183,8 +183,12 @@ void attend_d8(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
     const int32_t pos = p.positions[t];
     const int32_t* table = p.block_tables + p.block_table_offset[p.seq_of_token[t]];
     const int32_t first = p.window > 0 ? std::max<int32_t>(0, pos - p.window + 1) : 0;
-    const int n_extra = p.extra_offset ? p.extra_offset[t + 1] - p.extra_offset[t] : 0;
+    int n_extra = p.extra_offset ? p.extra_offset[t + 1] - p.extra_offset[t] : 0;
     const int64_t* extra_slots = n_extra ? p.extra_slots + p.extra_offset[t] : nullptr;
+    if (n_extra) {
+      const int k = extras_in_order(p, table, pos, n_extra, extra_slots);
+      n_extra -= k, extra_slots += k;
+    }
     const int32_t last = pos - n_extra;  // in order from the cache up to here, then draft slots
     const int32_t own_block = pos / bs;  // blocks before it are read quantized (kv_bits != 0)
     const int32_t vb0 = first / kL, nvb = pos / kL - vb0 + 1;

@@ -85,6 +85,24 @@ inline float sum_tree16(const float* part) {
   return (t4[0] + t4[2]) + (t4[1] + t4[3]);
 }
 
+// How many of a draft token's first extras (n of them, at extra_slots, for positions pos - n + 1 ..
+// pos) sit where their positions put them in the sequence's own blocks: a chain the scheduler
+// drafted in order (node i at the slot of position root + 1 + i). Those are read in order, as
+// the context is: a position's arithmetic does not depend on where it is read from, so the bits
+// are the same, without staging the lanes one at a time. Float caches only: a quantized cache
+// reads the blocks before a token's own from their records, which hold no draft K/V.
+inline int extras_in_order(const AttentionParams& p, const int32_t* table, int32_t pos, int n,
+                           const int64_t* extra_slots) {
+  if (p.kv_bits) return 0;
+  const int bs = p.block_size;
+  int k = 0;
+  for (; k < n; ++k) {
+    const int32_t j = pos - n + 1 + k;
+    if (static_cast<int64_t>(table[j / bs]) * bs + j % bs != extra_slots[k]) break;
+  }
+  return k;
+}
+
 // HD and BS are the head dim and block size when known at compile time (the common shapes get
 // their own instantiation, with the accumulators in registers), or 0 to read them from p. The
 // summation order is fixed per instantiation, and the instantiation depends only on the model's
@@ -110,8 +128,12 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
     const int32_t first = p.window > 0 ? std::max<int32_t>(0, pos - p.window + 1) : 0;
     // A draft token reads the context in order up to its tree root, then its ancestors and itself
     // from their own slots (positions last + 1 .. pos, in that order).
-    const int n_extra = p.extra_offset ? p.extra_offset[t + 1] - p.extra_offset[t] : 0;
+    int n_extra = p.extra_offset ? p.extra_offset[t + 1] - p.extra_offset[t] : 0;
     const int64_t* extra_slots = n_extra ? p.extra_slots + p.extra_offset[t] : nullptr;
+    if (n_extra) {
+      const int k = extras_in_order(p, table, pos, n_extra, extra_slots);
+      n_extra -= k, extra_slots += k;
+    }
     const int32_t last = pos - n_extra;
     const bool in_order = last >= first;
     const int32_t b0 = first / bs, b1 = in_order ? last / bs : b0 - 1;

@@ -150,7 +150,9 @@ struct AttentionParams {
   float scale = 1.0f;
   // Draft-tree tokens (null when none): token t's tree ancestors and itself sit at
   // extra_slots[extra_offset[t] .. extra_offset[t + 1]) in depth order, at positions
-  // pos - n_extra + 1 .. pos; such a token reads the context in order only up to pos - n_extra.
+  // pos - n_extra + 1 .. pos; such a token reads the context in order only up to pos - n_extra
+  // (and on through those of its first extras that sit at their positions' slots). Its
+  // sequence's block table covers its position all the same.
   const int32_t* extra_offset = nullptr;  // [num_tokens + 1]
   const int64_t* extra_slots = nullptr;
   // Quantized KV cache (kv/kv_cache.h; kv_bits 4 or 8, else 0): a token reads the blocks before
