@@ -77,7 +77,6 @@ inline __m512i broadcast4(const int8_t* x) {
 #define ACCEL_LOOP_2X8(PROLOGUE, ADVANCE) \
   ACCEL_ZERO_ZMM0_7 \
   ACCEL_ZERO_ZMM8_15 \
-  ".p2align 6\n\t" \
   "1:\n\t" \
   PROLOGUE \
   "vpbroadcastd (%[xa]), %%zmm21\n\t" \
