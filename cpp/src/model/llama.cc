@@ -573,6 +573,10 @@ void LlamaModel::qlinear(const float* x, int64_t T, int64_t k, const Q4Tiled& q,
     a4_quantize(x, T, k, k, q.group, order.perm.empty() ? nullptr : order.perm.data(), order.a8_subgroups, &xq_);
   else
     a8_quantize(x, T, k, k, q.group, &xq_);
+  cpu::qlinear_w4a8(w4a8_params(q, opt(b), y, T, n), pool);
+}
+
+cpu::QLinearParams LlamaModel::w4a8_params(const Q4Tiled& q, const float* bias, float* y, int64_t T, int64_t n) const {
   cpu::QLinearParams p;
   p.xq = xq_.q.data();
   p.x_scales = xq_.scales.data();
@@ -581,7 +585,7 @@ void LlamaModel::qlinear(const float* x, int64_t T, int64_t k, const Q4Tiled& q,
   p.w = q.data.data();
   p.w_scales = q.scales.data();
   p.w_zeros = q.zeros.data();
-  p.bias = opt(b);
+  p.bias = bias;
   p.y = y;
   p.m = T;
   p.n = n;
@@ -589,7 +593,7 @@ void LlamaModel::qlinear(const float* x, int64_t T, int64_t k, const Q4Tiled& q,
   p.group = q.group;
   p.act_group = xq_.act_group;
   p.ldy = n;
-  cpu::qlinear_w4a8(p, pool);
+  return p;
 }
 
 void LlamaModel::prepare(const BatchPlan& plan) {
@@ -812,20 +816,7 @@ void LlamaModel::head(const BatchPlan& plan, ThreadPool& pool, FloatBuffer* logi
   if (act_quant_ != ActQuant::kFloat) {
     // The 8-bit head by 8-bit activations: one W8A8 product (the halves summed in integers).
     a8_quantize(rows_.data(), R, H, H, head_q_.group, &xq_);
-    cpu::QLinearParams p;
-    p.xq = xq_.q.data();
-    p.x_scales = xq_.scales.data();
-    p.x_sums = xq_.sums.data();
-    p.w = head_q_.data.data();
-    p.w_scales = head_q_.scales.data();
-    p.w_zeros = head_q_.zeros.data();
-    p.y = logits->data();
-    p.m = R;
-    p.n = V;
-    p.groups = head_q_.groups;
-    p.group = head_q_.group;
-    p.act_group = xq_.act_group;
-    p.ldy = V;
+    cpu::QLinearParams p = w4a8_params(head_q_, nullptr, logits->data(), R, V);
     p.w8_lo_block = lo / Q4Tiled::kRows;
     cpu::qlinear_w4a8(p, pool);
     return;

@@ -139,6 +139,8 @@ class LlamaModel {
   // The 4-bit path of linear, its input quantized as `act` says.
   void qlinear(const float* x, int64_t T, int64_t k, const Q4Tiled& q, const ActOrder& order, const FloatBuffer& b,
                float* y, int64_t n, ActQuant act, ThreadPool& pool, bool input_quantized = false);
+  // The W4A8 kernel's operands for q by the T rows quantized in xq_, into y ([T, n]).
+  cpu::QLinearParams w4a8_params(const Q4Tiled& q, const float* bias, float* y, int64_t T, int64_t n) const;
   // Runs fn(a, e), which writes rows [a, e) of x ([T, k]), over chunks of rows across threads,
   // and when q takes 8- or 4-bit inputs quantizes each chunk into xq_ right after (while it is in
   // cache): the producer and the quantizer in one pass. Returns whether it quantized.
