@@ -894,6 +894,89 @@ TEST(SpecController, LongMatchesEarnHigherProbabilities) {
   EXPECT_GT(pl[3], ps[0]);
 }
 
+// The calibration map against the acceptance it is fed: an estimate e is accepted with
+// probability truth(e). Checked at the ranges' centres, where the map is each range's mean.
+TEST(CalibrationMap, IsTheIdentityUntilObservedThenLearnsTheMeasuredAcceptance) {
+  CalibrationMap f;
+  for (float e : {0.05f, 0.25f, 0.55f, 0.95f}) EXPECT_NEAR(f(e), e, 1e-6) << e;
+  EXPECT_FLOAT_EQ(f(0.0f), 0.0f);
+  EXPECT_FLOAT_EQ(f(1.0f), 0.95f);  // past the last centre: the last range's value
+  // Underconfident in the middle, as SmartSpec's estimates were on stories260K.
+  auto truth = [](float e) { return std::min(1.0f, e < 0.2f ? e : 0.15f + 1.2f * e); };
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  for (int i = 0; i < 5000; ++i) {
+    const float e = u(rng);
+    f.observe(e, u(rng) < truth(e));
+  }
+  for (int b = 0; b < CalibrationMap::kBins; ++b) {
+    const float centre = (b + 0.5f) / CalibrationMap::kBins;
+    EXPECT_NEAR(f(centre), truth(centre), 0.12f) << "estimate " << centre;  // about 100 observations count per range
+  }
+  EXPECT_GT(f(0.45f), 0.6f);
+}
+
+TEST(CalibrationMap, StaysMonotoneWhenTheMeasurementsAreNot) {
+  // Estimates below 0.5 accepted 80% of the time, above it 40%: pooled, never decreasing.
+  CalibrationMap f;
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  for (int i = 0; i < 4000; ++i) {
+    const float e = u(rng);
+    f.observe(e, u(rng) < (e < 0.5f ? 0.8f : 0.4f));
+  }
+  float prev = 0;
+  for (int k = 0; k <= 1000; ++k) {
+    const float v = f(k / 1000.0f);
+    ASSERT_GE(v, prev) << "estimate " << k / 1000.0f;
+    prev = v;
+  }
+  // Pooled across the violation: the overall mean (0.6) where the two halves meet.
+  EXPECT_NEAR(f(0.45f), 0.6f, 0.08f);
+  EXPECT_NEAR(f(0.55f), 0.6f, 0.08f);
+}
+
+TEST(CalibrationMap, RangesNoLongerReachedDriftBackToTheIdentity) {
+  CalibrationMap f;
+  for (int i = 0; i < 2000; ++i) f.observe(0.75f, false);  // estimates of 0.75 all rejected
+  EXPECT_LT(f(0.75f), 0.05f);
+  for (int i = 0; i < 6000; ++i) f.observe(0.95f, true);  // later requests estimate 0.95, all accepted
+  EXPECT_GT(f(0.75f), 0.6f);
+  EXPECT_GT(f(0.95f), 0.95f);
+}
+
+// A node's estimate is calibrated before use: here every less frequent sibling (shares 0.3 to 0.6)
+// of an always-accepted node is rejected, so such siblings come to be priced near 0, where the share
+// alone made them 0.4; the order by probability stays a tree.
+TEST(SpecController, EstimatesAreCalibratedAgainstWhatWasAccepted) {
+  SpecController sc(SpecPolicy::kSmart, 2, 32);
+  DraftTree t;  // root -> 0 (share 1) -> 2 ; root -> 1 (share 0.4)
+  t.tokens = {5, 6, 7};
+  t.parents = {-1, -1, 0};
+  t.depths = {1, 1, 2};
+  t.shares = {1.0f, 0.4f, 1.0f};
+  t.match = 4;
+  const int32_t path[2] = {0, 2};
+  std::vector<Request> rs(100);
+  std::vector<float> before;
+  sc.node_probabilities(&rs[0], t, &before);
+  EXPECT_GT(before[1], 0.3f);  // the share's 0.4 of the prior, with the bonus
+  for (int k = 0; k < 2000; ++k) {
+    DraftTree seen = t;  // siblings seen 0.3 to 0.6 times as often
+    seen.shares[1] = 0.3f + 0.05f * (k % 7);
+    sc.on_verified(&rs[k % rs.size()], seen, path, 2);
+  }
+  Request fresh;
+  std::vector<float> p;
+  sc.node_probabilities(&fresh, t, &p);
+  EXPECT_GT(p[0], 0.9f);
+  EXPECT_GT(p[2], 0.8f);
+  EXPECT_LT(p[1], 0.1f);
+  DraftTree ordered = t;
+  order_by_probability(&ordered, &p);
+  EXPECT_EQ(ordered.tokens, (std::vector<int32_t>{5, 7, 6}));
+}
+
 TEST(SpecController, DepthsBeyondMaxDepthAreIgnored) {
   SpecController sc(SpecPolicy::kSmart, 2, 32);
   Request r;

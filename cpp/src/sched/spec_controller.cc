@@ -188,8 +188,64 @@ SpecController::SpecController(SpecPolicy policy, int max_depth, int max_match)
       global_n_(global_.size(), 0),
       by_match_n_(by_match_.size(), 0) {}
 
-float SpecController::optimistic(int cell) const {
-  return std::min(1.0f, calibration_ * by_match_[cell] + kExplore / std::sqrt(by_match_n_[cell] + 1.0f));
+// ---- CalibrationMap ----
+
+CalibrationMap::CalibrationMap() {
+  for (int b = 0; b < kBins; ++b) map_[b] = (b + 0.5f) / kBins;
+}
+
+int CalibrationMap::bin(float estimate) {
+  return std::clamp(static_cast<int>(estimate * kBins), 0, kBins - 1);
+}
+
+void CalibrationMap::observe(float estimate, bool hit) {
+  for (int b = 0; b < kBins; ++b) hits_[b] *= kForgetting, weight_[b] *= kForgetting;
+  const int b = bin(estimate);
+  hits_[b] += hit ? 1.0f : 0.0f;
+  weight_[b] += 1.0f;
+  rebuild();
+}
+
+void CalibrationMap::rebuild() {
+  // Pool adjacent violators over the ranges, each a block of (value, weight).
+  std::array<float, kBins> value, weight;
+  std::array<int, kBins> first;  // the first range of each block
+  int blocks = 0;
+  for (int b = 0; b < kBins; ++b) {
+    const float centre = (b + 0.5f) / kBins;
+    float w = weight_[b] + kPriorWeight, v = (hits_[b] + kPriorWeight * centre) / w;
+    int f = b;
+    while (blocks > 0 && value[blocks - 1] > v) {
+      --blocks;
+      v = (value[blocks] * weight[blocks] + v * w) / (weight[blocks] + w);
+      w += weight[blocks];
+      f = first[blocks];
+    }
+    value[blocks] = v, weight[blocks] = w, first[blocks] = f;
+    ++blocks;
+  }
+  for (int k = 0; k < blocks; ++k)
+    for (int b = first[k]; b < (k + 1 < blocks ? first[k + 1] : kBins); ++b) map_[b] = value[k];
+}
+
+float CalibrationMap::operator()(float estimate) const {
+  const float x = std::clamp(estimate, 0.0f, 1.0f) * kBins - 0.5f;  // in units of ranges, from the first centre
+  if (x <= 0) return map_[0] * std::max(x + 0.5f, 0.0f) * 2;  // to 0 at an estimate of 0
+  const int b = static_cast<int>(x);
+  if (b >= kBins - 1) return map_[kBins - 1];
+  const float t = x - b;
+  return map_[b] + t * (map_[b + 1] - map_[b]);
+}
+
+// ---- SpecController ----
+
+float SpecController::estimate(int cell, float share, float factor) const {
+  return std::min(1.0f, share * by_match_[cell] * factor);
+}
+
+float SpecController::conditional(int cell, float share, float factor) const {
+  const float bonus = kExplore / std::sqrt(by_match_n_[cell] + 1.0f);
+  return std::min(1.0f, calibration_(estimate(cell, share, factor)) + share * factor * bonus);
 }
 
 int SpecController::bucket(int match) {
@@ -215,13 +271,13 @@ float SpecController::first_node_bound(const Request* r) const {
   // previous suffix), so the tokens since the proposal bound the match now.
   const int grown = r->spec_match + std::max(r->num_tokens() - r->spec_match_tokens, 1);
   const int b = std::min(bucket(grown), num_buckets_ - 1);
-  return std::min(1.0f, optimistic(b * (max_depth_ + 1) + 1) * request_factor(r, 1));
+  return conditional(b * (max_depth_ + 1) + 1, 1.0f, request_factor(r, 1));
 }
 
 float SpecController::max_first_node_rate() const {
   float best = 0.0f;
-  for (int b = 0; b < num_buckets_; ++b) best = std::max(best, optimistic(b * (max_depth_ + 1) + 1));
-  return std::min(1.0f, best * kMaxRequestFactor);
+  for (int b = 0; b < num_buckets_; ++b) best = std::max(best, conditional(b * (max_depth_ + 1) + 1, 1.0f, kMaxRequestFactor));
+  return best;
 }
 
 void SpecController::relax(Request* r) {
@@ -233,23 +289,22 @@ void SpecController::node_probabilities(const Request* r, const DraftTree& t, st
   const int row = bucket(t.match) * (max_depth_ + 1);
   for (int i = 0; i < t.size(); ++i) {
     const int d = std::min(t.depths[i], max_depth_);
-    const float c = std::min(1.0f, t.shares[i] * optimistic(row + d) * request_factor(r, d));
+    const float c = conditional(row + d, t.shares[i], request_factor(r, d));
     (*p)[i] = c * (t.parents[i] < 0 ? 1.0f : (*p)[t.parents[i]]);
   }
 }
 
 void SpecController::on_verified(Request* r, const DraftTree& t, const int32_t* path, int n) {
-  // Calibration first, against the predictions the draft was chosen by.
-  std::vector<float> predicted;
-  node_probabilities(r, t, &predicted);
-  float expected = 0;
-  for (float p : predicted) expected += p;
-  if (expected > 0) {
-    const float ratio = std::clamp(n / expected, 0.0f, 2.0f);
-    calibration_ = std::clamp(calibration_ + kCalibrationAlpha * (ratio - calibration_), 0.2f, 1.5f);
+  const int row = bucket(t.match) * (max_depth_ + 1);
+  // Calibration first, against the estimates the draft was chosen by: each drafted child of an
+  // accepted node (or of the root), accepted or not.
+  for (int d = 1; d <= n + 1 && d <= max_depth_; ++d) {
+    const int parent = d == 1 ? -1 : path[d - 2];
+    const float factor = request_factor(r, d);
+    for (int i = 0; i < t.size(); ++i)
+      if (t.parents[i] == parent) calibration_.observe(estimate(row + d, t.shares[i], factor), d <= n && path[d - 1] == i);
   }
   if (r->spec_accept.empty()) r->spec_accept = global_;
-  const int row = bucket(t.match) * (max_depth_ + 1);
   // A mean over the first observations (the prior counts as one), a moving average after.
   auto update = [](float* rate, uint32_t* n, float hit) {
     *rate += std::max(kGlobalAlpha, 1.0f / (*n + 2.0f)) * (hit - *rate);
