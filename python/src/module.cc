@@ -164,6 +164,7 @@ NB_MODULE(_core, m) {
       .def_ro("spec_acceptance", &EngineStats::spec_acceptance)
       .def_ro("step_time_coefficients", &EngineStats::step_time_coefficients)
       .def_ro("spec_lookup_cost_s", &EngineStats::spec_lookup_cost_s)
+      .def_ro("spec_calibration", &EngineStats::spec_calibration)
       .def_ro("spec_guard_plain_tok_s", &EngineStats::spec_guard_plain_tok_s)
       .def_ro("spec_guard_drafted_tok_s", &EngineStats::spec_guard_drafted_tok_s);
 

@@ -346,6 +346,8 @@ def test_smartspec_stats(stories_dir):
     assert coef[0] + coef[1] > 0
     assert stats["spec_policy"] == "smartspec"
     assert len(stats["spec_acceptance"]) == 5 and all(0 <= a <= 1 for a in stats["spec_acceptance"])
+    # The calibration starts as the identity at the ranges' centres.
+    assert stats["spec_calibration"] == pytest.approx([0.05 + 0.1 * b for b in range(10)], abs=1e-6)
     engine.generate(["Once upon a time"] * 3, SamplingParams(max_tokens=64, temperature=0.0))
     stats = engine.stats()
     assert 0 <= stats["last_step_drafted_seqs"] <= 3
@@ -357,6 +359,9 @@ def test_smartspec_stats(stories_dir):
     assert 0 <= stats["spec_lookup_cost_s"] < 0.1
     if stats["num_draft_tokens"] > 0:
         assert stats["spec_lookup_cost_s"] > 0
+    # Learned from the verifications, and never decreasing.
+    cal = stats["spec_calibration"]
+    assert len(cal) == 10 and all(0 <= c <= 1 for c in cal) and cal == sorted(cal)
     # The goodput guard's measurements, per range of sequences in a step (1, 2-3, 4-7, ...): it
     # measures steps of 4 or more sequences only, each step on the side (drafted or not) it went.
     plain, drafted = stats["spec_guard_plain_tok_s"], stats["spec_guard_drafted_tok_s"]

@@ -94,6 +94,9 @@ struct EngineStats {
   // rows with logits (sampled rows and draft nodes) + c_draft * seqs with a draft; lookups apart.
   std::vector<double> step_time_coefficients;
   double spec_lookup_cost_s = 0;  // SmartSpec's measured cost of one draft lookup (not in the fit)
+  // SmartSpec's calibration: the acceptance it uses for estimates of 0.05, 0.15, ..., 0.95 (at
+  // first those very values; then what drafts so estimated were measured to be accepted at).
+  std::vector<double> spec_calibration;
   // SmartSpec's goodput guard: tokens generated per second of steps without and with drafts, per
   // range of sequences in the step (1, 2-3, 4-7, ..., 128+; 0: not measured).
   std::vector<double> spec_guard_plain_tok_s, spec_guard_drafted_tok_s;

@@ -187,6 +187,7 @@ class SpecController {
   const StepTimeModel& model() const { return model_; }
   GoodputGuard& guard() { return guard_; }
   const GoodputGuard& guard() const { return guard_; }
+  const CalibrationMap& calibration() const { return calibration_; }
 
   // The acceptance rate at depth d (1-based) for request r: its own once it has one, else global.
   float rate(const Request* r, int d) const;
