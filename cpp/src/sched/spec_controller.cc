@@ -276,7 +276,8 @@ float SpecController::first_node_bound(const Request* r) const {
 
 float SpecController::max_first_node_rate() const {
   float best = 0.0f;
-  for (int b = 0; b < num_buckets_; ++b) best = std::max(best, conditional(b * (max_depth_ + 1) + 1, 1.0f, kMaxRequestFactor));
+  for (int b = 0; b < num_buckets_; ++b)
+    best = std::max(best, conditional(b * (max_depth_ + 1) + 1, 1.0f, kMaxRequestFactor));
   return best;
 }
 
@@ -302,7 +303,8 @@ void SpecController::on_verified(Request* r, const DraftTree& t, const int32_t* 
     const int parent = d == 1 ? -1 : path[d - 2];
     const float factor = request_factor(r, d);
     for (int i = 0; i < t.size(); ++i)
-      if (t.parents[i] == parent) calibration_.observe(estimate(row + d, t.shares[i], factor), d <= n && path[d - 1] == i);
+      if (t.parents[i] == parent)
+        calibration_.observe(estimate(row + d, t.shares[i], factor), d <= n && path[d - 1] == i);
   }
   if (r->spec_accept.empty()) r->spec_accept = global_;
   // A mean over the first observations (the prior counts as one), a moving average after.

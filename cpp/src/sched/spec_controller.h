@@ -22,7 +22,7 @@
 //    calibrated (CalibrationMap: measured acceptance per range of the estimate, kept monotone)
 //    before the bonus is added: overconfidence in the cells tried must not bar the others from
 //    being tried. (Measured under fixed:8 on stories260K, estimates of 0.3-0.8 were accepted
-//    10-30 points more often than estimated, so SmartSpec drafted 3-5 nodes where 8 paid.)
+//    10-30 points more often than estimated: one global factor cannot fix that.)
 //  - Lookups: the drafter's proposal is timed by the scheduler (a moving average per lookup) and
 //    kept out of the fit; a request is looked up only where its likeliest first node could pay
 //    for a row, c_draft and the lookup.
