@@ -912,6 +912,7 @@ TEST(CalibrationMap, IsTheIdentityUntilObservedThenLearnsTheMeasuredAcceptance) 
   for (int b = 0; b < CalibrationMap::kBins; ++b) {
     const float centre = (b + 0.5f) / CalibrationMap::kBins;
     EXPECT_NEAR(f(centre), truth(centre), 0.12f) << "estimate " << centre;  // about 100 observations count per range
+    EXPECT_FLOAT_EQ(f.at_centres()[b], f(centre));  // what stats() shows
   }
   EXPECT_GT(f(0.45f), 0.6f);
 }

@@ -413,9 +413,8 @@ void Engine::Impl::publish() {
     const auto& c = spec->model().coefficients();
     counters.step_time_coefficients.assign(c.begin(), c.end());
     counters.spec_lookup_cost_s = spec->model().lookup_cost();
-    counters.spec_calibration.clear();
-    for (int b = 0; b < CalibrationMap::kBins; ++b)
-      counters.spec_calibration.push_back(spec->calibration()((b + 0.5f) / CalibrationMap::kBins));
+    const auto& cal = spec->calibration().at_centres();
+    counters.spec_calibration.assign(cal.begin(), cal.end());
     counters.spec_guard_plain_tok_s.clear();
     counters.spec_guard_drafted_tok_s.clear();
     for (int r = 0; r < GoodputGuard::kRanges; ++r) {

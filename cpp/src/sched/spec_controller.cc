@@ -203,10 +203,15 @@ void CalibrationMap::observe(float estimate, bool hit) {
   const int b = bin(estimate);
   hits_[b] += hit ? 1.0f : 0.0f;
   weight_[b] += 1.0f;
-  rebuild();
+  stale_ = true;
 }
 
-void CalibrationMap::rebuild() {
+const std::array<float, CalibrationMap::kBins>& CalibrationMap::at_centres() const {
+  if (stale_) rebuild();
+  return map_;
+}
+
+void CalibrationMap::rebuild() const {
   // Pool adjacent violators over the ranges, each a block of (value, weight).
   std::array<float, kBins> value, weight;
   std::array<int, kBins> first;  // the first range of each block
@@ -226,15 +231,17 @@ void CalibrationMap::rebuild() {
   }
   for (int k = 0; k < blocks; ++k)
     for (int b = first[k]; b < (k + 1 < blocks ? first[k + 1] : kBins); ++b) map_[b] = value[k];
+  stale_ = false;
 }
 
 float CalibrationMap::operator()(float estimate) const {
+  const std::array<float, kBins>& m = at_centres();
   const float x = std::clamp(estimate, 0.0f, 1.0f) * kBins - 0.5f;  // in units of ranges, from the first centre
-  if (x <= 0) return map_[0] * std::max(x + 0.5f, 0.0f) * 2;  // to 0 at an estimate of 0
+  if (x <= 0) return m[0] * std::max(x + 0.5f, 0.0f) * 2;  // to 0 at an estimate of 0
   const int b = static_cast<int>(x);
-  if (b >= kBins - 1) return map_[kBins - 1];
+  if (b >= kBins - 1) return m[kBins - 1];
   const float t = x - b;
-  return map_[b] + t * (map_[b + 1] - map_[b]);
+  return m[b] + t * (m[b + 1] - m[b]);
 }
 
 // ---- SpecController ----

@@ -165,14 +165,18 @@ class CalibrationMap {
   CalibrationMap();
   void observe(float estimate, bool hit);
   float operator()(float estimate) const;
+  // The map at the ranges' centres, estimates 0.05, 0.15, ..., 0.95.
+  const std::array<float, kBins>& at_centres() const;
 
  private:
   static constexpr float kPriorWeight = 8;       // the centre counts as this many observations
   static constexpr float kForgetting = 0.999f;   // about the last 1000 observations count
   static int bin(float estimate);
-  void rebuild();
+  void rebuild() const;
   std::array<float, kBins> hits_{}, weight_{};   // aged sums of outcomes and of observations
-  std::array<float, kBins> map_{};
+  // Rebuilt when read after observations: a verification observes several nodes at once.
+  mutable std::array<float, kBins> map_{};
+  mutable bool stale_ = false;
 };
 
 enum class SpecPolicy { kOff, kFixed, kSmart };
