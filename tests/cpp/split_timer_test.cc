@@ -1,5 +1,6 @@
-// SplitTimer: the faster way runs, the slower is re-measured every kExplore-th step (twice in a row,
-// the step that switches not counted), and a single slow step cannot flip the choice.
+// SplitTimer: the faster way runs, the slower is re-measured twice in a row (the step that
+// switches not counted) every kExplore-th step until measured kTrusted times, then at a period
+// that grows with how much slower it is; a single slow step cannot flip the choice.
 #include "model/split_timer.h"
 
 #include <gtest/gtest.h>
@@ -32,9 +33,29 @@ TEST(SplitTimer, MeasuresBothThenRunsTheFasterAndExploresTheOther) {
   timer.record(false, 12.0, 4);
   EXPECT_DOUBLE_EQ(timer.mean_us_per_row(true), 2.0);
   EXPECT_DOUBLE_EQ(timer.mean_us_per_row(false), 3.0);
-  // The second is faster: it runs, except two steps in kExplore.
-  const int n = 64 * SplitTimer::kExplore;
-  EXPECT_EQ(run(timer, n, 3.0, 2.0), n - 2 * n / SplitTimer::kExplore);
+  // The second is faster: it runs, except two steps in kExplore until the first has been measured
+  // kTrusted times, then two in explore_period(0.5).
+  EXPECT_EQ(run(timer, SplitTimer::kTrusted * SplitTimer::kExplore, 3.0, 2.0),
+            SplitTimer::kTrusted * SplitTimer::kExplore - 2 * SplitTimer::kTrusted + 1);
+  const int64_t period = SplitTimer::explore_period(0.5);
+  EXPECT_EQ(period, 200);
+  const int n = static_cast<int>(4 * period);
+  EXPECT_EQ(run(timer, n, 3.0, 2.0), n - 8);
+}
+
+TEST(SplitTimer, ExploresLessTheSlowerTheOtherWay) {
+  EXPECT_EQ(SplitTimer::explore_period(0.02), SplitTimer::kExplore);  // close: the short period
+  EXPECT_EQ(SplitTimer::explore_period(0.35), 140);                   // 2 x 0.35 / 140 = 0.5%
+  EXPECT_EQ(SplitTimer::explore_period(5.0), SplitTimer::kMaxExplore);
+  for (double gap : {0.1, 0.2, 0.4, 0.8}) {
+    // Once the slower way is trusted, the steps spent on it cost about 0.5%.
+    SplitTimer timer;
+    run(timer, 4096, 1.0, 1.0 + gap);
+    const int n = 8192;
+    const int slow = run(timer, n, 1.0, 1.0 + gap);
+    EXPECT_LE(slow * gap / n, 0.0055) << "gap " << gap;
+    EXPECT_GE(slow, 2 * (n / SplitTimer::explore_period(gap))) << "gap " << gap;  // still explored
+  }
 }
 
 TEST(SplitTimer, TheStepThatSwitchesIsNotRecorded) {
@@ -59,7 +80,7 @@ TEST(SplitTimer, FollowsAChangeOfConditions) {
   // Now the second is twice as slow as the first: within a few dozen explorations it stops.
   run(timer, 40 * SplitTimer::kExplore, 3.0, 6.0);
   const int n = 10 * SplitTimer::kExplore;
-  EXPECT_EQ(run(timer, n, 3.0, 6.0), 2 * n / SplitTimer::kExplore);
+  EXPECT_LE(run(timer, n, 3.0, 6.0), 2 * n / SplitTimer::kExplore);  // explorations only
 }
 
 TEST(SplitTimer, OneSlowStepDoesNotFlipTheChoice) {
@@ -82,8 +103,8 @@ TEST(SplitTimer, ASlowFirstMeasurementIsSoonCorrected) {
   EXPECT_TRUE(timer.pick());
   timer.record(true, 80.0 * 4, 4);
   run(timer, 8 * SplitTimer::kExplore, 3.0, 2.0);
-  const int n = 10 * SplitTimer::kExplore;
-  EXPECT_EQ(run(timer, n, 3.0, 2.0), n - 2 * n / SplitTimer::kExplore);
+  const int n = static_cast<int>(4 * SplitTimer::explore_period(0.5));
+  EXPECT_EQ(run(timer, n, 3.0, 2.0), n - 8);
 }
 
 }  // namespace
