@@ -13,9 +13,9 @@ namespace accelcore {
 // split can go from 20-30% faster to 20-40% slower) is followed. The period is kExplore steps
 // while the two are close or the slower is measured fewer than kTrusted times, longer the
 // further apart they are (explore_period), so exploring costs about 0.5% of the time: at every
-// 32nd step, one-row steps of stories260K spent 2-3% on explorations of the way 35% slower. A way that takes over runs twice:
-// the first step after a switch pays for the switch (a worker woken from its sleep, other data in
-// the caches) and is not recorded. Recording it had kept the phased split, whose worker sleeps
+// 32nd step, one-row steps of stories260K spent 2-3% on explorations of the way 35% slower.
+// A way that takes over runs twice: the first step after a switch pays for the switch (a worker
+// woken from its sleep, other data in the caches) and is not recorded. Recording it had kept the phased split, whose worker sleeps
 // through the steps run kernel by kernel on one thread, measured 30% slower than it runs.
 class SplitTimer {
  public:
