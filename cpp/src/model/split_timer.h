@@ -15,8 +15,9 @@ namespace accelcore {
 // further apart they are (explore_period), so exploring costs about 0.5% of the time: at every
 // 32nd step, one-row steps of stories260K spent 2-3% on explorations of the way 35% slower.
 // A way that takes over runs twice: the first step after a switch pays for the switch (a worker
-// woken from its sleep, other data in the caches) and is not recorded. Recording it had kept the phased split, whose worker sleeps
-// through the steps run kernel by kernel on one thread, measured 30% slower than it runs.
+// woken from its sleep, other data in the caches) and is not recorded. Recording it had kept the
+// phased split, whose worker sleeps through the steps run kernel by kernel on one thread,
+// measured 30% slower than it runs.
 class SplitTimer {
  public:
   static constexpr int64_t kExplore = 32, kMaxExplore = 16 * kExplore;
