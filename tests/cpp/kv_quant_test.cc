@@ -2,7 +2,8 @@
 // trips within half a step of every value (keys with large per-channel offsets, odd block sizes,
 // 4 and 8 bits); and on every ISA path the machine has, attention reading quantized blocks is
 // bit-identical to the float kernel reading the dequantized floats in their place (the token's
-// own block in float), through a stage table that relocates the float blocks.
+// own block in float), through a stage table that relocates the float blocks, and whether a
+// sequence's tokens share a call or come one at a time.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -183,6 +184,87 @@ TEST(KvqAttention, QuantizedBlocksReadAsTheirDequantizedFloats) {
         ASSERT_EQ(0, std::memcmp(got.data() + static_cast<size_t>(t) * H * hd, want.data() + static_cast<size_t>(t) * H * hd,
                                  sizeof(float) * H * hd))
             << what << " " << name << " position " << t;
+      }
+    }
+  }
+}
+
+// Tokens of one sequence that share a call (a prompt chunk, a draft tree) dequantize each block
+// once between them (DequantMemo): calls holding several sequences, a lone decode token among
+// them, and splits inside a token's kv heads (as threads take them) all read the same floats as
+// one token alone.
+TEST(KvqAttention, TokensSharingACallReadTheSameBitsAsAlone) {
+  std::mt19937 rng(21);
+  for (const Shape& c : {Shape{4, 16, 4}, Shape{4, 8, 16}, Shape{8, 64, 16}, Shape{4, 6, 5}}) {
+    const int kvh = 2, H = 4, hd = c.head_dim, bs = c.block_size;
+    const KvqLayout l = kvq_layout(c.bits, hd, bs);
+    const int len = 5 * bs + 3, nblocks = (len + bs - 1) / bs, pool_blocks = 3 * nblocks;
+    const int64_t head_floats = static_cast<int64_t>(bs) * hd;
+    // Three sequences on disjoint shuffled blocks; floats at their block ids (no staging).
+    std::vector<int32_t> tables(pool_blocks);
+    std::iota(tables.begin(), tables.end(), 0);
+    std::shuffle(tables.begin(), tables.end(), rng);
+    const size_t pool_floats = static_cast<size_t>(pool_blocks) * kvh * head_floats;
+    std::vector<float> kf = testing::random_floats(rng, pool_floats, -2, 2), vf = testing::random_floats(rng, pool_floats);
+    std::vector<uint8_t> recs(static_cast<size_t>(pool_blocks) * kvh * l.bytes);
+    std::vector<float> kd(pool_floats), vd(pool_floats);
+    for (int64_t i = 0; i < static_cast<int64_t>(pool_blocks) * kvh; ++i) {
+      uint8_t* rec = recs.data() + i * l.bytes;
+      kvq_quantize(l, kf.data() + i * head_floats, vf.data() + i * head_floats, rec);
+      kvq_dequantize_k(l, rec, kd.data() + i * head_floats);
+      kvq_dequantize_v(l, rec, vd.data() + i * head_floats);
+    }
+    // Sequence 0: every position; 1: its last position alone; 2: its last four.
+    std::vector<int32_t> positions, seq_of_token, offsets = {0, nblocks, 2 * nblocks};
+    for (int j = 0; j < len; ++j) positions.push_back(j), seq_of_token.push_back(0);
+    positions.push_back(len - 1), seq_of_token.push_back(1);
+    for (int j = len - 4; j < len; ++j) positions.push_back(j), seq_of_token.push_back(2);
+    const int T = static_cast<int>(positions.size());
+    const int64_t ldq = H * hd, items = static_cast<int64_t>(T) * kvh;
+    std::vector<float> q = testing::random_floats(rng, static_cast<size_t>(T) * ldq, -2, 2);
+    for (const auto& [name, kernel] : attention_paths()) {
+      cpu::AttentionParams p;
+      p.q = q.data();
+      p.ldq = ldq;
+      p.positions = positions.data();
+      p.seq_of_token = seq_of_token.data();
+      p.block_tables = tables.data();
+      p.block_table_offset = offsets.data();
+      p.num_tokens = T;
+      p.num_heads = H;
+      p.num_kv_heads = kvh;
+      p.head_dim = hd;
+      p.block_size = bs;
+      p.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+      p.k_cache = kf.data();
+      p.v_cache = vf.data();
+      p.kv_bits = c.bits;
+      p.kv_records = recs.data();
+      std::vector<float> got(static_cast<size_t>(T) * H * hd);
+      p.out = got.data();
+      for (const auto& [b, e] : {std::pair<int64_t, int64_t>{0, 7 * kvh + 1}, {7 * kvh + 1, (len + 2) * kvh},
+                                 {(len + 2) * kvh, items}})
+        kernel(p, b, e);
+      for (int t = 0; t < T; ++t) {
+        // The token alone, over a float pool holding the dequantized floats before its own block.
+        std::vector<float> kr(kf), vr(vf);
+        const int32_t* table = tables.data() + offsets[seq_of_token[t]];
+        for (int b = 0; b < positions[t] / bs; ++b) {
+          const int64_t d = static_cast<int64_t>(table[b]) * kvh * head_floats;
+          std::copy(kd.begin() + d, kd.begin() + d + kvh * head_floats, kr.begin() + d);
+          std::copy(vd.begin() + d, vd.begin() + d + kvh * head_floats, vr.begin() + d);
+        }
+        cpu::AttentionParams r = p;
+        r.kv_bits = 0;
+        r.kv_records = nullptr;
+        r.k_cache = kr.data();
+        r.v_cache = vr.data();
+        std::vector<float> want(static_cast<size_t>(T) * H * hd);
+        r.out = want.data();
+        kernel(r, static_cast<int64_t>(t) * kvh, static_cast<int64_t>(t + 1) * kvh);
+        ASSERT_EQ(0, std::memcmp(got.data() + static_cast<size_t>(t) * H * hd, want.data() + static_cast<size_t>(t) * H * hd,
+                                 sizeof(float) * H * hd))
+            << describe(c) << " " << name << " token " << t << " (sequence " << seq_of_token[t] << ")";
       }
     }
   }

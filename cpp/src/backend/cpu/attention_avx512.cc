@@ -170,6 +170,8 @@ void attend_d8(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
   // Per thread, kept between calls: a call may cover only a token's kv heads.
   thread_local Scratch scores, stage, dk, dv;
   thread_local std::vector<VBlock> blocks;
+  thread_local DequantMemo memo;
+  memo.reset();
   dk.resize(p.kv_bits ? head_floats : 0);
   dv.resize(p.kv_bits ? head_floats : 0);
   auto pool_block = [&](int32_t block) -> int64_t { return p.stage_of_block ? p.stage_of_block[block] : block; };
@@ -190,6 +192,7 @@ void attend_d8(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
       n_extra -= k, extra_slots += k;
     }
     const int32_t last = pos - n_extra;  // in order from the cache up to here, then draft slots
+    if (p.kv_bits) memo.start(p, t, item_begin, item_end);
     const int32_t own_block = pos / bs;  // blocks before it are read quantized (kv_bits != 0)
     const int32_t vb0 = first / kL, nvb = pos / kL - vb0 + 1;
     blocks.resize(static_cast<size_t>(nh) * nvb);
@@ -199,7 +202,8 @@ void attend_d8(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
     // Where each virtual block's K and V come from, per kv head.
     for (int hh = 0; hh < nh; ++hh) {
       const int kvh = h0 + hh;
-      int32_t dequantized = -1;  // the physical block now in dk/dv
+      int32_t dequantized = -1;  // the block now in dqk/dqv
+      const float *dqk = nullptr, *dqv = nullptr;
       for (int32_t i = 0; i < nvb; ++i) {
         const int32_t base = (vb0 + i) * kL;
         const int la = std::max(first - base, 0), lz = std::min(pos - base, kL - 1);
@@ -211,9 +215,11 @@ void attend_d8(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
         if (bs == kL && base + lz <= last) {  // one whole block of the cache, in order
           if (p.kv_bits && b < own_block) {
             const uint8_t* rec = p.kv_records + (static_cast<int64_t>(table[b]) * p.num_kv_heads + kvh) * lay.bytes;
-            dequantize_k(lay, rec, sk);
-            dequantize_v(lay, rec, sv);
-            vb.kt = sk, vb.v = sv;
+            if (!memo.get(lay, rec, b, kvh, &vb.kt, &vb.v)) {
+              dequantize_k(lay, rec, sk);
+              dequantize_v(lay, rec, sv);
+              vb.kt = sk, vb.v = sv;
+            }
           } else {
             const int64_t h = (pool_block(table[b]) * p.num_kv_heads + kvh) * head_floats;
             vb.kt = p.k_cache + h, vb.v = p.v_cache + h;
@@ -242,11 +248,14 @@ void attend_d8(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
             if (p.kv_bits && pb < own_block) {
               if (dequantized != pb) {
                 const uint8_t* rec = p.kv_records + (static_cast<int64_t>(table[pb]) * p.num_kv_heads + kvh) * lay.bytes;
-                dequantize_k(lay, rec, dk.data());
-                dequantize_v(lay, rec, dv.data());
+                if (!memo.get(lay, rec, pb, kvh, &dqk, &dqv)) {
+                  dequantize_k(lay, rec, dk.data());
+                  dequantize_v(lay, rec, dv.data());
+                  dqk = dk.data(), dqv = dv.data();
+                }
                 dequantized = pb;
               }
-              kcol = dk.data() + off, vrow = dv.data() + static_cast<int64_t>(off) * kD;
+              kcol = dqk + off, vrow = dqv + static_cast<int64_t>(off) * kD;
             } else {
               const int64_t h = (pool_block(table[pb]) * p.num_kv_heads + kvh) * head_floats;
               kcol = p.k_cache + h + off, vrow = p.v_cache + h + static_cast<int64_t>(off) * kD;
