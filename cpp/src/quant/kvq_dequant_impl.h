@@ -4,8 +4,38 @@
 // for the reference. Plain loops: the compiler vectorises them, and without FMA contraction (the
 // attention files' flags) every path dequantizes to the same floats.
 //
-// Not a standalone header: the including file defines the namespace and includes quant/kvq.h
-// and <cstring>.
+// Not a standalone header: the including file defines the namespace and includes quant/kvq.h,
+// <cstring> and (where built for AVX2 or AVX-512) <immintrin.h>.
+
+// 16 codes as floats: out = mul * code + add (keys) or mul * (code - add) (values), in vectors
+// where the including file is built for AVX2 or AVX-512; the codes are 16 bytes (8 bits) or 8
+// bytes b of 4-bit ones (b[0] & 15, b[0] >> 4, b[1] & 15, ...). The same operations lane by lane
+// as the scalar loops below, so the same floats; the compiler left those loops scalar (a
+// TinyLlama-shaped layer's attention at 1024 positions spent 40% of its time in them).
+#if defined(__AVX2__)
+#define ACCEL_DQ_VECTORS 1
+template <int kBits>
+inline __m128i dq_codes16(const uint8_t* b) {
+  if (kBits == 8) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)), m = _mm_set1_epi8(15);
+  return _mm_unpacklo_epi8(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m));
+}
+template <int kBits, bool kSubtract>
+inline void dq16(const uint8_t* b, float mul, float add, float* out) {
+  const __m128i codes = dq_codes16<kBits>(b);
+#if defined(__AVX512F__)
+  const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
+  _mm512_storeu_ps(out, kSubtract ? _mm512_mul_ps(_mm512_set1_ps(mul), _mm512_sub_ps(x, _mm512_set1_ps(add)))
+                                  : _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(mul), x), _mm512_set1_ps(add)));
+#else
+  for (int h = 0; h < 2; ++h) {
+    const __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h ? _mm_srli_si128(codes, 8) : codes));
+    _mm256_storeu_ps(out + 8 * h, kSubtract ? _mm256_mul_ps(_mm256_set1_ps(mul), _mm256_sub_ps(x, _mm256_set1_ps(add)))
+                                            : _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(mul), x), _mm256_set1_ps(add)));
+  }
+#endif
+}
+#endif
 
 inline void dequantize_k(const KvqLayout& l, const uint8_t* rec, float* kt) {
   float unit[3];
@@ -17,6 +47,17 @@ inline void dequantize_k(const KvqLayout& l, const uint8_t* rec, float* kt) {
     const float min = unit[1] + unit[2] * static_cast<float>(rec[l.mc + c]);
     float* row = kt + static_cast<int64_t>(c) * bs;
     const int64_t base = static_cast<int64_t>(c) * bs;
+#ifdef ACCEL_DQ_VECTORS
+    if (bs % 16 == 0) {
+      for (int j = 0; j < bs; j += 16) {
+        if (l.bits == 8)
+          dq16<8, false>(codes + base + j, step, min, row + j);
+        else
+          dq16<4, false>(codes + (base + j) / 2, step, min, row + j);
+      }
+      continue;
+    }
+#endif
     if (l.bits == 8) {
       for (int j = 0; j < bs; ++j) row[j] = step * static_cast<float>(codes[base + j]) + min;
     } else if (bs % 2 == 0) {
@@ -46,6 +87,17 @@ inline void dequantize_v(const KvqLayout& l, const uint8_t* rec, float* v) {
     const float zero = static_cast<float>(rec[l.v_zero + j]);
     float* row = v + static_cast<int64_t>(j) * hd;
     const int64_t base = static_cast<int64_t>(j) * hd;
+#ifdef ACCEL_DQ_VECTORS
+    if (hd % 16 == 0) {
+      for (int c = 0; c < hd; c += 16) {
+        if (l.bits == 8)
+          dq16<8, true>(codes + base + c, step, zero, row + c);
+        else
+          dq16<4, true>(codes + (base + c) / 2, step, zero, row + c);
+      }
+      continue;
+    }
+#endif
     if (l.bits == 8) {
       for (int c = 0; c < hd; ++c) row[c] = step * (static_cast<float>(codes[base + c]) - zero);
     } else {  // head_dim is even: a row starts on a byte
@@ -57,3 +109,5 @@ inline void dequantize_v(const KvqLayout& l, const uint8_t* rec, float* v) {
     }
   }
 }
+
+#undef ACCEL_DQ_VECTORS

@@ -1,4 +1,6 @@
 // Paged attention for the avx2 path (see attention_impl.h; compiler flags set per file in CMake).
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
