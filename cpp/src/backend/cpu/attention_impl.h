@@ -231,17 +231,34 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
       } else {
         kt = p.k_cache + (pool_block(table[b]) * p.num_kv_heads + kvh) * head_floats;
       }
-      for (int g = 0; g < group; ++g) {
-        const float* q = q0 + static_cast<int64_t>(g) * hd;
-        float* s = scores.data() + g * span + static_cast<int64_t>(b - b0) * bs;
-        if constexpr (HD > 0 && BS == 16 && HD % 4 == 0) {
-          // Four partial sums (channels i mod 4), each one 16-lane vector: independent FMA chains.
-          V16 acc[4] = {};
+      int g0 = 0;
+      if constexpr (HD > 0 && BS == 16 && HD % 4 == 0) {
+        // Four partial sums per head (channels i mod 4), each one 16-lane vector, for up to four
+        // heads at a time: each K row loaded once for all of them, 16 independent chains.
+        auto score_heads = [&](auto nh) {
+          constexpr int NH = decltype(nh)::value;
+          const float* q[NH];
+          for (int x = 0; x < NH; ++x) q[x] = q0 + static_cast<int64_t>(g0 + x) * hd;
+          V16 acc[NH][4] = {};
 #pragma GCC unroll 4
           for (int i = 0; i < HD; i += 4)
-            for (int u = 0; u < 4; ++u) acc[u] += q[i + u] * load16(kt + static_cast<int64_t>(i + u) * 16);
-          store16(s, (acc[0] + acc[1]) + (acc[2] + acc[3]));
-        } else if (hd % 4 == 0) {
+            for (int u = 0; u < 4; ++u) {
+              const V16 k = load16(kt + static_cast<int64_t>(i + u) * 16);
+              for (int x = 0; x < NH; ++x) acc[x][u] += q[x][i + u] * k;
+            }
+          for (int x = 0; x < NH; ++x)
+            store16(scores.data() + (g0 + x) * span + static_cast<int64_t>(b - b0) * bs,
+                    (acc[x][0] + acc[x][1]) + (acc[x][2] + acc[x][3]));
+          g0 += NH;
+        };
+        while (group - g0 >= 4) score_heads(std::integral_constant<int, 4>());
+        if (group - g0 >= 2) score_heads(std::integral_constant<int, 2>());
+        if (group - g0 >= 1) score_heads(std::integral_constant<int, 1>());
+      }
+      for (int g = g0; g < group; ++g) {
+        const float* q = q0 + static_cast<int64_t>(g) * hd;
+        float* s = scores.data() + g * span + static_cast<int64_t>(b - b0) * bs;
+        if (hd % 4 == 0) {
           // The same four partial sums with the block size known only at run time.
           float* acc = partial.data();
           std::fill(acc, acc + 4 * bs, 0.0f);
@@ -285,7 +302,8 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
       float* xs = extra_scores.data() + static_cast<size_t>(g) * n_extra;
       // Softmax over the valid lanes and the extras. The maximum is exact in any order; the sum
       // runs in 16 partial sums keyed by position mod 16, each in position order, then a fixed
-      // tree: vectorisable, and the same for a draft token as for the plain one.
+      // tree: vectorisable, and the same for a draft token as for the plain one. The weights
+      // e / sum replace the scores.
       for (int32_t j = lo; j <= hi; ++j) s[j] *= p.scale;
       for (int e = extra_first; e < n_extra; ++e) xs[e] *= p.scale;
       float mx = std::max(max_of(s + lo, hi - lo + 1), max_of(xs + extra_first, n_extra - extra_first));
@@ -294,26 +312,32 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
       float part[16] = {};
       add_by_position(part, s, lo, hi, b0 * bs);
       add_by_position(part, xs, extra_first, n_extra - 1, last + 1);
-      const float sum = sum_tree16(part);
-      const float inv = 1.0f / sum;
-      float* o = out0 + static_cast<int64_t>(g) * hd;
-      // The in-order lanes block by block: one table lookup per block, its rows contiguous.
-      auto for_each_block = [&](auto&& fn) {
-        for (int32_t b = b0; b <= b1; ++b) {
-          const int32_t base = (b - b0) * bs;
-          const int32_t la = std::max(lo - base, 0), lz = std::min(hi - base, bs - 1);
-          if (la > lz) continue;
-          const float* vb = p.kv_bits && b < own_block ? vrows[static_cast<size_t>(b - b0)]
-                                                       : p.v_cache + (pool_block(table[b]) * p.num_kv_heads + kvh) * head_floats;
-          fn(b * bs, vb, s + base, la, lz);
-        }
-      };
-      auto extra_v_row = [&](int e) { return head_base(extra_slots[e], p.v_cache) + (extra_slots[e] % bs) * hd; };
-      if constexpr (HD == 8 && BS == 16) {
-        // Head dim 8: an even and the following odd row of a block are one 16-float vector, so its
-        // low half accumulates the even positions and its high half the odd ones: the products and
-        // sums of two 8-lane accumulators, half the instructions. A lone lane (a block's edge, a
-        // draft extra) goes through memory into its half, with the same scalar arithmetic.
+      const float inv = 1.0f / sum_tree16(part);
+      for (int32_t j = lo; j <= hi; ++j) s[j] *= inv;
+      for (int e = extra_first; e < n_extra; ++e) xs[e] *= inv;
+    }
+    // The in-order lanes block by block: one table lookup per block, its rows contiguous; fn gets
+    // the block's first position, its V rows, its first lane in the scores and its valid lanes.
+    auto for_each_block = [&](auto&& fn) {
+      for (int32_t b = b0; b <= b1; ++b) {
+        const int32_t base = (b - b0) * bs;
+        const int32_t la = std::max(lo - base, 0), lz = std::min(hi - base, bs - 1);
+        if (la > lz) continue;
+        const float* vb = p.kv_bits && b < own_block ? vrows[static_cast<size_t>(b - b0)]
+                                                     : p.v_cache + (pool_block(table[b]) * p.num_kv_heads + kvh) * head_floats;
+        fn(b * bs, vb, base, la, lz);
+      }
+    };
+    auto extra_v_row = [&](int e) { return head_base(extra_slots[e], p.v_cache) + (extra_slots[e] % bs) * hd; };
+    auto weights = [&](int g) { return scores.data() + g * span; };
+    auto extra_weights = [&](int g) { return extra_scores.data() + static_cast<size_t>(g) * n_extra; };
+    if constexpr (HD == 8 && BS == 16) {
+      // Head dim 8: an even and the following odd row of a block are one 16-float vector, so its
+      // low half accumulates the even positions and its high half the odd ones: the products and
+      // sums of two 8-lane accumulators, half the instructions. A lone lane (a block's edge, a
+      // draft extra) goes through memory into its half, with the same scalar arithmetic.
+      for (int g = 0; g < group; ++g) {
+        const float *s = weights(g), *xs = extra_weights(g);
         V16 acc = {};
         auto add_half = [&](int32_t position, const float* v, float w) {
           float a[16];
@@ -322,66 +346,92 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
           for (int i = 0; i < 8; ++i) h[i] += w * v[i];
           acc = load16(a);
         };
-        for_each_block([&](int32_t abs0, const float* vb, const float* sb, int32_t la, int32_t lz) {
+        for_each_block([&](int32_t abs0, const float* vb, int32_t base, int32_t la, int32_t lz) {
+          const float* sb = s + base;
           int32_t l = la;
-          if (l & 1) add_half(abs0 + l, vb + 8 * l, sb[l] * inv), ++l;
+          if (l & 1) add_half(abs0 + l, vb + 8 * l, sb[l]), ++l;
           for (; l + 1 <= lz; l += 2) {
-            const float we = sb[l] * inv, wo = sb[l + 1] * inv;
+            const float we = sb[l], wo = sb[l + 1];
             const V16 w = {we, we, we, we, we, we, we, we, wo, wo, wo, wo, wo, wo, wo, wo};
             acc += w * load16(vb + 8 * l);
           }
-          if (l <= lz) add_half(abs0 + l, vb + 8 * l, sb[l] * inv);
+          if (l <= lz) add_half(abs0 + l, vb + 8 * l, sb[l]);
         });
-        for (int e = extra_first; e < n_extra; ++e) add_half(last + 1 + e, extra_v_row(e), xs[e] * inv);
+        for (int e = extra_first; e < n_extra; ++e) add_half(last + 1 + e, extra_v_row(e), xs[e]);
         float a[16];
         store16(a, acc);
+        float* o = out0 + static_cast<int64_t>(g) * hd;
         for (int i = 0; i < 8; ++i) o[i] = a[i] + a[8 + i];
-      } else if constexpr (HD > 0 && HD % 8 == 0) {
-        // Register accumulators, one set for even and one for odd positions: independent chains.
-        using V = std::conditional_t<HD % 16 == 0, V16, V8>;
-        constexpr int kWidth = sizeof(V) / sizeof(float), kVecs = HD / kWidth;
-        V even[kVecs] = {}, odd[kVecs] = {};
-        auto accumulate = [&](int32_t position, const float* v, float w) {
+      }
+    } else if constexpr (HD > 0 && HD % 8 == 0) {
+      // Register accumulators, one set for even and one for odd positions: independent chains;
+      // two heads at a time where their accumulators fit the registers (each V row loaded once
+      // for both). Every head's additions are the same, in the same order, either way.
+      using V = std::conditional_t<HD % 16 == 0, V16, V8>;
+      constexpr int kWidth = sizeof(V) / sizeof(float), kVecs = HD / kWidth;
+      auto heads = [&](int g0, auto nh) {
+        constexpr int NH = decltype(nh)::value;
+        const float* s[NH];
+        const float* xs[NH];
+        for (int x = 0; x < NH; ++x) s[x] = weights(g0 + x), xs[x] = extra_weights(g0 + x);
+        V even[NH][kVecs] = {}, odd[NH][kVecs] = {};
+        auto accumulate = [&](int x, int32_t position, const float* v, float w) {
           if (position & 1) {
 #pragma GCC unroll 8
-            for (int c = 0; c < kVecs; ++c) odd[c] += w * loadv<V>(v + kWidth * c);
+            for (int c = 0; c < kVecs; ++c) odd[x][c] += w * loadv<V>(v + kWidth * c);
           } else {
 #pragma GCC unroll 8
-            for (int c = 0; c < kVecs; ++c) even[c] += w * loadv<V>(v + kWidth * c);
+            for (int c = 0; c < kVecs; ++c) even[x][c] += w * loadv<V>(v + kWidth * c);
           }
         };
         // Two lanes at a time (one even, one odd position): no branch in the hot loop, the same
         // additions in the same order as one position at a time.
-        for_each_block([&](int32_t abs0, const float* vb, const float* sb, int32_t la, int32_t lz) {
+        for_each_block([&](int32_t abs0, const float* vb, int32_t base, int32_t la, int32_t lz) {
           int32_t l = la;
-          if ((abs0 + l) & 1) accumulate(abs0 + l, vb + l * hd, sb[l] * inv), ++l;
+          if ((abs0 + l) & 1) {
+            for (int x = 0; x < NH; ++x) accumulate(x, abs0 + l, vb + l * hd, s[x][base + l]);
+            ++l;
+          }
           for (; l + 1 <= lz; l += 2) {
             const float* ve = vb + l * hd;
             const float* vo = ve + hd;
-            const float we = sb[l] * inv, wo = sb[l + 1] * inv;
 #pragma GCC unroll 8
             for (int c = 0; c < kVecs; ++c) {
-              even[c] += we * loadv<V>(ve + kWidth * c);
-              odd[c] += wo * loadv<V>(vo + kWidth * c);
+              const V e = loadv<V>(ve + kWidth * c), o = loadv<V>(vo + kWidth * c);
+              for (int x = 0; x < NH; ++x) {
+                even[x][c] += s[x][base + l] * e;
+                odd[x][c] += s[x][base + l + 1] * o;
+              }
             }
           }
-          if (l <= lz) accumulate(abs0 + l, vb + l * hd, sb[l] * inv);
+          if (l <= lz)
+            for (int x = 0; x < NH; ++x) accumulate(x, abs0 + l, vb + l * hd, s[x][base + l]);
         });
-        for (int e = extra_first; e < n_extra; ++e) accumulate(last + 1 + e, extra_v_row(e), xs[e] * inv);
+        for (int e = extra_first; e < n_extra; ++e)
+          for (int x = 0; x < NH; ++x) accumulate(x, last + 1 + e, extra_v_row(e), xs[x][e]);
+        for (int x = 0; x < NH; ++x)
 #pragma GCC unroll 8
-        for (int c = 0; c < kVecs; ++c) storev(o + kWidth * c, even[c] + odd[c]);
-      } else {
+          for (int c = 0; c < kVecs; ++c) storev(out0 + static_cast<int64_t>(g0 + x) * hd + kWidth * c, even[x][c] + odd[x][c]);
+      };
+      int g = 0;
+      if constexpr (kVecs <= 4)
+        for (; g + 2 <= group; g += 2) heads(g, std::integral_constant<int, 2>());
+      for (; g < group; ++g) heads(g, std::integral_constant<int, 1>());
+    } else {
+      for (int g = 0; g < group; ++g) {
+        const float *s = weights(g), *xs = extra_weights(g);
+        float* o = out0 + static_cast<int64_t>(g) * hd;
         for (int i = 0; i < hd; ++i) o[i] = 0.0f;
-        for_each_block([&](int32_t, const float* vb, const float* sb, int32_t la, int32_t lz) {
+        for_each_block([&](int32_t, const float* vb, int32_t base, int32_t la, int32_t lz) {
           for (int32_t l = la; l <= lz; ++l) {
             const float* v = vb + l * hd;
-            const float w = sb[l] * inv;
+            const float w = s[base + l];
             for (int i = 0; i < hd; ++i) o[i] += w * v[i];
           }
         });
         for (int e = extra_first; e < n_extra; ++e) {
           const float* v = extra_v_row(e);
-          const float w = xs[e] * inv;
+          const float w = xs[e];
           for (int i = 0; i < hd; ++i) o[i] += w * v[i];
         }
       }
