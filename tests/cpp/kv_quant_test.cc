@@ -98,6 +98,33 @@ std::vector<std::pair<std::string, AttnKernel>> attention_paths() {
   return out;
 }
 
+// Attention parameters for the tokens at `positions` (sequence seq_of_token, block tables at
+// offsets) over the float pools kf / vf and the bits-bit records recs; output and staging unset.
+cpu::AttentionParams quantized_params(const std::vector<float>& q, int heads, int kv_heads, int hd, int bs,
+                                      const std::vector<int32_t>& positions, const std::vector<int32_t>& seq_of_token,
+                                      const std::vector<int32_t>& tables, const std::vector<int32_t>& offsets,
+                                      const std::vector<float>& kf, const std::vector<float>& vf, int bits,
+                                      const std::vector<uint8_t>& recs) {
+  cpu::AttentionParams p;
+  p.q = q.data();
+  p.ldq = static_cast<int64_t>(heads) * hd;
+  p.positions = positions.data();
+  p.seq_of_token = seq_of_token.data();
+  p.block_tables = tables.data();
+  p.block_table_offset = offsets.data();
+  p.num_tokens = static_cast<int64_t>(positions.size());
+  p.num_heads = heads;
+  p.num_kv_heads = kv_heads;
+  p.head_dim = hd;
+  p.block_size = bs;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  p.k_cache = kf.data();
+  p.v_cache = vf.data();
+  p.kv_bits = bits;
+  p.kv_records = recs.data();
+  return p;
+}
+
 TEST(KvqAttention, QuantizedBlocksReadAsTheirDequantizedFloats) {
   std::mt19937 rng(9);
   struct Case {
@@ -140,23 +167,7 @@ TEST(KvqAttention, QuantizedBlocksReadAsTheirDequantizedFloats) {
     const int64_t ldq = H * hd;
     std::vector<float> q = testing::random_floats(rng, static_cast<size_t>(len) * ldq, -2, 2);
     for (const auto& [name, kernel] : attention_paths()) {
-      cpu::AttentionParams p;
-      p.q = q.data();
-      p.ldq = ldq;
-      p.positions = positions.data();
-      p.seq_of_token = seq_of_token.data();
-      p.block_tables = table.data();
-      p.block_table_offset = offsets.data();
-      p.num_tokens = len;
-      p.num_heads = H;
-      p.num_kv_heads = kvh;
-      p.head_dim = hd;
-      p.block_size = bs;
-      p.scale = 1.0f / std::sqrt(static_cast<float>(hd));
-      p.k_cache = kf.data();
-      p.v_cache = vf.data();
-      p.kv_bits = c.bits;
-      p.kv_records = recs.data();
+      cpu::AttentionParams p = quantized_params(q, H, kvh, hd, bs, positions, seq_of_token, table, offsets, kf, vf, c.bits, recs);
       p.stage_of_block = stage.data();
       std::vector<float> got(static_cast<size_t>(len) * H * hd);
       p.out = got.data();
@@ -223,23 +234,7 @@ TEST(KvqAttention, TokensSharingACallReadTheSameBitsAsAlone) {
     const int64_t ldq = H * hd, items = static_cast<int64_t>(T) * kvh;
     std::vector<float> q = testing::random_floats(rng, static_cast<size_t>(T) * ldq, -2, 2);
     for (const auto& [name, kernel] : attention_paths()) {
-      cpu::AttentionParams p;
-      p.q = q.data();
-      p.ldq = ldq;
-      p.positions = positions.data();
-      p.seq_of_token = seq_of_token.data();
-      p.block_tables = tables.data();
-      p.block_table_offset = offsets.data();
-      p.num_tokens = T;
-      p.num_heads = H;
-      p.num_kv_heads = kvh;
-      p.head_dim = hd;
-      p.block_size = bs;
-      p.scale = 1.0f / std::sqrt(static_cast<float>(hd));
-      p.k_cache = kf.data();
-      p.v_cache = vf.data();
-      p.kv_bits = c.bits;
-      p.kv_records = recs.data();
+      cpu::AttentionParams p = quantized_params(q, H, kvh, hd, bs, positions, seq_of_token, tables, offsets, kf, vf, c.bits, recs);
       std::vector<float> got(static_cast<size_t>(T) * H * hd);
       p.out = got.data();
       for (const auto& [b, e] : {std::pair<int64_t, int64_t>{0, 7 * kvh + 1}, {7 * kvh + 1, (len + 2) * kvh},
