@@ -24,6 +24,23 @@ inline V loadv(const float* p) {
   return v;
 }
 inline V16 load16(const float* p) { return loadv<V16>(p); }
+// Keeps v in a register: where one load feeds several products, GCC otherwise folds it into each
+// product's memory operand, loading it once per use.
+template <class V>
+inline void pin(V& v) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if constexpr (sizeof(V) <= (
+#if defined(__AVX512F__)
+                                 64
+#else
+                                 32
+#endif
+                                 ))
+    asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
 template <class V>
 inline void storev(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 inline void store16(float* p, V16 v) { storev(p, v); }
@@ -397,7 +414,8 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
             const float* vo = ve + hd;
 #pragma GCC unroll 8
             for (int c = 0; c < kVecs; ++c) {
-              const V e = loadv<V>(ve + kWidth * c), o = loadv<V>(vo + kWidth * c);
+              V e = loadv<V>(ve + kWidth * c), o = loadv<V>(vo + kWidth * c);
+              pin(e), pin(o);
               for (int x = 0; x < NH; ++x) {
                 even[x][c] += s[x][base + l] * e;
                 odd[x][c] += s[x][base + l + 1] * o;
