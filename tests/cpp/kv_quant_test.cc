@@ -200,10 +200,10 @@ TEST(KvqAttention, QuantizedBlocksReadAsTheirDequantizedFloats) {
   }
 }
 
-// Tokens of one sequence that share a call (a prompt chunk, a draft tree) dequantize each block
-// once between them (DequantMemo): calls holding several sequences, a lone decode token among
-// them, and splits inside a token's kv heads (as threads take them) all read the same floats as
-// one token alone.
+// Tokens that share a call and read the same blocks (a prompt chunk, a draft tree, sequences
+// sharing a cached prefix) dequantize each block once between them (DequantMemo): calls holding
+// several sequences, a lone decode token among them, and splits inside a token's kv heads (as
+// threads take them) all read the same floats as one token alone.
 TEST(KvqAttention, TokensSharingACallReadTheSameBitsAsAlone) {
   std::mt19937 rng(21);
   for (const Shape& c : {Shape{4, 16, 4}, Shape{4, 8, 16}, Shape{8, 64, 16}, Shape{4, 6, 5}}) {
@@ -211,10 +211,13 @@ TEST(KvqAttention, TokensSharingACallReadTheSameBitsAsAlone) {
     const KvqLayout l = kvq_layout(c.bits, hd, bs);
     const int len = 5 * bs + 3, nblocks = (len + bs - 1) / bs, pool_blocks = 3 * nblocks;
     const int64_t head_floats = static_cast<int64_t>(bs) * hd;
-    // Three sequences on disjoint shuffled blocks; floats at their block ids (no staging).
+    // Three sequences on shuffled blocks, floats at their block ids (no staging); the second and
+    // third share their first blocks with the first (a prefix-cache hit).
     std::vector<int32_t> tables(pool_blocks);
     std::iota(tables.begin(), tables.end(), 0);
     std::shuffle(tables.begin(), tables.end(), rng);
+    for (int b = 0; b < 2; ++b) tables[nblocks + b] = tables[2 * nblocks + b] = tables[b];
+    tables[2 * nblocks + 2] = tables[2];
     const size_t pool_floats = static_cast<size_t>(pool_blocks) * kvh * head_floats;
     std::vector<float> kf = testing::random_floats(rng, pool_floats, -2, 2), vf = testing::random_floats(rng, pool_floats);
     std::vector<uint8_t> recs(static_cast<size_t>(pool_blocks) * kvh * l.bytes);

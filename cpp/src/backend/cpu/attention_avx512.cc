@@ -171,7 +171,7 @@ void attend_d8(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
   thread_local Scratch scores, stage, dk, dv;
   thread_local std::vector<VBlock> blocks;
   thread_local DequantMemo memo;
-  memo.reset();
+  memo.begin(p, item_begin, item_end);
   dk.resize(p.kv_bits ? head_floats : 0);
   dv.resize(p.kv_bits ? head_floats : 0);
   auto pool_block = [&](int32_t block) -> int64_t { return p.stage_of_block ? p.stage_of_block[block] : block; };
@@ -192,7 +192,6 @@ void attend_d8(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
       n_extra -= k, extra_slots += k;
     }
     const int32_t last = pos - n_extra;  // in order from the cache up to here, then draft slots
-    if (p.kv_bits) memo.start(p, t, item_begin, item_end);
     const int32_t own_block = pos / bs;  // blocks before it are read quantized (kv_bits != 0)
     const int32_t vb0 = first / kL, nvb = pos / kL - vb0 + 1;
     blocks.resize(static_cast<size_t>(nh) * nvb);
@@ -215,7 +214,7 @@ void attend_d8(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
         if (bs == kL && base + lz <= last) {  // one whole block of the cache, in order
           if (p.kv_bits && b < own_block) {
             const uint8_t* rec = p.kv_records + (static_cast<int64_t>(table[b]) * p.num_kv_heads + kvh) * lay.bytes;
-            if (!memo.get(lay, rec, b, kvh, &vb.kt, &vb.v)) {
+            if (!memo.get(lay, rec, table[b], kvh, &vb.kt, &vb.v)) {
               dequantize_k(lay, rec, sk);
               dequantize_v(lay, rec, sv);
               vb.kt = sk, vb.v = sv;
@@ -248,7 +247,7 @@ void attend_d8(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
             if (p.kv_bits && pb < own_block) {
               if (dequantized != pb) {
                 const uint8_t* rec = p.kv_records + (static_cast<int64_t>(table[pb]) * p.num_kv_heads + kvh) * lay.bytes;
-                if (!memo.get(lay, rec, pb, kvh, &dqk, &dqv)) {
+                if (!memo.get(lay, rec, table[pb], kvh, &dqk, &dqv)) {
                   dequantize_k(lay, rec, dk.data());
                   dequantize_v(lay, rec, dv.data());
                   dqk = dk.data(), dqv = dv.data();

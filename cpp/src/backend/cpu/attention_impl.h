@@ -62,6 +62,16 @@ class ScratchOf {
       cap_ = n;
     }
   }
+  void resize_keep(size_t n, size_t keep) {  // grows keeping the first `keep` elements
+    if (n > cap_) {
+      const size_t cap = std::max(n, 2 * cap_);
+      T* q = new T[cap];
+      std::copy(p_, p_ + keep, q);
+      delete[] p_;
+      p_ = q;
+      cap_ = cap;
+    }
+  }
   T* data() { return p_; }
   T& operator[](size_t i) { return p_[i]; }
 
@@ -71,41 +81,56 @@ class ScratchOf {
 };
 using Scratch = ScratchOf<float>;
 
-// Quantized blocks that several tokens of one sequence read in one call (a prompt chunk, a draft
-// tree) are dequantized once per call and thread, not once per token: each token read its whole
-// context again (TinyLlama shape, kv4, a 1024-token prompt: prefill at 275 tokens/s against 413
-// with a float cache, and every draft row 1.4 ms dearer). The floats are those the token would
-// have dequantized itself, so nothing changes but the time.
+// Quantized blocks that several tokens of a call read (a prompt chunk's, a draft tree's, or the
+// prefix that requests share through the prefix cache) are dequantized once per call and
+// thread, not once per token: each token read its whole context again (TinyLlama shape, kv4, a
+// 1024-token prompt: prefill at 275 tokens/s against 413 with a float cache, and every draft row
+// 1.4 ms dearer). The floats are those the token would have dequantized itself, so nothing
+// changes but the time. A block only one token reads is left to the caller's small buffers,
+// which stay in L1.
 class DequantMemo {
  public:
-  // At token t of a call over items [item_begin, item_end): remember the blocks of its sequence
-  // if another token of that sequence is in the call, else stay off (a lone decode token reads
-  // each block once; its own small buffers stay in L1).
-  void start(const AttentionParams& p, int64_t t, int64_t item_begin, int64_t item_end) {
-    const int32_t seq = p.seq_of_token[t];
-    if (on_ && seq == seq_) return;
-    const int64_t t0 = item_begin / p.num_kv_heads, t1 = (item_end - 1) / p.num_kv_heads;
-    on_ = (t > t0 && p.seq_of_token[t - 1] == seq) || (t < t1 && p.seq_of_token[t + 1] == seq);
-    seq_ = seq;
-    if (!on_) return;
-    // The sequence's highest position in the call bounds the blocks its tokens read.
-    int32_t top = p.positions[t];
-    for (int64_t u = t + 1; u <= t1 && p.seq_of_token[u] == seq; ++u) top = std::max(top, p.positions[u]);
+  // Before a call over items [item_begin, item_end): which physical blocks two or more of its
+  // tokens read quantized (the blocks before a token's own, from its window's start).
+  void begin(const AttentionParams& p, int64_t item_begin, int64_t item_end) {
+    for (int64_t i = 0; i < touched_n_; ++i) {
+      const size_t blk = static_cast<size_t>(touched_[static_cast<size_t>(i)]);
+      reads_[blk] = 0, dense_[blk] = -1;
+    }
+    touched_n_ = used_ = cap_ = 0;
+    if (!p.kv_bits || item_end <= item_begin) return;
     nkv_ = p.num_kv_heads;
     floats_ = static_cast<int64_t>(p.block_size) * p.head_dim;
-    const int64_t slots = static_cast<int64_t>(top / p.block_size + 1) * nkv_;
+    const int64_t t0 = item_begin / nkv_, t1 = (item_end - 1) / nkv_;
+    for (int64_t t = t0; t <= t1; ++t) {
+      const int32_t* table = p.block_tables + p.block_table_offset[p.seq_of_token[t]];
+      const int32_t pos = p.positions[t], first = p.window > 0 ? std::max<int32_t>(0, pos - p.window + 1) : 0;
+      for (int32_t b = first / p.block_size; b < pos / p.block_size; ++b) {
+        const int32_t blk = table[b];
+        if (static_cast<size_t>(blk) >= blocks_) grow(static_cast<size_t>(blk) + 1);
+        if (reads_[static_cast<size_t>(blk)]++ == 0) {
+          touched_.resize_keep(static_cast<size_t>(touched_n_) + 1, static_cast<size_t>(touched_n_));
+          touched_[static_cast<size_t>(touched_n_++)] = blk;
+        }
+      }
+    }
+    int32_t shared = 0;
+    for (int64_t i = 0; i < touched_n_; ++i) {
+      const size_t blk = static_cast<size_t>(touched_[static_cast<size_t>(i)]);
+      if (reads_[blk] > 1) dense_[blk] = shared++;
+    }
+    const int64_t slots = static_cast<int64_t>(shared) * nkv_;
     slot_.resize(static_cast<size_t>(slots));
     for (int64_t i = 0; i < slots; ++i) slot_[static_cast<size_t>(i)] = -1;
     cap_ = std::min<int64_t>(slots, kMaxFloats / (2 * floats_));
     k_.resize(static_cast<size_t>(cap_ * floats_));
     v_.resize(static_cast<size_t>(cap_ * floats_));
-    used_ = 0;
   }
-  // Block b's K (transposed, as in the float pool) and V for kv head kvh from record rec, or
-  // false (not remembering: the caller dequantizes it itself).
-  bool get(const KvqLayout& lay, const uint8_t* rec, int32_t b, int kvh, const float** k, const float** v) {
-    if (!on_) return false;
-    int32_t& s = slot_[static_cast<size_t>(static_cast<int64_t>(b) * nkv_ + kvh)];
+  // Physical block blk's K (transposed, as in the float pool) and V for kv head kvh from record
+  // rec, or false (one token reads it, or no room: the caller dequantizes it itself).
+  bool get(const KvqLayout& lay, const uint8_t* rec, int32_t blk, int kvh, const float** k, const float** v) {
+    if (static_cast<size_t>(blk) >= blocks_ || dense_[static_cast<size_t>(blk)] < 0) return false;
+    int32_t& s = slot_[static_cast<size_t>(static_cast<int64_t>(dense_[static_cast<size_t>(blk)]) * nkv_ + kvh)];
     if (s < 0) {
       if (used_ == cap_) return false;
       s = static_cast<int32_t>(used_++);
@@ -116,14 +141,24 @@ class DequantMemo {
     *v = v_.data() + s * floats_;
     return true;
   }
-  void reset() { on_ = false, seq_ = -1; }
 
  private:
   static constexpr int64_t kMaxFloats = int64_t{8} << 20;  // 32 MB a thread; past it, per token
-  ScratchOf<int32_t> slot_;  // [block][kv head]: index into k_ and v_, or -1
+  void grow(size_t n) {
+    n = std::max(n, 2 * blocks_);
+    reads_.resize_keep(n, blocks_);
+    dense_.resize_keep(n, blocks_);
+    for (size_t i = blocks_; i < n; ++i) reads_[i] = 0, dense_[i] = -1;
+    blocks_ = n;
+  }
+  // Per block id up to the largest seen: reads in this call, and its index among the shared
+  // blocks (-1: not shared); the entries a call set are cleared by the next begin().
+  ScratchOf<int32_t> reads_, dense_;
+  ScratchOf<int32_t> touched_;  // blocks this call reads
+  ScratchOf<int32_t> slot_;     // [shared block][kv head]: index into k_ and v_, or -1
   Scratch k_, v_;
-  bool on_ = false;
-  int32_t seq_ = -1;
+  size_t blocks_ = 0;
+  int64_t touched_n_ = 0;
   int nkv_ = 0;
   int64_t floats_ = 0, cap_ = 0, used_ = 0;
 };
@@ -191,7 +226,7 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
   thread_local Scratch scores, extra_scores, partial, kbuf, vbuf;
   thread_local ScratchOf<const float*> vrows;  // per block of the range: its V (quantized blocks)
   thread_local DequantMemo memo;
-  memo.reset();
+  memo.begin(p, item_begin, item_end);
   partial.resize(4 * static_cast<size_t>(bs));
   // Quantized blocks are dequantized once per (token, kv head): K into kbuf as each block is
   // scored, V into vbuf (every block of the range) for the weighted sum; or once per call where
@@ -224,7 +259,6 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
     if (p.kv_bits) {
       vbuf.resize(static_cast<size_t>(std::max<int64_t>(span, 0)) * hd);
       vrows.resize(static_cast<size_t>(std::max(b1 - b0 + 1, 0)));
-      memo.start(p, t, item_begin, item_end);
     }
     extra_scores.resize(static_cast<size_t>(n_extra) * group);
     const float* q0 = p.q + t * p.ldq + static_cast<int64_t>(kvh) * group * hd;
@@ -239,7 +273,7 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
       if (p.kv_bits && b < own_block) {
         const uint8_t* rec = p.kv_records + (static_cast<int64_t>(table[b]) * p.num_kv_heads + kvh) * lay.bytes;
         const float*& vr = vrows[static_cast<size_t>(b - b0)];
-        if (!memo.get(lay, rec, b, kvh, &kt, &vr)) {
+        if (!memo.get(lay, rec, table[b], kvh, &kt, &vr)) {
           float* vq = vbuf.data() + static_cast<int64_t>(b - b0) * head_floats;
           dequantize_k(lay, rec, kbuf.data());
           dequantize_v(lay, rec, vq);
