@@ -1,8 +1,8 @@
 // Dequantization of a quantized KV record (format: quant/kvq.h), compiled once per instruction
 // set: the attention kernels include it inside their own namespace (an inline function shared
 // across files built with different flags could be linked to the wrong one), and quant/kvq.cc
-// for the reference. Plain loops: the compiler vectorises them, and without FMA contraction (the
-// attention files' flags) every path dequantizes to the same floats.
+// for the reference. Plain loops, or intrinsics doing their operations lane by lane: without
+// FMA contraction (the attention files' flags) every path dequantizes to the same floats.
 //
 // Not a standalone header: the including file defines the namespace and includes quant/kvq.h,
 // <cstring> and (where built for AVX2 or AVX-512) <immintrin.h>.
@@ -16,9 +16,12 @@
 #define ACCEL_DQ_VECTORS 1
 template <int kBits>
 inline __m128i dq_codes16(const uint8_t* b) {
-  if (kBits == 8) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
-  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)), m = _mm_set1_epi8(15);
-  return _mm_unpacklo_epi8(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m));
+  if constexpr (kBits == 8) {
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  } else {
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)), m = _mm_set1_epi8(15);
+    return _mm_unpacklo_epi8(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m));
+  }
 }
 template <int kBits, bool kSubtract>
 inline void dq16(const uint8_t* b, float mul, float add, float* out) {
