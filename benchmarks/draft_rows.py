@@ -36,9 +36,9 @@ def measure(model: str, scheme: str, context: int, max_draft: int, new_tokens: i
     prompt = [1] + (passage * (context // 64 + 1))[: context - 1]
     engine.generate([prompt[:32]], SamplingParams(max_tokens=4))  # warm-up
     engine.add_request(prompt, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
+    generated = engine.stats()["num_generated_tokens"]  # the warm-up's
     t0 = time.perf_counter()
-    engine.step()  # the whole prompt in one step (chunked prefill permitting)
-    while engine.stats()["num_generated_tokens"] == 0:
+    while engine.stats()["num_generated_tokens"] == generated:  # the prompt, in as many chunks as it takes
         engine.step()
     prefill_s = time.perf_counter() - t0
     by_nodes: dict[int, list[float]] = {}

@@ -26,20 +26,16 @@ inline V loadv(const float* p) {
 inline V16 load16(const float* p) { return loadv<V16>(p); }
 // Keeps v in a register: where one load feeds several products, GCC otherwise folds it into each
 // product's memory operand, loading it once per use.
+#if defined(__AVX512F__)
+constexpr size_t kRegisterBytes = 64;
+#elif defined(__AVX2__)
+constexpr size_t kRegisterBytes = 32;
+#else
+constexpr size_t kRegisterBytes = 0;
+#endif
 template <class V>
 inline void pin(V& v) {
-#if defined(__AVX512F__) || defined(__AVX2__)
-  if constexpr (sizeof(V) <= (
-#if defined(__AVX512F__)
-                                 64
-#else
-                                 32
-#endif
-                                 ))
-    asm("" : "+v"(v));
-#else
-  (void)v;
-#endif
+  if constexpr (sizeof(V) <= kRegisterBytes) asm("" : "+v"(v));
 }
 template <class V>
 inline void storev(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
