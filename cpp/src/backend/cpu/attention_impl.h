@@ -13,33 +13,66 @@
 #include "backend/cpu/exp_impl.h"
 #include "quant/kvq_dequant_impl.h"
 
-// A 16-float vector in GCC's vector extension: one zmm on the AVX-512 path, split into smaller
-// registers by the compiler on the others; the same arithmetic either way.
-typedef float V16 __attribute__((vector_size(64)));
+// A 16-float vector: one zmm on the AVX-512 path; elsewhere two 8-float halves, each op applied
+// to both. (GCC's own 64-byte vector type, where registers are narrower, is lowered piecewise,
+// partly lane by lane through the stack: the AVX2 attention ran 30x slower than AVX-512's.) The
+// same lane-wise arithmetic either way.
 typedef float V8 __attribute__((vector_size(32)));
+typedef float V4 __attribute__((vector_size(16)));
+#if defined(__AVX512F__)
+typedef float V16 __attribute__((vector_size(64)));
+inline V16 pair16(float a, float b) { return V16{a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b}; }
+constexpr size_t kRegisterBytes = 64;
+constexpr int kAccRegisters = 16;  // of 32: the accumulators a pass may hold
+#else
+struct V16 {
+  V8 lo, hi;
+  V16& operator+=(const V16& o) {
+    lo += o.lo, hi += o.hi;
+    return *this;
+  }
+  friend V16 operator+(V16 a, const V16& b) { return a += b; }
+  friend V16 operator*(const V16& a, const V16& b) { return {a.lo * b.lo, a.hi * b.hi}; }
+  friend V16 operator*(float s, const V16& v) { return {s * v.lo, s * v.hi}; }
+};
+inline V16 pair16(float a, float b) { return {V8{a, a, a, a, a, a, a, a}, V8{b, b, b, b, b, b, b, b}}; }
+#if defined(__AVX2__)
+constexpr size_t kRegisterBytes = 32;
+#else
+constexpr size_t kRegisterBytes = 16;
+#endif
+constexpr int kAccRegisters = 8;  // of 16
+#endif
+static_assert(sizeof(V16) == 64, "V16 is 16 contiguous floats");
+// The widest float vector in one register: the weighted sum's unit.
+using VNative = std::conditional_t<kRegisterBytes == 64, V16, std::conditional_t<kRegisterBytes == 32, V8, V4>>;
+constexpr int kV16Registers = static_cast<int>(64 / kRegisterBytes);  // registers a V16 takes
 template <class V>
 inline V loadv(const float* p) {
   V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+// Each half loaded and stored as a whole: a 64-byte memcpy into the struct goes through the stack
+// in 16-byte pieces, and its 32-byte reads then miss store forwarding.
+#if defined(__AVX512F__)
 inline V16 load16(const float* p) { return loadv<V16>(p); }
+inline void store16(float* p, V16 v) { std::memcpy(p, &v, sizeof(v)); }
+#else
+inline V16 load16(const float* p) { return {loadv<V8>(p), loadv<V8>(p + 8)}; }
+inline void store16(float* p, V16 v) {
+  std::memcpy(p, &v.lo, sizeof(v.lo));
+  std::memcpy(p + 8, &v.hi, sizeof(v.hi));
+}
+#endif
 // Keeps v in a register: where one load feeds several products, GCC otherwise folds it into each
 // product's memory operand, loading it once per use.
-#if defined(__AVX512F__)
-constexpr size_t kRegisterBytes = 64;
-#elif defined(__AVX2__)
-constexpr size_t kRegisterBytes = 32;
-#else
-constexpr size_t kRegisterBytes = 0;
-#endif
 template <class V>
 inline void pin(V& v) {
   if constexpr (sizeof(V) <= kRegisterBytes) asm("" : "+v"(v));
 }
 template <class V>
 inline void storev(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
-inline void store16(float* p, V16 v) { storev(p, v); }
 
 // Scratch, uninitialised. Not std::vector: its out-of-line members, compiled here with this
 // file's instruction set, would be weak symbols the linker may pick for every other file too (an
@@ -280,8 +313,9 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
       }
       int g0 = 0;
       if constexpr (HD > 0 && BS == 16 && HD % 4 == 0) {
-        // Four partial sums per head (channels i mod 4), each one 16-lane vector, for up to four
-        // heads at a time: each K row loaded once for all of them, 16 independent chains.
+        // Four partial sums per head (channels i mod 4), each one 16-lane vector, for as many
+        // heads at a time as their accumulators fit the registers (up to four: each K row loaded
+        // once for all of them, 16 independent chains).
         auto score_heads = [&](auto nh) {
           constexpr int NH = decltype(nh)::value;
           const float* q[NH];
@@ -298,9 +332,12 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
                     (acc[x][0] + acc[x][1]) + (acc[x][2] + acc[x][3]));
           g0 += NH;
         };
-        while (group - g0 >= 4) score_heads(std::integral_constant<int, 4>());
-        if (group - g0 >= 2) score_heads(std::integral_constant<int, 2>());
-        if (group - g0 >= 1) score_heads(std::integral_constant<int, 1>());
+        constexpr int kHeads = std::min(4, std::max(1, kAccRegisters / (4 * kV16Registers)));
+        if constexpr (kHeads >= 4)
+          while (group - g0 >= 4) score_heads(std::integral_constant<int, 4>());
+        if constexpr (kHeads >= 2)
+          while (group - g0 >= 2) score_heads(std::integral_constant<int, 2>());
+        while (group - g0 >= 1) score_heads(std::integral_constant<int, 1>());
       }
       for (int g = g0; g < group; ++g) {
         const float* q = q0 + static_cast<int64_t>(g) * hd;
@@ -399,7 +436,7 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
           if (l & 1) add_half(abs0 + l, vb + 8 * l, sb[l]), ++l;
           for (; l + 1 <= lz; l += 2) {
             const float we = sb[l], wo = sb[l + 1];
-            const V16 w = {we, we, we, we, we, we, we, we, wo, wo, wo, wo, wo, wo, wo, wo};
+            const V16 w = pair16(we, wo);
             acc += w * load16(vb + 8 * l);
           }
           if (l <= lz) add_half(abs0 + l, vb + 8 * l, sb[l]);
@@ -413,22 +450,27 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
     } else if constexpr (HD > 0 && HD % 8 == 0) {
       // Register accumulators, one set for even and one for odd positions: independent chains;
       // two heads at a time where their accumulators fit the registers (each V row loaded once
-      // for both). Every head's additions are the same, in the same order, either way.
-      using V = std::conditional_t<HD % 16 == 0, V16, V8>;
+      // for both), else one head, its channels in as many passes as the registers need. Every
+      // channel's additions are the same, in the same order, either way.
+      using V = std::conditional_t<kRegisterBytes == 64 && HD % 16 != 0, V8, VNative>;
       constexpr int kWidth = sizeof(V) / sizeof(float), kVecs = HD / kWidth;
-      auto heads = [&](int g0, auto nh) {
+      constexpr int kHeads = 2 * 2 * kVecs <= kAccRegisters ? 2 : 1;
+      constexpr int kChunk = std::min(kVecs, kAccRegisters / (2 * kHeads));  // vectors per pass
+      static_assert(kVecs % kChunk == 0);
+      auto heads = [&](int g0, auto nh, int c0) {  // channels [kWidth * c0, kWidth * (c0 + kChunk))
         constexpr int NH = decltype(nh)::value;
         const float* s[NH];
         const float* xs[NH];
         for (int x = 0; x < NH; ++x) s[x] = weights(g0 + x), xs[x] = extra_weights(g0 + x);
-        V even[NH][kVecs] = {}, odd[NH][kVecs] = {};
+        V even[NH][kChunk] = {}, odd[NH][kChunk] = {};
         auto accumulate = [&](int x, int32_t position, const float* v, float w) {
+          v += kWidth * c0;
           if (position & 1) {
 #pragma GCC unroll 8
-            for (int c = 0; c < kVecs; ++c) odd[x][c] += w * loadv<V>(v + kWidth * c);
+            for (int c = 0; c < kChunk; ++c) odd[x][c] += w * loadv<V>(v + kWidth * c);
           } else {
 #pragma GCC unroll 8
-            for (int c = 0; c < kVecs; ++c) even[x][c] += w * loadv<V>(v + kWidth * c);
+            for (int c = 0; c < kChunk; ++c) even[x][c] += w * loadv<V>(v + kWidth * c);
           }
         };
         // Two lanes at a time (one even, one odd position): no branch in the hot loop, the same
@@ -440,10 +482,10 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
             ++l;
           }
           for (; l + 1 <= lz; l += 2) {
-            const float* ve = vb + l * hd;
+            const float* ve = vb + l * hd + kWidth * c0;
             const float* vo = ve + hd;
 #pragma GCC unroll 8
-            for (int c = 0; c < kVecs; ++c) {
+            for (int c = 0; c < kChunk; ++c) {
               V e = loadv<V>(ve + kWidth * c), o = loadv<V>(vo + kWidth * c);
               pin(e), pin(o);
               for (int x = 0; x < NH; ++x) {
@@ -459,12 +501,14 @@ void attend_items_t(const AttentionParams& p, int64_t item_begin, int64_t item_e
           for (int x = 0; x < NH; ++x) accumulate(x, last + 1 + e, extra_v_row(e), xs[x][e]);
         for (int x = 0; x < NH; ++x)
 #pragma GCC unroll 8
-          for (int c = 0; c < kVecs; ++c) storev(out0 + static_cast<int64_t>(g0 + x) * hd + kWidth * c, even[x][c] + odd[x][c]);
+          for (int c = 0; c < kChunk; ++c)
+            storev(out0 + static_cast<int64_t>(g0 + x) * hd + kWidth * (c0 + c), even[x][c] + odd[x][c]);
       };
       int g = 0;
-      if constexpr (kVecs <= 4)
-        for (; g + 2 <= group; g += 2) heads(g, std::integral_constant<int, 2>());
-      for (; g < group; ++g) heads(g, std::integral_constant<int, 1>());
+      if constexpr (kHeads == 2)
+        for (; g + 2 <= group; g += 2) heads(g, std::integral_constant<int, 2>(), 0);
+      for (; g < group; ++g)
+        for (int c0 = 0; c0 < kVecs; c0 += kChunk) heads(g, std::integral_constant<int, 1>(), c0);
     } else {
       for (int g = 0; g < group; ++g) {
         const float *s = weights(g), *xs = extra_weights(g);
