@@ -69,7 +69,11 @@ inline void store16(float* p, V16 v) {
 // product's memory operand, loading it once per use.
 template <class V>
 inline void pin(V& v) {
-  if constexpr (sizeof(V) <= kRegisterBytes) asm("" : "+v"(v));
+#if defined(__x86_64__)
+  if constexpr (sizeof(V) <= kRegisterBytes) asm("" : "+v"(v));  // "v": an SSE/AVX register
+#else
+  (void)v;
+#endif
 }
 template <class V>
 inline void storev(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
