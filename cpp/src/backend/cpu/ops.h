@@ -71,9 +71,10 @@ void qlinear_w4a8_avxvnni(const QLinearParams& p, int64_t n0, int64_t n1);
 void qlinear_w4a8_avx512vnni(const QLinearParams& p, int64_t n0, int64_t n1);
 
 // W4A8 activation quantization (quant/q4.h a8_quantize_rows) of n whole groups of `group` floats
-// at x (a multiple of 16) into q, with each group's scale and int32 sum: AVX-512, the same bits
-// as the scalar code, which a8_quantize_rows runs on other machines and for a last partial group.
+// at x (a multiple of 32) into q, with each group's scale and int32 sum: AVX-512 or AVX2, the same
+// bits as the scalar code, which a8_quantize_rows runs on other machines and for a last partial group.
 void a8_quantize_groups_avx512(const float* x, int64_t n, int64_t group, int8_t* q, float* scales, int32_t* sums);
+void a8_quantize_groups_avx2(const float* x, int64_t n, int64_t group, int8_t* q, float* scales, int32_t* sums);  // likewise
 // FMPQ activation quantization (quant/q4.h a4_quantize_rows) of one row x of k channels: its
 // `subgroups` 8-channel sub-groups (an even number) through perm (or none), 8 bits from sub-group
 // first8 on, into q, with each sub-group's scale and sum. AVX-512, the scalar code's bits.
