@@ -166,9 +166,12 @@ def run_one(args, model: str, policy: str, rate: float):
         summary["draft_tokens"] = s1["num_draft_tokens"] - s0["num_draft_tokens"]
         summary["accepted_draft_tokens"] = s1["num_accepted_draft_tokens"] - s0["num_accepted_draft_tokens"]
         summary["step_time_coefficients"] = s1["step_time_coefficients"]
-        if s1["spec_policy"] == "smartspec":  # the goodput guard's measurements at the end
+        if s1["spec_policy"] == "smartspec":  # the controller's state at the end
             summary["guard_plain_tok_s"] = s1["spec_guard_plain_tok_s"]
             summary["guard_drafted_tok_s"] = s1["spec_guard_drafted_tok_s"]
+            summary["lookup_cost_s"] = s1["spec_lookup_cost_s"]
+            summary["acceptance"] = s1["spec_acceptance"]
+            summary["calibration"] = s1["spec_calibration"]
     summary["tokens_per_step"] = summary["output_tokens"] / max(summary["steps"], 1)
     return summary, records
 
