@@ -304,6 +304,14 @@ void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
   std::vector<DraftCandidate> cands;
   std::vector<size_t> cand_pick;
   std::vector<DraftTree> trees;
+  // The gate below rests on the global estimates, which only drafts update: traffic whose drafts
+  // failed at every match length (a sampled warm-up, say) could shut it for good, and later
+  // requests whose drafts would be right never drafted (stories260K at 20 req/s: 1.04 tokens a
+  // step in one run of 25). So once the estimates alone have shut it (a first node sure to be
+  // accepted would pay: not under full load, nor where a lookup costs more than a row's gain) for
+  // kGateProbeInterval steps, one request goes through with its first node forced.
+  bool gate_shut = false;
+  int gate_probe = -1;  // the candidate let through, if any
   for (size_t i = 0; i < picks_.size(); ++i) {
     const int k = std::min(room(picks_[i]), budget);
     if (k <= 0) continue;
@@ -317,13 +325,20 @@ void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
     // node must also pay for the lookup that finds it: a lone stories260K request's lookups took
     // 3-12 us of a 23 us step, more than its drafts gained.
     const double first_cost = model.row_cost(c.kv_tokens) + model.draft_cost() + model.lookup_cost();
+    bool through_gate = false;
     if (best_rate / std::max(first_cost, 1e-12) <= base_goodput) {
-      spec_->relax(r);
-      continue;
+      // Shut by the estimates alone: a first node sure to be accepted would pay.
+      const bool estimates_shut = 1.0 / std::max(first_cost, 1e-12) > base_goodput;
+      gate_shut = gate_shut || estimates_shut;
+      if (!estimates_shut || gate_probe >= 0 || steps_gate_shut_ < kGateProbeInterval) {
+        spec_->relax(r);
+        continue;
+      }
+      through_gate = true;
     }
     // The cheap check: if even the likeliest first node would not raise goodput, skip the lookup,
     // unless the request's last proposal is old (its text may have become predictable).
-    const bool probe = ++r->spec_steps_unprobed >= SpecController::kProbeInterval;
+    const bool probe = through_gate || ++r->spec_steps_unprobed >= SpecController::kProbeInterval;
     if (!probe && spec_->first_node_bound(r) / std::max(first_cost, 1e-12) <= base_goodput) {
       spec_->relax(r);
       continue;
@@ -339,12 +354,20 @@ void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
     spec_->node_probabilities(r, t, &c.probs);
     order_by_probability(&t, &c.probs);
     c.depths = t.depths;
+    if (through_gate) gate_probe = static_cast<int>(cands.size());
     cands.push_back(std::move(c));
     cand_pick.push_back(i);
     trees.push_back(std::move(t));
   }
+  // A step the gate shut counts until one request goes through it with a draft.
+  steps_gate_shut_ = gate_probe >= 0 ? 0 : steps_gate_shut_ + (gate_shut ? 1 : 0);
   if (cands.empty()) return;
   allocate_drafts(model, base, samples, budget, &cands);
+  if (gate_probe >= 0 && cands[static_cast<size_t>(gate_probe)].chosen == 0) {
+    int used = 0;
+    for (const DraftCandidate& c : cands) used += c.chosen;
+    if (used < budget) cands[static_cast<size_t>(gate_probe)].chosen = 1;
+  }
   // Now and then a step drafts one node more than allocated for some requests, where that node
   // may well be accepted though the model says it does not pay:
   //  - a first node: without such steps a steady load never varies the step's shape, and the

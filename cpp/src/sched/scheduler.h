@@ -158,6 +158,10 @@ class Scheduler {
   // model and the acceptance estimates).
   static constexpr int kDraftProbeInterval = 32;
   int steps_since_draft_probe_ = 0;
+  // SmartSpec: steps in which the global gate (no first node any request could have pays) turned
+  // every request away since one request last went through it with a forced first node.
+  static constexpr int kGateProbeInterval = 64;
+  int steps_gate_shut_ = 0;
   // Finished outputs waiting for the draft store beyond which the oldest are dropped; at most
   // kMaxIdleFlush of them are indexed by a step that starts from an idle engine.
   static constexpr size_t kMaxIndexBacklog = 4096, kMaxIdleFlush = 1024;
