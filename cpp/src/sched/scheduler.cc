@@ -310,8 +310,8 @@ void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
   // step in one run of 25). So once the estimates alone have shut it (a first node sure to be
   // accepted would pay: not under full load, nor where a lookup costs more than a row's gain) for
   // kGateProbeInterval steps, one request goes through with its first node forced.
-  bool gate_shut = false;
-  int gate_probe = -1;  // the candidate let through, if any
+  bool gate_shut = false, gate_used = false;
+  int gate_probe = -1;  // the candidate let through, if its lookup found a draft
   for (size_t i = 0; i < picks_.size(); ++i) {
     const int k = std::min(room(picks_[i]), budget);
     if (k <= 0) continue;
@@ -330,11 +330,11 @@ void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
       // Shut by the estimates alone: a first node sure to be accepted would pay.
       const bool estimates_shut = 1.0 / std::max(first_cost, 1e-12) > base_goodput;
       gate_shut = gate_shut || estimates_shut;
-      if (!estimates_shut || gate_probe >= 0 || steps_gate_shut_ < kGateProbeInterval) {
+      if (!estimates_shut || gate_used || steps_gate_shut_ < kGateProbeInterval) {
         spec_->relax(r);
         continue;
       }
-      through_gate = true;
+      through_gate = gate_used = true;
     }
     // The cheap check: if even the likeliest first node would not raise goodput, skip the lookup,
     // unless the request's last proposal is old (its text may have become predictable).
@@ -359,8 +359,8 @@ void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
     cand_pick.push_back(i);
     trees.push_back(std::move(t));
   }
-  // A step the gate shut counts until one request goes through it with a draft.
-  steps_gate_shut_ = gate_probe >= 0 ? 0 : steps_gate_shut_ + (gate_shut ? 1 : 0);
+  // Steps the gate shut count until a request goes through it (found a draft or not).
+  steps_gate_shut_ = gate_used ? 0 : steps_gate_shut_ + (gate_shut ? 1 : 0);
   if (cands.empty()) return;
   allocate_drafts(model, base, samples, budget, &cands);
   if (gate_probe >= 0 && cands[static_cast<size_t>(gate_probe)].chosen == 0) {
