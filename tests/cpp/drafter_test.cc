@@ -26,6 +26,7 @@
 
 #include "spec/drafter.h"
 #include "spec/token_trie.h"
+#include "test_util.h"
 
 namespace accelcore {
 namespace {
@@ -756,8 +757,7 @@ TEST(Drafter, BackgroundIndexingWaitsWhileTheSteppingThreadIsBusy) {
     EXPECT_EQ(pending, 2000u);
   }
   d.note_idle();
-  for (int wait = 0; wait < 2000 && d.num_pending_tokens() > 0; ++wait)
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  testing::eventually([&] { return d.num_pending_tokens() == 0; });
   EXPECT_EQ(d.num_pending_tokens(), 0u);
   EXPECT_GE(std::chrono::steady_clock::now() - busy, c.background_quiet);
 }
@@ -776,8 +776,7 @@ TEST(Drafter, BackgroundIndexingWaitsForIdle) {
   std::this_thread::sleep_for(std::chrono::milliseconds(60));  // three of the thread's timeouts
   EXPECT_EQ(d.num_pending_tokens(), 500u);
   d.note_idle();
-  for (int wait = 0; wait < 2000 && d.num_pending_tokens() > 0; ++wait)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  testing::eventually([&] { return d.num_pending_tokens() == 0; });
   EXPECT_EQ(d.num_pending_tokens(), 0u);
 }
 
@@ -801,8 +800,7 @@ TEST(Drafter, BackgroundIndexingIndexesEverythingAndKeepsTheBound) {
     }
   }
   // The background thread works off the rest (it may run only when a core is idle: wait).
-  for (int wait = 0; wait < 2000 && d.num_pending_tokens() > 0; ++wait)
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  testing::eventually([&] { return d.num_pending_tokens() == 0; });
   ASSERT_EQ(d.num_pending_tokens(), 0u);
   EXPECT_EQ(d.num_global_sequences(), ref.num_global_sequences());
   EXPECT_EQ(d.global_bytes(), ref.global_bytes());

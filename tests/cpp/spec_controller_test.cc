@@ -29,6 +29,7 @@
 #include "sched/scheduler.h"
 #include "sched/spec_controller.h"
 #include "spec/drafter.h"
+#include "test_util.h"
 
 namespace accelcore {
 
@@ -1754,8 +1755,7 @@ TEST(SpecControllerScheduler, OutputsAreIndexedInTheBackgroundOnlyWhenIdle) {
     }
   }
   EXPECT_TRUE(pending_while_busy);
-  for (int wait = 0; wait < 2000 && d->num_pending_tokens() > 0; ++wait)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  testing::eventually([&] { return d->num_pending_tokens() == 0; });
   EXPECT_EQ(d->num_pending_tokens(), 0u);
 }
 

@@ -3,15 +3,30 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace accelcore::testing {
+
+// Polls done() until it holds or the deadline passes; returns done(). For the draft store's
+// background thread, which runs at idle priority: on a loaded machine (ctest -j, CI) it can go
+// seconds without a core, so a wait counted in sleeps failed there now and then.
+template <typename F>
+bool eventually(F done, std::chrono::seconds deadline = std::chrono::seconds(60)) {
+  const auto end = std::chrono::steady_clock::now() + deadline;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > end) return done();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
+}
 
 // A fresh directory under the system temp dir, removed (with its contents) on destruction.
 class TempDir {
