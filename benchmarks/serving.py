@@ -242,10 +242,10 @@ def main() -> int:
             for policy in policies[rep % len(policies):] + policies[:rep % len(policies)]:
                 summary, records = run_one(args, model, policy, rate)
                 runs[policy].append(summary)
-                all_records.append({"rate": rate, "policy": policy, "repeat": rep, "requests": records})
+                all_records.append({"rate": rate, "policy": policy, "repeat": rep, "summary": summary, "requests": records})
                 print(f"rate {rate} req/s, {policy}: {summary['num_requests']} requests, {summary['output_tokens']} tokens in "
                       f"{summary['wall_s']:.2f} s; mean latency {1e3 * summary['mean_latency_s']:.1f} ms, "
-                      f"{summary['tokens_per_step']:.2f} tokens/step", flush=True)
+                      f"{summary['tokens_per_step']:.2f} tokens/step, {summary['steps']} steps", flush=True)
         results.extend(median_summary(runs[p]) for p in policies)
 
     print()
