@@ -109,12 +109,23 @@ int main(int argc, char** argv) {
       };
       const double t = best_of([&] { layer([&](const float* xi, int64_t k) { a8_quantize(xi, m, k, k, group, &a); }); });
       std::printf("| %d | w4a8 %s | %.0f | %.1f | %.2fx |\n", m, cpu::dot_isa_name(isa), 1e6 * t, macs / t / 1e9, t_float / t);
-      if (isa != cpu::DotIsa::kAvx512Vnni) continue;
+      if (isa == cpu::DotIsa::kScalar) continue;
       // FMPQ (w4a4): 8-channel activation sub-groups, a quarter of them 8-bit.
-      const double t4 = best_of([&] {
-        layer([&](const float* xi, int64_t k) { a4_quantize(xi, m, k, k, group, nullptr, k / kA4SubGroup / 4, &a); });
-      });
+      const auto a4 = [&](const float* xi, int64_t k) { a4_quantize(xi, m, k, k, group, nullptr, k / kA4SubGroup / 4, &a); };
+      const double t4 = best_of([&] { layer(a4); });
       std::printf("| %d | w4a4 %s | %.0f | %.1f | %.2fx |\n", m, cpu::dot_isa_name(isa), 1e6 * t4, macs / t4 / 1e9, t_float / t4);
+      if (isa != saved) continue;  // once, on the machine's own dot products
+      // The FMPQ activation quantization alone (the layer's four inputs), vector and scalar code.
+      const auto quantize_inputs = [&] {
+        for (size_t i = 0; i < q.size(); ++i) a4(x[i].data(), shapes[i].k);
+      };
+      const double tq = best_of(quantize_inputs);
+      const cpu::Isa saved_isa = cpu::active_isa();
+      cpu::set_active_isa(cpu::Isa::kScalar);
+      const double tq_scalar = best_of(quantize_inputs);
+      cpu::set_active_isa(saved_isa);
+      std::printf("| %d | w4a4 activation quantization alone, %s (scalar) | %.0f (%.0f) | | |\n", m,
+                  cpu::isa_name(saved_isa), 1e6 * tq, 1e6 * tq_scalar);
     }
     cpu::set_active_dot_isa(saved);
   }

@@ -387,13 +387,15 @@ void a4_quantize_rows(const float* x, int64_t r0, int64_t r1, int64_t ldx, const
   const int64_t k = a->k, kp = a->padded_k(), S = a->act_groups();
   const int64_t first8 = (k + kA4SubGroup - 1) / kA4SubGroup - a8_subgroups;  // sub-groups from here: 8 bits
   float row[kA4SubGroup];
-  const bool vectors = cpu::active_isa() == cpu::Isa::kAvx512;  // the same bits, two sub-groups a vector
+  // The vector paths give the same bits: AVX-512 two sub-groups a vector, AVX2 one.
+  const cpu::Isa isa = cpu::active_isa();
+  const bool vectors = isa != cpu::Isa::kScalar;
   ACCEL_DCHECK(S % 2 == 0);  // kp is a multiple of the group (at least 32 channels)
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * ldx;
     if (vectors)
-      cpu::a4_quantize_subgroups_avx512(xr, k, perm, S, first8, a->q.data() + r * kp, a->scales.data() + r * S,
-                                        a->sums.data() + r * S);
+      (isa == cpu::Isa::kAvx512 ? cpu::a4_quantize_subgroups_avx512 : cpu::a4_quantize_subgroups_avx2)(
+          xr, k, perm, S, first8, a->q.data() + r * kp, a->scales.data() + r * S, a->sums.data() + r * S);
     for (int64_t j = 0; j < (vectors ? 0 : S); ++j) {
       // The sub-group's channels, through the permutation; zero past k.
       for (int64_t i = 0; i < kA4SubGroup; ++i) {

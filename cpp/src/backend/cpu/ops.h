@@ -76,10 +76,13 @@ void qlinear_w4a8_avx512vnni(const QLinearParams& p, int64_t n0, int64_t n1);
 void a8_quantize_groups_avx512(const float* x, int64_t n, int64_t group, int8_t* q, float* scales, int32_t* sums);
 void a8_quantize_groups_avx2(const float* x, int64_t n, int64_t group, int8_t* q, float* scales, int32_t* sums);  // likewise
 // FMPQ activation quantization (quant/q4.h a4_quantize_rows) of one row x of k channels: its
-// `subgroups` 8-channel sub-groups (an even number) through perm (or none), 8 bits from sub-group
-// first8 on, into q, with each sub-group's scale and sum. AVX-512, the scalar code's bits.
+// `subgroups` 8-channel sub-groups (for AVX-512 an even number) through perm (or none), 8 bits
+// from sub-group first8 on, into q, with each sub-group's scale and sum. AVX-512 or AVX2, the
+// scalar code's bits.
 void a4_quantize_subgroups_avx512(const float* x, int64_t k, const int32_t* perm, int64_t subgroups, int64_t first8,
                                   int8_t* q, float* scales, int32_t* sums);
+void a4_quantize_subgroups_avx2(const float* x, int64_t k, const int32_t* perm, int64_t subgroups, int64_t first8,
+                                int8_t* q, float* scales, int32_t* sums);  // likewise
 
 // Quantized linear, 4-bit weights (Q4Tiled) by float activations: per output, in channel order,
 // y = fma(s * float(q - z), x, y) starting from the bias (qlinear_w4a16_impl.h).

@@ -15,6 +15,7 @@ struct ScalarDot {
   static constexpr int kBlocks = 1;  // 16-row blocks per pass
   static constexpr int kWideBlocks = 1, kWideRows = 4;  // no wider pass
   static constexpr int kAsmBlocks = 0, kAsmRows = 0, kSubAsmBlocks = 0, kSubAsmRows = 0;
+  static constexpr bool kSubAsmFewerRows = false;
   static constexpr bool kW8Combined = false;
   struct Acc {
     int32_t v[16];

@@ -4,7 +4,8 @@
 //   inline __m256i add_products(__m256i acc, __m256i w_lo, __m256i x_lo, __m256i w_hi, __m256i x_hi)
 // (acc + the 4-byte dot products of w_lo with x_lo and of w_hi with x_hi, lane by lane).
 //
-// Not a standalone header: the including file defines the namespace.
+// Not a standalone header: the including file defines the namespace and includes
+// qlinear_impl.h (its prefetch distance PF) before this.
 
 inline __m256i broadcast4(const int8_t* x) {
   int32_t v;
@@ -15,7 +16,9 @@ inline __m256i broadcast4(const int8_t* x) {
 struct Dot256 {
   static constexpr int kBlocks = 1;  // 16-row blocks per pass (two would spill the 16 registers)
   static constexpr int kWideBlocks = 1, kWideRows = 4;  // no wider pass
-  static constexpr int kAsmBlocks = 0, kAsmRows = 0, kSubAsmBlocks = 0, kSubAsmRows = 0;
+  static constexpr int kAsmBlocks = 0, kAsmRows = 0;
+  static constexpr int kSubAsmBlocks = 1, kSubAsmRows = 2;  // asm_sub_steps below, for 1 or 2 rows
+  static constexpr bool kSubAsmFewerRows = true;
   // AVX2's products of 8-bit weights would overflow vpmaddubsw's 16-bit sums: W8A8 sums its two
   // 4-bit halves.
   static constexpr bool kW8Combined = false;
@@ -59,6 +62,32 @@ struct Dot256 {
     const __m256 vsx = _mm256_set1_ps(sx);
     for (int h = 0; h < 2; ++h)
       _mm256_storeu_ps(t + 8 * h, _mm256_fmadd_ps(vsx, _mm256_cvtepi32_ps(acc.h[h]), _mm256_loadu_ps(t + 8 * h)));
+  }
+  // FMPQ's 8-channel sub-groups (one step each) for MB = 1 or 2 rows of one block: each step's
+  // int32 sums added into the float sums t by t = fma(sx, float(acc), t), as accumulate() does,
+  // with t in registers throughout (the generic loop kept it in memory and ran at half W4A8's
+  // speed). Sets t to the group's sums over its `steps` steps (row i's scales at sx + i * lds).
+  template <int MB>
+  static void asm_sub_steps(float (&t)[1][MB][16], const uint8_t* const (&wg)[1], const int8_t* x, int64_t ldx,
+                            const float* sx, int64_t lds, int64_t steps) {
+    static_assert(MB == 1 || MB == 2);
+    __m256 acc[MB][2];
+    for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < steps; ++j) {
+      __builtin_prefetch(wg[0] + (j + PF) * 64);
+      const W w = unpack(wg[0] + j * 64);
+      for (int i = 0; i < MB; ++i) {
+        const int8_t* xi = x + i * ldx + 8 * j;
+        const __m256i xa = broadcast4(xi), xb = broadcast4(xi + 4);
+        const __m256 s = _mm256_broadcast_ss(sx + i * lds + j);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i sum = add_products(_mm256_setzero_si256(), w.lo[h], xa, w.hi[h], xb);
+          acc[i][h] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sum), acc[i][h]);
+        }
+      }
+    }
+    for (int i = 0; i < MB; ++i)
+      for (int h = 0; h < 2; ++h) _mm256_storeu_ps(t[0][i] + 8 * h, acc[i][h]);
   }
   static void finish_group(const float* t, const float* sw, const uint8_t* z, float zsum, float* y) {
     const __m256 vz = _mm256_set1_ps(zsum);

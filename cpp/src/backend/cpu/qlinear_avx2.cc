@@ -17,8 +17,8 @@ inline __m256i add_products(__m256i acc, __m256i w_lo, __m256i x_lo, __m256i w_h
   return _mm256_add_epi32(acc, _mm256_madd_epi16(s, _mm256_set1_epi16(1)));
 }
 
-#include "backend/cpu/qlinear_256_impl.h"
 #include "backend/cpu/qlinear_impl.h"
+#include "backend/cpu/qlinear_256_impl.h"
 
 }  // namespace
 

@@ -300,6 +300,7 @@ struct Avx512VnniDot {
   // the 8 int32 ones all in registers (the intrinsic 2x8 tile kept t in memory). Sets t to the
   // group's sums over its `steps` steps (x_scales: row i's at sx + i * lds, one per step).
   static constexpr int kSubAsmBlocks = 2, kSubAsmRows = 4;
+  static constexpr bool kSubAsmFewerRows = false;
   static void asm_sub_steps(float (&t)[2][4][16], const uint8_t* const (&wg)[2], const int8_t* x, int64_t ldx,
                             const float* sx, int64_t lds, int64_t steps) {
     const uint8_t* w0 = wg[0];

@@ -15,8 +15,8 @@ inline __m256i add_products(__m256i acc, __m256i w_lo, __m256i x_lo, __m256i w_h
   return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, w_lo, x_lo), w_hi, x_hi);
 }
 
-#include "backend/cpu/qlinear_256_impl.h"
 #include "backend/cpu/qlinear_impl.h"
+#include "backend/cpu/qlinear_256_impl.h"
 
 }  // namespace
 

@@ -16,7 +16,8 @@
 // operands in f (a D::GroupFinish); and
 // kSubAsmBlocks, kSubAsmRows: likewise D::asm_sub_steps(t, wg, x, ldx, sx, lds, steps) sets the
 // float sums t of a whole group for FMPQ's 8-channel sub-groups, in place of the sub-group loop
-// (and from 4 rows on the blocking is that one);
+// (and from kSubAsmRows rows on the blocking is that one; with kSubAsmFewerRows, asm_sub_steps
+// also takes fewer rows);
 // and for W8A8 on split 8-bit rows (QLinearParams::w8_lo_block) kW8Combined: if true,
 // D::unpack8(h64, l64) gives a step's 8-bit weights 16 h + l from its two halves as a W, and
 // D::asm_group_w8(wh, wl, x, ldx, steps, f) is asm_group on them; if false, each half is summed
@@ -100,7 +101,8 @@ void qlinear_block(const QLinearParams& p, int64_t b0, int64_t m0) {
         continue;
       }
       bool summed = false;  // t already holds the group's sub-group sums
-      if constexpr (kSub && NB == D::kSubAsmBlocks && MB == D::kSubAsmRows) {
+      if constexpr (kSub && NB == D::kSubAsmBlocks &&
+                    (MB == D::kSubAsmRows || (D::kSubAsmFewerRows && MB < D::kSubAsmRows))) {
         if (ag == 8) {
           D::asm_sub_steps(t, wg, x[i0] + g * gs, kp, p.x_scales + (m0 + i0) * AG + g * subs, AG, steps);
           summed = true;
