@@ -162,6 +162,9 @@ def run_one(args, model: str, policy: str, rate: float):
     s1 = engine.stats()
     summary.update(rate=rate, policy=policy, model=os.path.abspath(model), seed=args.seed,
                    steps=s1["num_steps"] - s0["num_steps"])
+    # Where the steps' time went: the scheduler (drafting included), the forward pass, in all.
+    for key in ("schedule_time_s", "forward_time_s", "step_time_s"):
+        summary[key] = s1[key] - s0[key]
     if policy != "off":
         summary["draft_tokens"] = s1["num_draft_tokens"] - s0["num_draft_tokens"]
         summary["accepted_draft_tokens"] = s1["num_accepted_draft_tokens"] - s0["num_accepted_draft_tokens"]

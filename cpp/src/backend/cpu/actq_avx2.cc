@@ -9,6 +9,16 @@
 #include "backend/cpu/ops.h"
 
 namespace accelcore::cpu {
+namespace {
+
+int32_t sum8(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+}  // namespace
 
 void a8_quantize_groups_avx2(const float* x, int64_t n, int64_t group, int8_t* q, float* scales, int32_t* sums) {
   const __m256 magic = _mm256_set1_ps(12582912.0f);
@@ -37,11 +47,8 @@ void a8_quantize_groups_avx2(const float* x, int64_t n, int64_t group, int8_t* q
       const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(b, order));
     }
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
     scales[g] = scale;
-    sums[g] = _mm_cvtsi128_si32(s);
+    sums[g] = sum8(sum);
   }
 }
 
@@ -77,11 +84,8 @@ void a4_quantize_subgroups_avx2(const float* x, int64_t k, const int32_t* perm, 
     const __m256i qi = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(r, _mm256_set1_ps(qhi)), _mm256_set1_ps(qlo)));
     const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(q + c0), _mm_packs_epi16(q16, q16));
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
     scales[j] = scale;
-    sums[j] = _mm_cvtsi128_si32(s);
+    sums[j] = sum8(qi);
   }
 }
 
