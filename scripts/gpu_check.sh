@@ -3,8 +3,9 @@
 # CUDA test under compute-sanitizer memcheck, and the Python package built with CUDA generating
 # text (installed into the active Python environment: the CLI tests run it without PYTHONPATH),
 # then pytest on the host's best CPU kernels (GPU hosts often have AVX-512, VNNI or AMX where
-# the development machine may not). Needs cmake, ninja, nvcc, GoogleTest and nlohmann-json (give their prefix in
-# CMAKE_PREFIX_PATH where they are not system packages) and the stories260K model
+# the development machine may not; in parallel where pytest-xdist is installed). Needs cmake,
+# ninja, nvcc, GoogleTest and nlohmann-json (give their prefix in CMAKE_PREFIX_PATH where they
+# are not system packages), the test requirements, and the stories260K model
 # (ACCELCORE_TEST_MODEL, default ../shared/models/stories260K). Logs go to $OUT if set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +37,8 @@ e = a.Engine(sys.argv[1], num_threads=4)
 print(e.generate(['Once upon a time'], a.SamplingParams(max_tokens=24, temperature=0.0))[0].text)
 sys.exit(0 if a.cuda_available() else 1)
 " "$ACCELCORE_TEST_MODEL" || rc=1
-python3 -m pytest tests/python -q -p no:cacheprovider -n 8 \
-  > "$OUT/pytest.log" 2>&1 || rc=1
+xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+python3 -m pytest tests/python -q -p no:cacheprovider $xdist > "$OUT/pytest.log" 2>&1 || rc=1
 tail -5 "$OUT/pytest.log"
 echo "gpu check rc=$rc, $(( $(date +%s) - T0 )) s"
 exit $rc
