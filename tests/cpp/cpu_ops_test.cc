@@ -379,7 +379,7 @@ TEST(ApplyRope, ScoresDependOnlyOnRelativePosition) {
 
 TEST(SiluMul, EveryIsaPathMatchesReferenceWithTheSameBits) {
   std::mt19937 rng(17);
-  const int64_t m = 3, d = 37;  // rows longer than a vector, with a tail
+  const int64_t m = 3, d = 150;  // rows of several vectors and of the kernels' 64-column chunks, with tails
   std::vector<float> gu = testing::random_floats(rng, m * 2 * d, -6.0f, 6.0f);
   gu[0] = 30.0f;
   gu[1] = -30.0f;
@@ -402,6 +402,18 @@ TEST(SiluMul, EveryIsaPathMatchesReferenceWithTheSameBits) {
     silu_mul(gu.data(), out.data(), m, d);
     EXPECT_EQ(0, std::memcmp(scalar.data(), out.data(), out.size() * sizeof(float)))
         << isa_name(path.isa) << " differs from the scalar path";
+    // A column range (as a thread's share), across chunk boundaries: the same bits, nothing
+    // written outside it.
+    std::vector<float> part(m * d, kNaN);
+    silu_mul(gu.data(), part.data(), m, d, 37, 141);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t i = 0; i < d; ++i) {
+        if (i >= 37 && i < 141) {
+          EXPECT_EQ(0, std::memcmp(&scalar[r * d + i], &part[r * d + i], sizeof(float))) << isa_name(path.isa) << " " << i;
+        } else {
+          EXPECT_TRUE(std::isnan(part[r * d + i])) << isa_name(path.isa) << " wrote column " << i;
+        }
+      }
   }
 }
 

@@ -1,5 +1,6 @@
 // Element-wise kernels for the avx512 path (see elementwise_impl.h; compiler flags set per file in
 // CMake).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

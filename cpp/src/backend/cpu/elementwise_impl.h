@@ -24,11 +24,22 @@ inline void rms_norm_rows(const RmsNormParams& p) {
 }
 
 // out[r, i] = silu(gate[r, i]) * up[r, i] for i in [i0, i1), gate_up rows [gate | up].
+// The exps first, then the quotients, in chunks: in one loop GCC threads exp's clamps into
+// per-case copies of the quotient and evaluates them on every lane before blending, and the
+// copy for the upper clamp, g / (1 + exp(88)), makes a subnormal of any |g| < 2: a microcode
+// assist per vector (AVX2 on Zen 4: 3.4 ns an element against 1.0 split like this). The bits
+// are the same either way.
 inline void silu_mul_rows(const float* gate_up, float* out, int64_t m, int64_t d, int64_t i0, int64_t i1) {
+  constexpr int64_t kChunk = 64;
+  float e[kChunk];
   for (int64_t r = 0; r < m; ++r) {
     const float* g = gate_up + r * 2 * d;
     const float* u = g + d;
     float* o = out + r * d;
-    for (int64_t i = i0; i < i1; ++i) o[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
+    for (int64_t a = i0; a < i1; a += kChunk) {
+      const int64_t n = std::min(kChunk, i1 - a);
+      for (int64_t i = 0; i < n; ++i) e[i] = exp_approx(-g[a + i]);
+      for (int64_t i = 0; i < n; ++i) o[a + i] = g[a + i] / (1.0f + e[i]) * u[a + i];
+    }
   }
 }
