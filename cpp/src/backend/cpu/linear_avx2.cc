@@ -26,8 +26,11 @@ struct Avx2 {
 }  // namespace
 
 void linear_avx2(const LinearParams& p, int64_t n0, int64_t n1) {
-  // 16 registers: 6 tokens x 1 panel (12 accumulators), or for one or two tokens 2 x 2 panels.
-  if (p.m <= 2) return linear_panels<Avx2, 2, 2>(p, n0, n1);
+  // 16 registers: 6 tokens x 1 panel (12 accumulators), or for one or two tokens 4 or 2 panels:
+  // at least 8 independent FMA chains, which hide the FMA latency (one token by 2 panels, 4
+  // chains, ran at half the rate).
+  if (p.m == 1) return linear_panels<Avx2, 1, 4>(p, n0, n1);
+  if (p.m == 2) return linear_panels<Avx2, 2, 2>(p, n0, n1);
   linear_panels<Avx2, 6, 1>(p, n0, n1);
 }
 
