@@ -173,8 +173,9 @@ def run_one(args, model: str, policy: str, rate: float):
             summary["guard_plain_tok_s"] = s1["spec_guard_plain_tok_s"]
             summary["guard_drafted_tok_s"] = s1["spec_guard_drafted_tok_s"]
             summary["lookup_cost_s"] = s1["spec_lookup_cost_s"]
-            summary["acceptance"] = s1["spec_acceptance"]
-            summary["calibration"] = s1["spec_calibration"]
+            mode = "_sampled" if args.temperature > 0 else ""  # the statistics of the run's requests
+            summary["acceptance"] = s1["spec_acceptance" + mode]
+            summary["calibration"] = s1["spec_calibration" + mode]
     summary["tokens_per_step"] = summary["output_tokens"] / max(summary["steps"], 1)
     return summary, records
 

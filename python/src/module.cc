@@ -162,9 +162,11 @@ NB_MODULE(_core, m) {
       .def_ro("last_step_draft_tokens", &EngineStats::last_step_draft_tokens)
       .def_ro("last_step_drafted_seqs", &EngineStats::last_step_drafted_seqs)
       .def_ro("spec_acceptance", &EngineStats::spec_acceptance)
+      .def_ro("spec_acceptance_sampled", &EngineStats::spec_acceptance_sampled)
       .def_ro("step_time_coefficients", &EngineStats::step_time_coefficients)
       .def_ro("spec_lookup_cost_s", &EngineStats::spec_lookup_cost_s)
       .def_ro("spec_calibration", &EngineStats::spec_calibration)
+      .def_ro("spec_calibration_sampled", &EngineStats::spec_calibration_sampled)
       .def_ro("spec_guard_plain_tok_s", &EngineStats::spec_guard_plain_tok_s)
       .def_ro("spec_guard_drafted_tok_s", &EngineStats::spec_guard_drafted_tok_s);
 

@@ -362,6 +362,12 @@ def test_smartspec_stats(stories_dir):
     # Learned from the verifications, and never decreasing.
     cal = stats["spec_calibration"]
     assert len(cal) == 10 and all(0 <= c <= 1 for c in cal) and cal == sorted(cal)
+    # Greedy and sampled requests' statistics are learned apart: these greedy requests left the
+    # sampled ones at their prior.
+    assert stats["spec_acceptance_sampled"] == pytest.approx([0.5] * 5)
+    assert stats["spec_calibration_sampled"] == pytest.approx([0.05 + 0.1 * b for b in range(10)], abs=1e-6)
+    if stats["num_draft_tokens"] > 0:
+        assert stats["spec_acceptance"] != pytest.approx([0.5] * 5)
     # The goodput guard's measurements, per range of sequences in a step (1, 2-3, 4-7, ...): it
     # measures steps of 4 or more sequences only, each step on the side (drafted or not) it went.
     plain, drafted = stats["spec_guard_plain_tok_s"], stats["spec_guard_drafted_tok_s"]

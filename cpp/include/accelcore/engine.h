@@ -89,14 +89,17 @@ struct EngineStats {
   uint64_t num_accepted_draft_tokens = 0;  // of which accepted
   int last_step_draft_tokens = 0;          // draft nodes in the last step
   int last_step_drafted_seqs = 0;          // requests with a draft in the last step
-  std::vector<double> spec_acceptance;     // global acceptance rate by draft depth 1, 2, ...
+  // Global acceptance rate by draft depth 1, 2, ..., of greedy requests and of sampled ones
+  // (learned apart: their drafts are accepted at very different rates).
+  std::vector<double> spec_acceptance, spec_acceptance_sampled;
   // SmartSpec's step-time model, seconds: c0 + c_tok * tokens + c_kv * KV tokens read + c_logit *
   // rows with logits (sampled rows and draft nodes) + c_draft * seqs with a draft; lookups apart.
   std::vector<double> step_time_coefficients;
   double spec_lookup_cost_s = 0;  // SmartSpec's measured cost of one draft lookup (not in the fit)
   // SmartSpec's calibration: the acceptance it uses for estimates of 0.05, 0.15, ..., 0.95 (at
-  // first those very values; then what drafts so estimated were measured to be accepted at).
-  std::vector<double> spec_calibration;
+  // first those very values; then what drafts so estimated were measured to be accepted at), for
+  // greedy requests and for sampled ones.
+  std::vector<double> spec_calibration, spec_calibration_sampled;
   // SmartSpec's goodput guard: tokens generated per second of steps without and with drafts, per
   // range of sequences in the step (1, 2-3, 4-7, ..., 128+; 0: not measured).
   std::vector<double> spec_guard_plain_tok_s, spec_guard_drafted_tok_s;

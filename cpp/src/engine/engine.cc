@@ -409,12 +409,15 @@ void Engine::Impl::publish() {
     counters.num_accepted_draft_tokens = total_accepted_draft_tokens;
     counters.last_step_draft_tokens = scheduler->last_draft_tokens();
     counters.last_step_drafted_seqs = scheduler->last_drafted_seqs();
-    counters.spec_acceptance.assign(spec->global_rates().begin() + 1, spec->global_rates().end());
+    counters.spec_acceptance.assign(spec->global_rates(true).begin() + 1, spec->global_rates(true).end());
+    counters.spec_acceptance_sampled.assign(spec->global_rates(false).begin() + 1, spec->global_rates(false).end());
     const auto& c = spec->model().coefficients();
     counters.step_time_coefficients.assign(c.begin(), c.end());
     counters.spec_lookup_cost_s = spec->model().lookup_cost();
-    const auto& cal = spec->calibration().at_centres();
+    const auto& cal = spec->calibration(true).at_centres();
     counters.spec_calibration.assign(cal.begin(), cal.end());
+    const auto& cal_sampled = spec->calibration(false).at_centres();
+    counters.spec_calibration_sampled.assign(cal_sampled.begin(), cal_sampled.end());
     counters.spec_guard_plain_tok_s.clear();
     counters.spec_guard_drafted_tok_s.clear();
     for (int r = 0; r < GoodputGuard::kRanges; ++r) {

@@ -300,7 +300,9 @@ void Scheduler::plan_drafts(int budget, std::vector<DraftTree>* drafts) {
   base.logit_rows = base.tokens;
   const double samples = base.tokens;
   const double base_goodput = samples / std::max(model.predict(base), 1e-9);
-  const double best_rate = spec_->max_first_node_rate();
+  bool greedy = false, sampled = false;  // the sampling modes of the requests that could draft
+  for (const Pick& p : picks_) (p.req->params.greedy() ? greedy : sampled) = true;
+  const double best_rate = spec_->max_first_node_rate(greedy, sampled);
   std::vector<DraftCandidate> cands;
   std::vector<size_t> cand_pick;
   std::vector<DraftTree> trees;

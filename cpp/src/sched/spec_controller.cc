@@ -182,11 +182,14 @@ void StepTimeModel::refit() {
 SpecController::SpecController(SpecPolicy policy, int max_depth, int max_match)
     : policy_(policy),
       max_depth_(max_depth),
-      num_buckets_(bucket(std::max(max_match, 1)) + 1),
-      global_(max_depth + 1, kPrior),
-      by_match_(static_cast<size_t>(kMatchBuckets) * (max_depth + 1), kPrior),
-      global_n_(global_.size(), 0),
-      by_match_n_(by_match_.size(), 0) {}
+      num_buckets_(bucket(std::max(max_match, 1)) + 1) {
+  for (ModeStats& m : modes_) {
+    m.global.assign(max_depth + 1, kPrior);
+    m.by_match.assign(static_cast<size_t>(kMatchBuckets) * (max_depth + 1), kPrior);
+    m.global_n.assign(m.global.size(), 0);
+    m.by_match_n.assign(m.by_match.size(), 0);
+  }
+}
 
 // ---- CalibrationMap ----
 
@@ -246,13 +249,13 @@ float CalibrationMap::operator()(float estimate) const {
 
 // ---- SpecController ----
 
-float SpecController::estimate(int cell, float share, float factor) const {
-  return std::min(1.0f, share * by_match_[cell] * factor);
+float SpecController::estimate(const ModeStats& m, int cell, float share, float factor) {
+  return std::min(1.0f, share * m.by_match[cell] * factor);
 }
 
-float SpecController::conditional(int cell, float share, float factor) const {
-  const float bonus = kExplore / std::sqrt(by_match_n_[cell] + 1.0f);
-  return std::min(1.0f, calibration_(estimate(cell, share, factor)) + share * factor * bonus);
+float SpecController::conditional(const ModeStats& m, int cell, float share, float factor) {
+  const float bonus = kExplore / std::sqrt(m.by_match_n[cell] + 1.0f);
+  return std::min(1.0f, m.calibration(estimate(m, cell, share, factor)) + share * factor * bonus);
 }
 
 int SpecController::bucket(int match) {
@@ -263,13 +266,13 @@ int SpecController::bucket(int match) {
 
 float SpecController::rate(const Request* r, int d) const {
   if (d < 1 || d > max_depth_) return 0.0f;
-  return r->spec_accept.empty() ? global_[d] : r->spec_accept[d];
+  return r->spec_accept.empty() ? stats(r).global[d] : r->spec_accept[d];
 }
 
 float SpecController::request_factor(const Request* r, int d) const {
   if (r->spec_accept.empty()) return 1.0f;
   // Mostly a brake: the match-length rates already credit a request that matches long.
-  return std::clamp(r->spec_accept[d] / std::max(global_[d], 1e-3f), 0.25f, kMaxRequestFactor);
+  return std::clamp(r->spec_accept[d] / std::max(stats(r).global[d], 1e-3f), 0.25f, kMaxRequestFactor);
 }
 
 float SpecController::first_node_bound(const Request* r) const {
@@ -278,31 +281,37 @@ float SpecController::first_node_bound(const Request* r) const {
   // previous suffix), so the tokens since the proposal bound the match now.
   const int grown = r->spec_match + std::max(r->num_tokens() - r->spec_match_tokens, 1);
   const int b = std::min(bucket(grown), num_buckets_ - 1);
-  return conditional(b * (max_depth_ + 1) + 1, 1.0f, request_factor(r, 1));
+  return conditional(stats(r), b * (max_depth_ + 1) + 1, 1.0f, request_factor(r, 1));
 }
 
-float SpecController::max_first_node_rate() const {
+float SpecController::max_first_node_rate(bool greedy, bool sampled) const {
   float best = 0.0f;
-  for (int b = 0; b < num_buckets_; ++b)
-    best = std::max(best, conditional(b * (max_depth_ + 1) + 1, 1.0f, kMaxRequestFactor));
+  for (int k = 0; k < 2; ++k) {
+    if (!(k == 0 ? greedy : sampled)) continue;
+    for (int b = 0; b < num_buckets_; ++b)
+      best = std::max(best, conditional(modes_[k], b * (max_depth_ + 1) + 1, 1.0f, kMaxRequestFactor));
+  }
   return best;
 }
 
 void SpecController::relax(Request* r) {
-  for (size_t d = 1; d < r->spec_accept.size(); ++d) r->spec_accept[d] += kRelax * (global_[d] - r->spec_accept[d]);
+  const std::vector<float>& global = stats(r).global;
+  for (size_t d = 1; d < r->spec_accept.size(); ++d) r->spec_accept[d] += kRelax * (global[d] - r->spec_accept[d]);
 }
 
 void SpecController::node_probabilities(const Request* r, const DraftTree& t, std::vector<float>* p) const {
   p->resize(t.size());
+  const ModeStats& m = stats(r);
   const int row = bucket(t.match) * (max_depth_ + 1);
   for (int i = 0; i < t.size(); ++i) {
     const int d = std::min(t.depths[i], max_depth_);
-    const float c = conditional(row + d, t.shares[i], request_factor(r, d));
+    const float c = conditional(m, row + d, t.shares[i], request_factor(r, d));
     (*p)[i] = c * (t.parents[i] < 0 ? 1.0f : (*p)[t.parents[i]]);
   }
 }
 
 void SpecController::on_verified(Request* r, const DraftTree& t, const int32_t* path, int n) {
+  ModeStats& m = modes_[mode(r)];
   const int row = bucket(t.match) * (max_depth_ + 1);
   // Calibration first, against the estimates the draft was chosen by: each drafted child of an
   // accepted node (or of the root), accepted or not.
@@ -311,9 +320,9 @@ void SpecController::on_verified(Request* r, const DraftTree& t, const int32_t* 
     const float factor = request_factor(r, d);
     for (int i = 0; i < t.size(); ++i)
       if (t.parents[i] == parent)
-        calibration_.observe(estimate(row + d, t.shares[i], factor), d <= n && path[d - 1] == i);
+        m.calibration.observe(estimate(m, row + d, t.shares[i], factor), d <= n && path[d - 1] == i);
   }
-  if (r->spec_accept.empty()) r->spec_accept = global_;
+  if (r->spec_accept.empty()) r->spec_accept = m.global;
   // A mean over the first observations (the prior counts as one), a moving average after.
   auto update = [](float* rate, uint32_t* n, float hit) {
     *rate += std::max(kGlobalAlpha, 1.0f / (*n + 2.0f)) * (hit - *rate);
@@ -329,8 +338,8 @@ void SpecController::on_verified(Request* r, const DraftTree& t, const int32_t* 
     if (top < 0) break;
     const float hit = d <= n && path[d - 1] == top ? 1.0f : 0.0f;
     r->spec_accept[d] += kRequestAlpha * (hit - r->spec_accept[d]);
-    update(&global_[d], &global_n_[d], hit);
-    update(&by_match_[row + d], &by_match_n_[row + d], hit);
+    update(&m.global[d], &m.global_n[d], hit);
+    update(&m.by_match[row + d], &m.by_match_n[row + d], hit);
   }
 }
 

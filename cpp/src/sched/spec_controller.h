@@ -191,11 +191,12 @@ class SpecController {
   const StepTimeModel& model() const { return model_; }
   GoodputGuard& guard() { return guard_; }
   const GoodputGuard& guard() const { return guard_; }
-  const CalibrationMap& calibration() const { return calibration_; }
+  // Acceptance is learned per sampling mode, greedy requests apart from sampled ones (mode()).
+  const CalibrationMap& calibration(bool greedy) const { return modes_[greedy ? 0 : 1].calibration; }
 
   // The acceptance rate at depth d (1-based) for request r: its own once it has one, else global.
   float rate(const Request* r, int d) const;
-  const std::vector<float>& global_rates() const { return global_; }
+  const std::vector<float>& global_rates(bool greedy) const { return modes_[greedy ? 0 : 1].global; }
   // What r's likeliest first draft node is worth at most, as far as its last proposal tells: the
   // optimistic rate for the longest match it can have now (a repeating text matches one token
   // longer per token appended), or 1 before any proposal. The scheduler skips the lookup when
@@ -204,9 +205,10 @@ class SpecController {
   float first_node_bound(const Request* r) const;
   static constexpr int kProbeInterval = 16;
   // What any request's first draft node is worth at most: the highest optimistic rate over the
-  // match lengths, with the most a request's own record may raise it. Where even this cannot
-  // raise goodput, no lookup (nor periodic probe) can find a draft that pays.
-  float max_first_node_rate() const;
+  // match lengths, with the most a request's own record may raise it, over the sampling modes of
+  // the requests that could draft (greedy and/or sampled ones). Where even this cannot raise
+  // goodput, no lookup (nor periodic probe) can find a draft that pays.
+  float max_first_node_rate(bool greedy, bool sampled) const;
   // r went through a step without a draft: its rates move a little toward the global ones.
   void relax(Request* r);
 
@@ -230,14 +232,23 @@ class SpecController {
   SpecPolicy policy_;
   int max_depth_;
   int num_buckets_;  // the match buckets max_match reaches: the others are never observed
-  std::vector<float> global_;    // [d] for d in 1..max_depth (index 0 unused)
-  std::vector<float> by_match_;  // [bucket * (max_depth + 1) + d]
-  std::vector<uint32_t> global_n_, by_match_n_;  // observations behind each rate
+  // The acceptance statistics, one set per sampling mode: drafts of greedy and of sampled
+  // requests are accepted at very different rates, and estimates learned from one kind of traffic
+  // mislead for the other. (stories260K served greedily at 100 req/s after a warm-up of sampled
+  // stories: with one set, its first ~750 steps drafted 0.8-1.8 nodes a step, the rest 5.5-7.)
+  struct ModeStats {
+    std::vector<float> global;    // [d] for d in 1..max_depth (index 0 unused)
+    std::vector<float> by_match;  // [bucket * (max_depth + 1) + d]
+    std::vector<uint32_t> global_n, by_match_n;  // observations behind each rate
+    CalibrationMap calibration;
+  };
+  std::array<ModeStats, 2> modes_;  // greedy, sampled
+  static int mode(const Request* r) { return r->params.greedy() ? 0 : 1; }
+  const ModeStats& stats(const Request* r) const { return modes_[mode(r)]; }
   // The probability that a node is accepted given its parent was: its calibrated estimate
   // share x rate(cell) x factor, plus the cell's exploration bonus (scaled by share x factor).
-  float conditional(int cell, float share, float factor) const;
-  float estimate(int cell, float share, float factor) const;  // the uncalibrated one
-  CalibrationMap calibration_;
+  static float conditional(const ModeStats& m, int cell, float share, float factor);
+  static float estimate(const ModeStats& m, int cell, float share, float factor);  // the uncalibrated one
   StepTimeModel model_;
   GoodputGuard guard_;
 };
