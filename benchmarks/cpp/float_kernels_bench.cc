@@ -25,7 +25,8 @@ double best_us(const std::function<void()>& f) {
   for (int r = 0; r < 5; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
     for (int i = 0; i < kCalls; ++i) f();
-    best = std::min(best, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / kCalls);
+    const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    best = std::min(best, us / kCalls);
   }
   return best;
 }
@@ -41,7 +42,8 @@ int main() {
   };
   const Shape shapes[] = {{"qkv", 128, 64}, {"o", 64, 64}, {"gate_up", 344, 64}, {"down", 64, 172}, {"head", 512, 64}};
   std::printf("path %s; float linear, us (GMAC/s)\n", cpu::isa_name(cpu::active_isa()));
-  std::printf("| rows | qkv | o | gate_up | down | head | model (5 layers + head) per row |\n|---|---|---|---|---|---|---|\n");
+  std::printf("| rows | qkv | o | gate_up | down | head | model (5 layers + head) per row |\n");
+  std::printf("|---|---|---|---|---|---|---|\n");
   for (int m : {1, 5, 16}) {
     std::printf("| %d |", m);
     double model = 0;

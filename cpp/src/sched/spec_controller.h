@@ -234,8 +234,8 @@ class SpecController {
   int num_buckets_;  // the match buckets max_match reaches: the others are never observed
   // The acceptance statistics, one set per sampling mode: drafts of greedy and of sampled
   // requests are accepted at very different rates, and estimates learned from one kind of traffic
-  // mislead for the other. (stories260K served greedily at 100 req/s after a warm-up of sampled
-  // stories: with one set, its first ~750 steps drafted 0.8-1.8 nodes a step, the rest 5.5-7.)
+  // mislead for the other (sampled traffic whose drafts failed left greedy requests that would be
+  // accepted 99% of the time drafting nothing: SampledTrafficDoesNotLowerGreedyEstimates).
   struct ModeStats {
     std::vector<float> global;    // [d] for d in 1..max_depth (index 0 unused)
     std::vector<float> by_match;  // [bucket * (max_depth + 1) + d]

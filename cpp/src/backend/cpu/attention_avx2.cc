@@ -44,7 +44,8 @@ inline void exp8n(__m256 (&v)[N]) {
                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   for (int j = 0; j < N; ++j) r[j] = _mm256_fnmadd_ps(n[j], _mm256_set1_ps(0.693359375f), v[j]);
   for (int j = 0; j < N; ++j) r[j] = _mm256_fnmadd_ps(n[j], _mm256_set1_ps(-2.12194440e-4f), r[j]);
-  for (int j = 0; j < N; ++j) p[j] = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r[j], _mm256_set1_ps(1.3981999507e-3f));
+  for (int j = 0; j < N; ++j)
+    p[j] = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r[j], _mm256_set1_ps(1.3981999507e-3f));
   for (int j = 0; j < N; ++j) p[j] = _mm256_fmadd_ps(p[j], r[j], _mm256_set1_ps(8.3334519073e-3f));
   for (int j = 0; j < N; ++j) p[j] = _mm256_fmadd_ps(p[j], r[j], _mm256_set1_ps(4.1665795894e-2f));
   for (int j = 0; j < N; ++j) p[j] = _mm256_fmadd_ps(p[j], r[j], _mm256_set1_ps(1.6666665459e-1f));
@@ -119,7 +120,8 @@ void attend_heads_g(const HeadPass& hp) {
     for (int x = 0; x < NX; ++x)
       for (int h = 0; h < 2; ++h) {
         _mm256_storeu_ps(sc[x] + i * kL + 8 * h, si[x][h]);
-        m[x] = _mm256_max_ps(m[x], valid == 0xFFFF ? si[x][h] : _mm256_blendv_ps(neg_inf, si[x][h], lane_mask(valid, h)));
+        const __m256 s = valid == 0xFFFF ? si[x][h] : _mm256_blendv_ps(neg_inf, si[x][h], lane_mask(valid, h));
+        m[x] = _mm256_max_ps(m[x], s);
       }
   }
   __m256 mx[NX];
@@ -133,9 +135,10 @@ void attend_heads_g(const HeadPass& hp) {
     const uint16_t valid = hb[0][i].valid;
     for (int j0 = 0; j0 < kE4; j0 += 4) {
       __m256 e[4];
-      for (int j = 0; j < 4; ++j)
-        e[j] = j0 + j < kE ? _mm256_sub_ps(_mm256_loadu_ps(sc[(j0 + j) / 2] + i * kL + 8 * ((j0 + j) % 2)), mx[(j0 + j) / 2])
-                           : _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        const int x = (j0 + j) / 2, h = (j0 + j) % 2;
+        e[j] = j0 + j < kE ? _mm256_sub_ps(_mm256_loadu_ps(sc[x] + i * kL + 8 * h), mx[x]) : _mm256_setzero_ps();
+      }
       exp8n<4>(e);
       for (int j = 0; j < 4 && j0 + j < kE; ++j) {
         const int x = (j0 + j) / 2, h = (j0 + j) % 2;
