@@ -286,10 +286,10 @@ float SpecController::first_node_bound(const Request* r) const {
 
 float SpecController::max_first_node_rate(bool greedy, bool sampled) const {
   float best = 0.0f;
-  for (int k = 0; k < 2; ++k) {
-    if (!(k == 0 ? greedy : sampled)) continue;
+  for (const bool g : {true, false}) {
+    if (!(g ? greedy : sampled)) continue;
     for (int b = 0; b < num_buckets_; ++b)
-      best = std::max(best, conditional(modes_[k], b * (max_depth_ + 1) + 1, 1.0f, kMaxRequestFactor));
+      best = std::max(best, conditional(modes_[mode(g)], b * (max_depth_ + 1) + 1, 1.0f, kMaxRequestFactor));
   }
   return best;
 }

@@ -192,11 +192,11 @@ class SpecController {
   GoodputGuard& guard() { return guard_; }
   const GoodputGuard& guard() const { return guard_; }
   // Acceptance is learned per sampling mode, greedy requests apart from sampled ones (mode()).
-  const CalibrationMap& calibration(bool greedy) const { return modes_[greedy ? 0 : 1].calibration; }
+  const CalibrationMap& calibration(bool greedy) const { return modes_[mode(greedy)].calibration; }
 
   // The acceptance rate at depth d (1-based) for request r: its own once it has one, else global.
   float rate(const Request* r, int d) const;
-  const std::vector<float>& global_rates(bool greedy) const { return modes_[greedy ? 0 : 1].global; }
+  const std::vector<float>& global_rates(bool greedy) const { return modes_[mode(greedy)].global; }
   // What r's likeliest first draft node is worth at most, as far as its last proposal tells: the
   // optimistic rate for the longest match it can have now (a repeating text matches one token
   // longer per token appended), or 1 before any proposal. The scheduler skips the lookup when
@@ -243,7 +243,8 @@ class SpecController {
     CalibrationMap calibration;
   };
   std::array<ModeStats, 2> modes_;  // greedy, sampled
-  static int mode(const Request* r) { return r->params.greedy() ? 0 : 1; }
+  static int mode(bool greedy) { return greedy ? 0 : 1; }
+  static int mode(const Request* r) { return mode(r->params.greedy()); }
   const ModeStats& stats(const Request* r) const { return modes_[mode(r)]; }
   // The probability that a node is accepted given its parent was: its calibrated estimate
   // share x rate(cell) x factor, plus the cell's exploration bonus (scaled by share x factor).
