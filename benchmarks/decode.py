@@ -45,12 +45,13 @@ def prompts_for(batch: int, prompt_len: int, vocab: int, seed: int = 1):
     return [[1] + [rng.randrange(3, vocab) for _ in range(prompt_len - 1)] for _ in range(batch)]
 
 
-def time_accelcore(engine, prompts, new_tokens: int) -> float:
+def time_accelcore(engine, prompts, new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> float:
     """Decode tokens/s: time from the step that produced every request's first token to the end."""
     from accelcore import SamplingParams
 
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    ids = [engine.add_request(p, params) for p in prompts]
+    ids = [engine.add_request(p, SamplingParams(max_tokens=new_tokens, temperature=temperature, top_p=top_p,
+                                                seed=k, ignore_eos=True))
+           for k, p in enumerate(prompts)]
     got = {i: 0 for i in ids}
     t_first = None
     done = 0
@@ -102,6 +103,9 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2, help="best of N runs per configuration")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="accelcore's decoding: 0 greedy (the default), else sampled (transformers' stays greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="accelcore's nucleus when sampling")
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--scheme", default="float32",
                     help="comma list of schemes, each measured in the same run: float32, w4a8 (4-bit weights "
@@ -145,7 +149,8 @@ def main() -> int:
         vocab = engine.model_info.vocab_size
         for bs in args.batch_sizes:
             prompts = prompts_for(bs, args.prompt_len, vocab)
-            ours = max(time_accelcore(engine, prompts, args.new_tokens) for _ in range(args.repeats))
+            ours = max(time_accelcore(engine, prompts, args.new_tokens, args.temperature, args.top_p)
+                       for _ in range(args.repeats))
             theirs = None
             if hf is not None and scheme == schemes[0]:
                 theirs = max(time_transformers(hf, prompts, args.new_tokens) for _ in range(args.repeats))
@@ -160,7 +165,8 @@ def main() -> int:
 
     print()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, threads={args.threads}, accelcore ISA={cpu_isa()}")
-    print(f"model: {model_dir}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.repeats}")
+    print(f"model: {model_dir}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.repeats}"
+          + (f", sampled at temperature {args.temperature}, top_p {args.top_p}" if args.temperature > 0 else ", greedy"))
     print("| scheme | batch | accelcore tok/s | transformers float32 tok/s | vs transformers | vs own batch 1 | vs float32 |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

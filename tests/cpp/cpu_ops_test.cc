@@ -417,6 +417,54 @@ TEST(SiluMul, EveryIsaPathMatchesReferenceWithTheSameBits) {
   }
 }
 
+TEST(SoftmaxExps, EveryIsaPathIsWithinTwoUlpOfStdExpWithTheSameBits) {
+  std::mt19937 rng(23);
+  const int64_t n = 1027;  // several vectors of every width, and a tail
+  std::vector<float> x = testing::random_floats(rng, n, -40.0f, 12.0f);
+  x[0] = 12.5f;  // the maximum: exp(0) = 1 exactly
+  x[1] = -std::numeric_limits<float>::infinity();  // a masked token: 0
+  x[2] = -590.0f;  // exp(-861), below exp(-708): 0
+  x[3] = 12.5f - 490.0f;  // exp(-700), just above it: normal
+  x[4] = -650.0f;  // below the top-k threshold (when there is one): 0
+  // Without a threshold (all tokens' exps) and with one (a top-k's: only the tokens at or above it).
+  for (const double threshold : {-static_cast<double>(INFINITY), -600.0, 0.0}) {
+    SCOPED_TRACE(threshold);
+    SoftmaxExpParams p;
+    p.x = x.data();
+    p.n = n;
+    p.max = 12.5;
+    p.inv_temperature = 1.0 / 0.7;
+    p.threshold = threshold;
+    std::vector<double> scalar(n, kNaN);
+    p.out = scalar.data();
+    const double sum = softmax_exps_scalar(p);
+    double want_sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double e = x[i] < threshold ? 0.0 : std::exp((static_cast<double>(x[i]) - p.max) * p.inv_temperature);
+      const double want = e < 1e-307 ? 0.0 : e;
+      want_sum += want;
+      const double ulp = std::nextafter(want, INFINITY) - want;
+      EXPECT_LE(std::abs(scalar[i] - want), 2 * ulp) << "i " << i << " x " << x[i];
+    }
+    EXPECT_EQ(scalar[0], 1.0);
+    EXPECT_EQ(scalar[1], 0.0);
+    EXPECT_EQ(scalar[2], 0.0);
+    EXPECT_EQ(scalar[3] > 0.0, threshold < x[3]);
+    EXPECT_EQ(scalar[4], 0.0);
+    EXPECT_NEAR(sum, want_sum, 1e-14 * want_sum);
+    IsaGuard guard;
+    for (const IsaPath& path : supported_paths()) {
+      set_active_isa(path.isa);
+      std::vector<double> out(n, kNaN);
+      p.out = out.data();
+      const double s = softmax_exps(p);
+      EXPECT_EQ(0, std::memcmp(&s, &sum, sizeof s)) << isa_name(path.isa) << ": the sum differs from the scalar path's";
+      EXPECT_EQ(0, std::memcmp(scalar.data(), out.data(), out.size() * sizeof(double)))
+          << isa_name(path.isa) << " differs from the scalar path";
+    }
+  }
+}
+
 TEST(AddInplace, Adds) {
   std::vector<float> x = {1.0f, 2.0f, -3.0f}, y = {0.5f, -2.0f, 4.0f};
   add_inplace(x.data(), y.data(), 3);

@@ -206,6 +206,74 @@ TEST(ProcessedProbs, TopPMatchesBruteForceNucleus) {
   }
 }
 
+// The nucleus as one full sort of the vocabulary (the rule spelled out step by step): the
+// most likely tokens (a stable sort, so ties to the lower id) until their mass reaches top_p, the
+// one crossing it included; the others 0; all divided by the kept mass.
+std::vector<double> full_sort_nucleus(std::vector<double> p, double top_p) {
+  std::vector<int32_t> order(p.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return p[a] > p[b]; });
+  double cum = 0.0;
+  size_t i = 0;
+  for (; i < order.size(); ++i) {
+    if (p[order[i]] <= 0.0) break;
+    cum += p[order[i]];
+    if (cum >= top_p) {
+      ++i;
+      break;
+    }
+  }
+  for (; i < order.size(); ++i) p[order[i]] = 0.0;
+  for (double& x : p) x /= cum;
+  return p;
+}
+
+// Large vocabularies: the nucleus sorts only its likeliest candidates, and must give exactly (bit
+// for bit) what sorting the whole vocabulary gives: peaked and flat distributions, many ties,
+// top-k before it, top_p near 0 and near 1.
+TEST(ProcessedProbs, TopPIsExactlyTheFullSortNucleus) {
+  std::mt19937 rng(12);
+  std::vector<double> plain, got;
+  int cases = 0;
+  for (const int vocab : {1000, 4099, 32000}) {
+    for (const float sigma : {0.05f, 1.0f, 4.0f, 12.0f}) {
+      for (const bool ties : {false, true}) {
+        std::normal_distribution<float> n(0.0f, sigma);
+        std::vector<float> l(vocab);
+        for (float& x : l) x = ties ? std::round(n(rng)) : n(rng);
+        for (const float top_p : {1e-4f, 0.3f, 0.9f, 0.95f, 0.999f, 0.99999994f}) {
+          for (const int k : {-1, 40}) {
+            processed_probs(l.data(), vocab, params(0.9f, k, 1.0f), &plain);
+            const std::vector<double> want = full_sort_nucleus(plain, static_cast<double>(top_p));
+            processed_probs(l.data(), vocab, params(0.9f, k, top_p), &got);
+            ASSERT_EQ(got.size(), want.size());
+            for (int t = 0; t < vocab; ++t)
+              ASSERT_EQ(got[t], want[t]) << "vocab " << vocab << " sigma " << sigma << " ties " << ties << " top_p "
+                                         << top_p << " k " << k << " token " << t;
+            ++cases;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_EQ(cases, 3 * 4 * 2 * 6 * 2);
+  // A few levels, each shared by many tokens, interleaved by id: the cut falls inside a level,
+  // where only the order of equal probabilities (by id) decides what is kept.
+  for (const int vocab : {3001, 32000}) {
+    for (const int levels : {2, 3, 7}) {
+      std::vector<float> l(vocab);
+      for (int t = 0; t < vocab; ++t) l[t] = static_cast<float>((t * 5 + t / 7) % levels);
+      for (const float top_p : {0.11f, 0.37f, 0.5f, 0.93f}) {
+        processed_probs(l.data(), vocab, params(0.9f, -1, 1.0f), &plain);
+        const std::vector<double> want = full_sort_nucleus(plain, static_cast<double>(top_p));
+        processed_probs(l.data(), vocab, params(0.9f, -1, top_p), &got);
+        for (int t = 0; t < vocab; ++t)
+          ASSERT_EQ(got[t], want[t]) << "vocab " << vocab << " levels " << levels << " top_p " << top_p << " token " << t;
+      }
+    }
+  }
+}
+
 TEST(ProcessedProbs, TopKThenTopP) {
   // As in vLLM: top-k first, renormalise, then the nucleus over what is left.
   std::mt19937 rng(6);

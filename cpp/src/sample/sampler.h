@@ -13,7 +13,8 @@ namespace accelcore {
 int32_t argmax(const float* logits, int vocab);  // first maximal index; NaN never wins
 
 // The processed distribution the sampler draws from: probabilities over the full vocabulary
-// (zero outside top-k/top-p), as doubles for a stable cumulative sum.
+// (zero outside top-k/top-p), as doubles for a stable cumulative sum. Their exps come from
+// cpu::softmax_exps (within 2 ulp of std::exp; 0 below exp(-708)), the same bits on every ISA.
 void processed_probs(const float* logits, int vocab, const SamplingParams& params, std::vector<double>* probs);
 
 // Samples with u = uniform(seed, position): the first token id whose cumulative probability (in

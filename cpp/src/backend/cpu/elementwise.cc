@@ -50,6 +50,18 @@ void silu_mul(const float* gate_up, float* out, int64_t m, int64_t d, int64_t i0
   }
 }
 
+double softmax_exps_scalar(const SoftmaxExpParams& p) { return scalar_impl::softmax_exps_row(p); }
+
+double softmax_exps(const SoftmaxExpParams& p) {
+  ACCEL_DCHECK(p.x && p.out && p.n > 0);
+  switch (active_isa()) {
+    case Isa::kAvx512: return softmax_exps_avx512(p);
+    case Isa::kAvx2: return softmax_exps_avx2(p);
+    case Isa::kScalar: return softmax_exps_scalar(p);
+  }
+  return 0.0;
+}
+
 void add_inplace(float* x, const float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }

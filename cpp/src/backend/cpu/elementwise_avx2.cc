@@ -17,4 +17,6 @@ void silu_mul_avx2(const float* gate_up, float* out, int64_t m, int64_t d, int64
   avx2_impl::silu_mul_rows(gate_up, out, m, d, i0, i1 < 0 ? d : i1);
 }
 
+double softmax_exps_avx2(const SoftmaxExpParams& p) { return avx2_impl::softmax_exps_row(p); }
+
 }  // namespace accelcore::cpu

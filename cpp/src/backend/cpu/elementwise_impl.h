@@ -43,3 +43,30 @@ inline void silu_mul_rows(const float* gate_up, float* out, int64_t m, int64_t d
     }
   }
 }
+
+// A sampler's softmax numerators: out[i] = exp((x[i] - max) * inv_temperature) in double, 0 where
+// x[i] < threshold; returns their sum, in four partial sums (i mod 4, each in order) added as
+// (s0 + s1) + (s2 + s3). Three loops, each vectorised alone; under a top-k threshold, one loop
+// that computes the exps of the few tokens above it only (the zeros add nothing to the sums, so
+// the bits are the same).
+inline double softmax_exps_row(const SoftmaxExpParams& p) {
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  if (p.threshold > -INFINITY) {
+    for (int64_t i = 0; i < p.n; ++i) {
+      const double x = static_cast<double>(p.x[i]);
+      p.out[i] = x < p.threshold ? 0.0 : exp_f64_nonpositive((x - p.max) * p.inv_temperature);
+      if (!(x < p.threshold)) part[i & 3] += p.out[i];
+    }
+    return (part[0] + part[1]) + (part[2] + part[3]);
+  }
+  for (int64_t i = 0; i < p.n; ++i) {
+    const double x = static_cast<double>(p.x[i]);
+    p.out[i] = (x - p.max) * p.inv_temperature;
+  }
+  for (int64_t i = 0; i < p.n; ++i) p.out[i] = exp_f64_nonpositive(p.out[i]);
+  int64_t i = 0;
+  for (; i + 4 <= p.n; i += 4)
+    for (int l = 0; l < 4; ++l) part[l] += p.out[i + l];
+  for (int l = 0; i + l < p.n; ++l) part[l] += p.out[i + l];
+  return (part[0] + part[1]) + (part[2] + part[3]);
+}

@@ -4,6 +4,7 @@
 // makes batching bit-exact.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "util/thread_pool.h"
@@ -133,6 +134,21 @@ void silu_mul(const float* gate_up, float* out, int64_t m, int64_t d, int64_t i0
 void silu_mul_scalar(const float* gate_up, float* out, int64_t m, int64_t d, int64_t i0 = 0, int64_t i1 = -1);
 void silu_mul_avx2(const float* gate_up, float* out, int64_t m, int64_t d, int64_t i0 = 0, int64_t i1 = -1);
 void silu_mul_avx512(const float* gate_up, float* out, int64_t m, int64_t d, int64_t i0 = 0, int64_t i1 = -1);
+
+// A sampler's softmax numerators over a row of n logits x: out[i] = exp((x[i] - max) *
+// inv_temperature) in double (within a few ulp of std::exp; 0 below exp(-708)), or 0 where x[i] <
+// threshold (top-k); returns the sum of out. The same bits on every path.
+struct SoftmaxExpParams {
+  const float* x = nullptr;
+  double* out = nullptr;
+  int64_t n = 0;
+  double max = 0, inv_temperature = 1, threshold = -INFINITY;
+};
+double softmax_exps(const SoftmaxExpParams& p);
+// The single-ISA kernels behind softmax_exps(); exposed for tests.
+double softmax_exps_scalar(const SoftmaxExpParams& p);
+double softmax_exps_avx2(const SoftmaxExpParams& p);
+double softmax_exps_avx512(const SoftmaxExpParams& p);
 
 // Paged attention over a ragged batch. The KV pool of one layer holds K as
 // [num_blocks][num_kv_heads][head_dim][block_size] (transposed within a block) and V as
