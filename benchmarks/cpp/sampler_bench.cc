@@ -2,7 +2,8 @@
 // row, for stories260K's and TinyLlama's vocabularies and the usual sampling settings, at
 // temperature 0.8. The top-p
 // rows also time the nucleus as one full sort of the vocabulary (the earlier code, kept here as
-// the baseline): the same probabilities, bit for bit, which this checks.
+// the baseline): the same probabilities, bit for bit, which this checks. Last, a row's log-softmax
+// with its 5 likeliest tokens (top_logprobs), as logprobs and prompt_logprobs ask for.
 //
 //   build-bench/benchmarks/cpp/sampler_bench [reps_scale=1]
 // Logits: normal with standard deviation 3 (a trained language model's are more peaked, so its
@@ -102,6 +103,9 @@ int main(int argc, char** argv) {
       std::printf("| %d | %.1f | %d | %.2f | %.2f | %.2f | %.1fx |\n", vocab, dist.sd, s.top_k, s.top_p, us, base, base / us);
       (void)sink;
     }
+    TokenLogprobs lp;
+    const double us = median_us([&](int i) { top_logprobs(logits.data(), vocab, 5, i % vocab, &lp); }, reps);
+    std::printf("| %d | %.1f | top_logprobs, k = 5 | | %.2f | | |\n", vocab, dist.sd, us);
   }
   return 0;
 }

@@ -205,9 +205,14 @@ int32_t sample_token(const float* logits, int vocab, const SamplingParams& param
 void top_logprobs(const float* logits, int vocab, int k, int32_t taken, TokenLogprobs* out) {
   double mx = -INFINITY;
   for (int i = 0; i < vocab; ++i) mx = std::max(mx, static_cast<double>(logits[i]));
-  double sum = 0.0;
-  for (int i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - mx);
-  const double lse = mx + std::log(sum);
+  thread_local std::vector<double> exps;  // a prompt's logprobs ask for one row per prompt token
+  exps.resize(vocab);
+  cpu::SoftmaxExpParams sp;
+  sp.x = logits;
+  sp.out = exps.data();
+  sp.n = vocab;
+  sp.max = mx;
+  const double lse = mx + std::log(cpu::softmax_exps(sp));
   auto lp = [&](int32_t i) { return static_cast<float>(static_cast<double>(logits[i]) - lse); };
   out->clear();
   if (k > 0) {
