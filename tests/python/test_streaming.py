@@ -210,3 +210,51 @@ def test_bad_stream_request_raises_on_first_next(stories_engine):
     with pytest.raises(ValueError, match="maximum model length"):
         next(stream)
     tu.assert_idle(stories_engine)
+
+
+def test_stream_text_is_never_taken_back(stories_engine):
+    """A stream's text per step (generate_stream's `text`) for outputs split into steps anywhere:
+    characters spelled by several byte-fallback tokens (emoji, CJK, accents) cut across steps,
+    prompts ending inside one, any token ids, skipped special tokens. Every step's text extends the
+    previous one, and the last is the whole decode that generate() returns. (Decoding the whole
+    sequence at every step once showed "日" and then, when the first byte of the next character
+    came, "����": the stream sent its whole text again.)"""
+    import random
+
+    from accelcore.engine import _IncrementalText
+
+    eng = stories_engine
+    vocab = eng.tokenizer.get_vocab_size()
+    words = "Once upon a time there was a little girl named Lily . She loved to play , 😀 café naïve 日本 ü ß €".split()
+    rng = random.Random(5)
+    byte_runs_cut = 0
+    for trial in range(600):
+        if trial % 3 == 2:
+            prompt = [rng.randrange(vocab) for _ in range(rng.randrange(1, 12))]
+            out = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+        else:
+            ids = eng.encode(" ".join(rng.choice(words) for _ in range(30)))
+            cut = rng.randrange(1, len(ids))
+            prompt, out = ids[:cut], ids[cut:]
+        detok = _IncrementalText(eng, prompt)
+        text, i = "", 0
+        while i < len(out):
+            k = rng.randrange(1, 5)
+            i += k
+            byte_runs_cut += eng.tokenizer.id_to_token(out[min(i, len(out)) - 1]).startswith("<0x")
+            full = detok.text(out[:i], text, i >= len(out))
+            assert full.startswith(text), (trial, prompt, out[:i], text, full)
+            text = full
+        assert text == eng._continuation_text(prompt, out), (trial, prompt, out)
+    assert byte_runs_cut > 100  # steps that ended on a byte token
+
+
+def test_stream_without_a_tokenizer(small_llama_engine):
+    """A model directory without tokenizer.json streams token ids, with empty text, as
+    generate() returns them."""
+    eng = small_llama_engine
+    assert eng.tokenizer is None
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    items = list(eng.generate_stream([1, 40, 50, 60], params))
+    gen = eng.generate([[1, 40, 50, 60]], params)[0]
+    check_stream(items, gen.token_ids, "")
