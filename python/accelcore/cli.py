@@ -29,16 +29,26 @@ def _generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     t0 = time.perf_counter()
-    outs = engine.generate(args.prompts, params)
-    dt = time.perf_counter() - t0
     ntok = steps = 0
-    for out in outs:
-        ntok += len(out.token_ids)
-        steps += out.num_steps
-        print(f"{out.prompt}{out.text}")
-        print()
+    if args.stream:  # one prompt after another, the text printed as it comes
+        for prompt in args.prompts:
+            print(prompt, end="", flush=True)
+            for item in engine.generate_stream(prompt, params):
+                print(item.new_text, end="", flush=True)
+                if item.finished:
+                    ntok += len(item.token_ids)
+                    steps += int(item.metrics["num_steps"])
+            print()
+            print()
+    else:
+        for out in engine.generate(args.prompts, params):
+            ntok += len(out.token_ids)
+            steps += out.num_steps
+            print(f"{out.prompt}{out.text}")
+            print()
+    dt = time.perf_counter() - t0
     print(
-        f"[{len(outs)} prompt(s), {ntok} tokens in {dt:.3f} s, {ntok / max(dt, 1e-9):.1f} tokens/s, "
+        f"[{len(args.prompts)} prompt(s), {ntok} tokens in {dt:.3f} s, {ntok / max(dt, 1e-9):.1f} tokens/s, "
         f"{ntok / max(steps, 1):.2f} tokens per forward pass]",
         file=sys.stderr,
     )
@@ -83,6 +93,8 @@ def main(argv=None) -> int:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--dtype", default="float32")
     g.add_argument("--num-threads", type=int, default=None)
+    g.add_argument("--stream", action="store_true",
+                   help="print each prompt's text as it is generated (the prompts one after another)")
     g.add_argument("--speculation", choices=["off", "lookahead"], default="off",
                    help="lookahead: lossless multi-branch drafts from a token trie")
     g.add_argument("--spec-policy", choices=["smartspec", "fixed", "off"], default="smartspec",

@@ -38,6 +38,21 @@ def test_cli_generate_prints_golden(stories_dir, golden, tmp_path):
     assert "128 tokens" in r.stderr  # the summary line counts both outputs
 
 
+def test_cli_stream_prints_the_same_text(stories_dir, golden, tmp_path):
+    """--stream prints each prompt's text as it comes, the same as without it (also sampled)."""
+    e0, e1 = golden["max_new_tokens_64"][0], golden["max_new_tokens_64"][2]
+    for extra in ([], ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]):
+        args = ["generate", "--model", str(stories_dir), e0["prompt"], e1["prompt"], "--max-tokens", "64"] + extra
+        plain = _run_cli(args, tmp_path)
+        streamed = _run_cli(args + ["--stream"], tmp_path)
+        assert plain.returncode == 0 and streamed.returncode == 0, plain.stderr + streamed.stderr
+        assert streamed.stdout == plain.stdout
+        assert "2 prompt(s), 128 tokens" in streamed.stderr
+        if not extra:
+            assert e0["prompt"] + e0["continuation_text"] in streamed.stdout
+            assert e1["prompt"] + e1["continuation_text"] in streamed.stdout
+
+
 def test_cli_speculation_gives_the_same_text(stories_dir, golden, tmp_path):
     case = golden["max_new_tokens_256"][1]  # repetitive: drafts get accepted
     args = ["generate", "--model", str(stories_dir), case["prompt"], "--max-tokens", "256"]
