@@ -24,17 +24,28 @@ void SamplingParams::validate() const {
       << "prompt_logprobs must be >= 0 (or -1 for none), got " << prompt_logprobs;
 }
 
+namespace {
+
+// The largest of n values, NaNs skipped (-inf if all are NaN), in eight running maxima: independent
+// chains, not one dependent compare per value.
+float row_max(const float* x, int n) {
+  float part[8];
+  std::fill(part, part + 8, -INFINITY);
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) part[j] = x[i + j] > part[j] ? x[i + j] : part[j];
+  for (int j = 0; i + j < n; ++j) part[j] = x[i + j] > part[j] ? x[i + j] : part[j];
+  return *std::max_element(part, part + 8);
+}
+
+}  // namespace
+
 int32_t argmax(const float* logits, int vocab) {
-  int32_t best = 0;
-  float bv = logits[0];
-  for (int i = 1; i < vocab; ++i) {
-    // Strictly greater keeps the lowest id on ties; a NaN first entry is replaced by any number.
-    if (logits[i] > bv || (std::isnan(bv) && !std::isnan(logits[i]))) {
-      bv = logits[i];
-      best = i;
-    }
-  }
-  return best;
+  // The first index holding the maximum: the lowest id on ties; 0 if every entry is NaN.
+  const float m = row_max(logits, vocab);
+  for (int i = 0; i < vocab; ++i)
+    if (logits[i] == m) return i;
+  return 0;
 }
 
 namespace {
@@ -157,14 +168,7 @@ void keep_nucleus(double top_p, std::vector<double>* probs) {
 void processed_probs(const float* logits, int vocab, const SamplingParams& params, std::vector<double>* probs) {
   probs->resize(vocab);  // every entry is written below
   const double inv_t = 1.0 / static_cast<double>(params.temperature);
-  // The maximum in eight running maxima (independent chains; NaNs skipped, as std::max(mx, x) did).
-  float part[8];
-  std::fill(part, part + 8, -INFINITY);
-  int i8 = 0;
-  for (; i8 + 8 <= vocab; i8 += 8)
-    for (int j = 0; j < 8; ++j) part[j] = logits[i8 + j] > part[j] ? logits[i8 + j] : part[j];
-  for (int j = 0; i8 + j < vocab; ++j) part[j] = logits[i8 + j] > part[j] ? logits[i8 + j] : part[j];
-  const double mx = *std::max_element(part, part + 8);
+  const double mx = row_max(logits, vocab);
   // Top-k: keep tokens whose logit is at least the k-th largest (ties at the boundary kept).
   double threshold = -INFINITY;
   if (params.top_k > 0 && params.top_k < vocab) {
@@ -203,8 +207,7 @@ int32_t sample_token(const float* logits, int vocab, const SamplingParams& param
 }
 
 void top_logprobs(const float* logits, int vocab, int k, int32_t taken, TokenLogprobs* out) {
-  double mx = -INFINITY;
-  for (int i = 0; i < vocab; ++i) mx = std::max(mx, static_cast<double>(logits[i]));
+  const double mx = row_max(logits, vocab);
   thread_local std::vector<double> exps;  // a prompt's logprobs ask for one row per prompt token
   exps.resize(vocab);
   cpu::SoftmaxExpParams sp;
