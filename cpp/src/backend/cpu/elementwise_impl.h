@@ -54,8 +54,12 @@ inline double softmax_exps_row(const SoftmaxExpParams& p) {
   if (p.threshold > -INFINITY) {
     for (int64_t i = 0; i < p.n; ++i) {
       const double x = static_cast<double>(p.x[i]);
-      p.out[i] = x < p.threshold ? 0.0 : exp_f64_nonpositive((x - p.max) * p.inv_temperature);
-      if (!(x < p.threshold)) part[i & 3] += p.out[i];
+      if (x < p.threshold) {
+        p.out[i] = 0.0;
+        continue;
+      }
+      p.out[i] = exp_f64_nonpositive((x - p.max) * p.inv_temperature);
+      part[i & 3] += p.out[i];
     }
     return (part[0] + part[1]) + (part[2] + part[3]);
   }
